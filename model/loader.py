@@ -1,0 +1,135 @@
+"""Load a Qwen3.5 checkpoint directory (HF as published, or MLX shards, quantised or not)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig, ModelLoadError
+from .qwen3_5 import Model, keeps_float32, sanitize
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def _resolve_dtype(name, config: ModelConfig, weights: dict):
+    if name is not None:
+        if name not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+        return DTYPES[name]
+    if config.torch_dtype in DTYPES:
+        return DTYPES[config.torch_dtype]
+    embed = next((v for k, v in weights.items() if k.endswith("embed_tokens.weight")), None)
+    if embed is not None and embed.dtype in DTYPES.values():
+        return embed.dtype
+    return mx.bfloat16
+
+
+def read_safetensors(path: Path) -> tuple[dict, dict]:
+    """All tensors of a checkpoint directory, with the file each came from."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{index}: not a safetensors index ({e})") from None
+        files = sorted({path / f for f in weight_map.values()})
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path}: no *.safetensors weight files found")
+    weights, origin = {}, {}
+    for f in files:
+        if not f.exists():
+            raise ModelLoadError(f"{f}: listed in {index.name} but missing")
+        try:
+            tensors = mx.load(str(f))
+        except Exception as e:  # mlx raises plain RuntimeError/ValueError for unreadable files
+            raise ModelLoadError(f"{f}: cannot read safetensors file ({e})") from None
+        for k, v in tensors.items():
+            weights[k] = v
+            origin[k] = f.name
+    return weights, origin
+
+
+def _quantize(model: Model, config: ModelConfig, weights: dict) -> None:
+    q = config.quantization
+    if not q:
+        return
+
+    def predicate(path, module):
+        if path in q:
+            return q[path]
+        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+    nn.quantize(
+        model,
+        group_size=q.get("group_size", 64),
+        bits=q["bits"],
+        mode=q.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def _check(model: Model, weights: dict, sources: dict, origin: dict, path: Path) -> None:
+    def where(key):
+        src = sources.get(key, [key])
+        return f"{src[0]!r} in {origin.get(src[0], path.name)}"
+
+    expected = dict(tree_flatten(model.parameters()))
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelLoadError(f"{path}: checkpoint lacks tensor {missing[0]!r}{more}")
+    unexpected = [k for k in weights if k not in expected]
+    if unexpected:
+        raise ModelLoadError(f"{path}: unexpected tensor {where(unexpected[0])} for this config")
+    for k, v in weights.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ModelLoadError(
+                f"{path}: tensor {where(k)} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
+            )
+
+
+def load_model(path, dtype: str | None = None) -> Model:
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: not a model directory")
+    config = ModelConfig.from_file(path / "config.json")
+    raw, origin = read_safetensors(path)
+    weights, sources = sanitize(raw, config)
+    compute = _resolve_dtype(dtype, config, weights)
+
+    model = Model(config)
+    model.compute_dtype = compute
+    _quantize(model, config, weights)
+    _check(model, weights, sources, origin, path)
+    cast = {}
+    for k, v in weights.items():
+        if not mx.issubdtype(v.dtype, mx.floating):
+            cast[k] = v
+        elif keeps_float32(k):
+            cast[k] = v.astype(mx.float32)
+        else:
+            cast[k] = v.astype(compute)
+    model.load_weights(list(cast.items()), strict=True)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load_tokenizer(path):
+    path = Path(path)
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ModelLoadError(f"{path}: no tokenizer.json or tokenizer_config.json")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load(path, dtype: str | None = None):
+    """`model, tokenizer = load(path)` in the style of mlx-lm."""
+    return load_model(path, dtype), load_tokenizer(path)

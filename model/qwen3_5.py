@@ -1,0 +1,363 @@
+"""Qwen3.5 text model (dense and MoE): GatedDeltaNet + gated full attention, in MLX.
+
+Module paths follow mlx-lm's (`language_model.model.layers.N.linear_attn.in_proj_qkv`, experts
+under `mlp.switch_mlp`), so per-module `quantization` entries written for mlx-lm apply unchanged.
+Norm weights are held with the +1 of the zero-centred RMSNorm already added, as mlx-lm holds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import Cache, KVLayer, LinearLayer
+from .config import ModelConfig, ModelLoadError
+from .gated_delta import gated_delta, l2norm
+from .switch import SwitchGLU
+
+
+@dataclass
+class Batch:
+    """What every layer needs to know about the rows of one forward call."""
+
+    offsets: list[int]  # tokens each row had already seen
+    lengths: list[int]  # valid new tokens per row (the rest of T is padding)
+    T: int
+
+    @property
+    def ragged(self) -> bool:
+        return any(n != self.T for n in self.lengths)
+
+    def valid(self) -> mx.array:  # [B, T] bool
+        return mx.arange(self.T)[None, :] < mx.array(self.lengths)[:, None]
+
+
+class RMSNorm(nn.Module):
+    """weight holds (1 + w) of the zero-centred norm; computed in float32."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x):
+        y = mx.fast.rms_norm(x.astype(mx.float32), self.weight.astype(mx.float32), self.eps)
+        return y.astype(x.dtype)
+
+
+class GatedNorm(nn.Module):
+    """w * rmsnorm(x) * silu(z) over each v head (plain weight, not zero-centred)."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x, z):
+        y = mx.fast.rms_norm(x.astype(mx.float32), self.weight.astype(mx.float32), self.eps)
+        return (y * nn.silu(z.astype(mx.float32))).astype(x.dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.Hk, self.Hv = c.linear_num_key_heads, c.linear_num_value_heads
+        self.Dk, self.Dv = c.linear_key_head_dim, c.linear_value_head_dim
+        self.key_dim, self.value_dim = self.Hk * self.Dk, self.Hv * self.Dv
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.kernel = c.linear_conv_kernel_dim
+        self.in_proj_qkv = nn.Linear(c.hidden_size, self.conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(c.hidden_size, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(c.hidden_size, self.Hv, bias=False)
+        self.in_proj_a = nn.Linear(c.hidden_size, self.Hv, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=False)
+        self.dt_bias = mx.ones((self.Hv,))
+        self.A_log = mx.zeros((self.Hv,))
+        self.norm = GatedNorm(self.Dv, c.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, c.hidden_size, bias=False)
+
+    def empty_state(self, batch: int, dtype) -> LinearLayer:
+        return LinearLayer(
+            mx.zeros((batch, self.kernel - 1, self.conv_dim), dtype=dtype),
+            mx.zeros((batch, self.Hv, self.Dk, self.Dv), dtype=mx.float32),
+        )
+
+    def __call__(self, x: mx.array, cache: LinearLayer, batch: Batch) -> mx.array:
+        B, T, _ = x.shape
+        qkv = self.in_proj_qkv(x)
+        z = self.in_proj_z(x).reshape(B, T, self.Hv, self.Dv)
+        b = self.in_proj_b(x)
+        a = self.in_proj_a(x)
+
+        window = mx.concatenate([cache.conv.astype(qkv.dtype), qkv], axis=1)  # [B, K-1+T, C]
+        if batch.ragged:
+            # The new conv state is the K-1 inputs ending at each row's last valid token.
+            pos = mx.array(batch.lengths)[:, None] + mx.arange(self.kernel - 1)
+            cache.conv = mx.take_along_axis(window, pos[..., None], axis=1)
+        else:
+            cache.conv = window[:, -(self.kernel - 1) :]
+        conv = nn.silu(self.conv1d(window))  # [B, T, C]
+
+        q, k, v = mx.split(conv, [self.key_dim, 2 * self.key_dim], axis=-1)
+        q = l2norm(q.reshape(B, T, self.Hk, self.Dk)) * self.Dk**-0.5
+        k = l2norm(k.reshape(B, T, self.Hk, self.Dk))
+        v = v.reshape(B, T, self.Hv, self.Dv).astype(mx.float32)
+        r = self.Hv // self.Hk
+        if r > 1:  # k head j serves the r consecutive v heads j*r .. j*r+r-1
+            q, k = mx.repeat(q, r, axis=2), mx.repeat(k, r, axis=2)
+
+        beta = mx.sigmoid(b.astype(mx.float32))
+        g = -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(
+            a.astype(mx.float32) + self.dt_bias.astype(mx.float32)
+        )
+        if batch.ragged:
+            valid = batch.valid()[..., None]
+            beta, g = mx.where(valid, beta, 0.0), mx.where(valid, g, 0.0)
+
+        o, cache.state = gated_delta(q, k, v, g, beta, cache.state)
+        o = self.norm(o.astype(x.dtype), z)
+        return self.out_proj(o.reshape(B, T, self.value_dim))
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.scale = c.head_dim**-0.5
+        self.rotary_dims, self.rope_theta = c.rotary_dims, c.rope_theta
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim * 2, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+
+    def empty_state(self, batch: int, dtype) -> KVLayer:
+        shape = (batch, self.n_kv, 0, self.head_dim)
+        return KVLayer(mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype))
+
+    def __call__(self, x: mx.array, cache: KVLayer, batch: Batch, mask) -> mx.array:
+        B, T, _ = x.shape
+        qg = self.q_proj(x).reshape(B, T, self.n_heads, 2 * self.head_dim)
+        q, gate = qg[..., : self.head_dim], qg[..., self.head_dim :]
+        q = self.q_norm(q).transpose(0, 2, 1, 3)
+        k = self.k_norm(self.k_proj(x).reshape(B, T, self.n_kv, -1)).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, T, self.n_kv, -1).transpose(0, 2, 1, 3)
+
+        offsets = batch.offsets
+        offset = offsets[0] if len(set(offsets)) == 1 else mx.array(offsets)
+        rope = dict(dims=self.rotary_dims, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
+        q, k = mx.fast.rope(q, **rope), mx.fast.rope(k, **rope)
+
+        keys, values = cache.update(k, v, offsets)
+        o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
+        o = o.transpose(0, 2, 1, 3).reshape(B, T, -1)
+        return self.o_proj(o * mx.sigmoid(gate.reshape(B, T, -1)))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.top_k = c.num_experts_per_tok
+        self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False)
+        self.switch_mlp = SwitchGLU(c.hidden_size, c.moe_intermediate_size, c.num_experts)
+        self.shared_expert = MLP(c.hidden_size, c.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(c.hidden_size, 1, bias=False)
+
+    def __call__(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)
+        k = self.top_k
+        idx = mx.argpartition(-probs, kth=k - 1, axis=-1)[:, :k]
+        w = mx.take_along_axis(probs, idx, axis=-1)
+        w = (w / mx.sum(w, axis=-1, keepdims=True)).astype(x.dtype)
+        y = mx.sum(self.switch_mlp(x, idx) * w[..., None], axis=1)
+        y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y.reshape(shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig, layer_type: str):
+        super().__init__()
+        self.is_linear = layer_type == "linear_attention"
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(c)
+        else:
+            self.self_attn = Attention(c)
+        self.mlp = SparseMoE(c) if c.is_moe else MLP(c.hidden_size, c.intermediate_size)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def __call__(self, x, cache, batch: Batch, mask):
+        h = self.input_layernorm(x)
+        if self.is_linear:
+            h = self.linear_attn(h, cache, batch)
+        else:
+            h = self.self_attn(h, cache, batch, mask)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = [DecoderLayer(c, t) for t in c.layer_types]
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.model = TextModel(c)
+        if not c.tie_word_embeddings:
+            self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+
+
+def _attention_mask(batch: Batch):
+    """Causal mask over [cached + new] keys; row b's query i sees keys j <= offsets[b] + i."""
+    offsets, T = batch.offsets, batch.T
+    if len(set(offsets)) == 1:  # keys end exactly where the queries end
+        return None if T == 1 else "causal"
+    S = max(offsets) + T
+    q_pos = mx.array(offsets)[:, None] + mx.arange(T)  # [B, T]
+    return (mx.arange(S)[None, None, :] <= q_pos[..., None])[:, None]  # [B, 1, T, S]
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.language_model = LanguageModel(config)
+        self.compute_dtype = mx.float32
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.language_model.model.layers
+
+    def make_cache(self, batch_size: int = 1) -> Cache:
+        layers = []
+        for layer in self.layers:
+            mixer = layer.linear_attn if layer.is_linear else layer.self_attn
+            layers.append(mixer.empty_state(batch_size, self.compute_dtype))
+        return Cache(layers, [0] * batch_size)
+
+    def __call__(self, tokens: mx.array, cache: Cache | None = None, lengths=None) -> mx.array:
+        """tokens [B, T] -> logits [B, T, vocab]. With `lengths`, row b's valid tokens are its
+        first lengths[b] (the rest is padding whose logits are meaningless). `cache` is advanced
+        by each row's length."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape [batch, time], got {tokens.shape}")
+        B, T = tokens.shape
+        if cache is None:
+            cache = self.make_cache(B)
+        if cache.batch_size != B:
+            raise ValueError(f"cache holds {cache.batch_size} rows but tokens has {B}")
+        lengths = [T] * B if lengths is None else [int(n) for n in lengths]
+        if len(lengths) != B or any(not 0 <= n <= T for n in lengths):
+            raise ValueError(f"lengths must give 0..{T} for each of {B} rows, got {lengths}")
+        batch = Batch(list(cache.offsets), lengths, T)
+        mask = _attention_mask(batch)
+        lm = self.language_model
+        x = lm.model.embed_tokens(tokens).astype(self.compute_dtype)
+        for layer, state in zip(lm.model.layers, cache.layers):
+            x = layer(x, state, batch, mask)
+        x = lm.model.norm(x)
+        cache.offsets = [o + n for o, n in zip(cache.offsets, lengths)]
+        if self.config.tie_word_embeddings:
+            return lm.model.embed_tokens.as_linear(x)
+        return lm.lm_head(x)
+
+
+_ZERO_CENTRED_NORMS = (
+    ".input_layernorm.weight",
+    ".post_attention_layernorm.weight",
+    "model.norm.weight",
+    ".q_norm.weight",
+    ".k_norm.weight",
+)
+_DROPPED_PREFIXES = ("mtp.", "model.mtp.", "model.visual.", "visual.", "vision_tower.", "model.vision_tower.")
+_FLOAT32_PARAMS = ("A_log", "dt_bias", "norm.weight", "layernorm.weight")
+
+
+def _canonical(key: str) -> str | None:
+    if key.startswith(_DROPPED_PREFIXES):
+        return None
+    if key.startswith("model.language_model."):
+        return "language_model.model." + key[len("model.language_model.") :]
+    if key.startswith("language_model."):
+        return key
+    if key.startswith("model."):
+        return "language_model." + key
+    if key.startswith("lm_head."):
+        return "language_model." + key
+    return key
+
+
+def sanitize(weights: dict, config: ModelConfig) -> tuple[dict, dict]:
+    """Map a raw HF checkpoint (or our/mlx-lm's own layout, unchanged) to this module tree.
+
+    Returns (weights, sources) where sources[new_key] lists the checkpoint keys it came from.
+    A raw HF checkpoint is recognised in one place: its conv1d weight is [C, 1, K], not [C, K, 1].
+    Running sanitize on its own output changes nothing.
+    """
+    out, sources = {}, {}
+    for key, value in weights.items():
+        new = _canonical(key)
+        if new is not None:
+            out[new], sources[new] = value, [key]
+    raw = any(k.endswith("conv1d.weight") and v.shape[-1] != 1 for k, v in out.items())
+
+    for layer in range(config.num_hidden_layers):
+        p = f"language_model.model.layers.{layer}.mlp"
+        fused = f"{p}.experts.gate_up_proj"
+        if fused in out:
+            gate_up, src = out.pop(fused), sources.pop(fused)
+            mid = gate_up.shape[-2] // 2
+            for name, part in (("gate_proj", gate_up[..., :mid, :]), ("up_proj", gate_up[..., mid:, :])):
+                out[f"{p}.switch_mlp.{name}.weight"], sources[f"{p}.switch_mlp.{name}.weight"] = part, src
+            if f"{p}.experts.down_proj" in out:
+                out[f"{p}.switch_mlp.down_proj.weight"] = out.pop(f"{p}.experts.down_proj")
+                sources[f"{p}.switch_mlp.down_proj.weight"] = sources.pop(f"{p}.experts.down_proj")
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            keys = [f"{p}.experts.{e}.{name}.weight" for e in range(config.num_experts)]
+            present = [k for k in keys if k in out]
+            if not present:
+                continue
+            if len(present) != len(keys):
+                missing = next(k for k in keys if k not in out)
+                raise ModelLoadError(f"checkpoint has per-expert tensors for {p} but lacks {missing!r}")
+            dst = f"{p}.switch_mlp.{name}.weight"
+            out[dst] = mx.stack([out.pop(k) for k in keys])
+            sources[dst] = [s for k in keys for s in sources.pop(k)]
+
+    if raw:
+        for key in list(out):
+            value = out[key]
+            if key.endswith("conv1d.weight") and value.ndim == 3 and value.shape[-1] != 1:
+                out[key] = value.swapaxes(1, 2)  # [C, 1, K] -> [C, K, 1]
+            elif key.endswith(_ZERO_CENTRED_NORMS) and value.ndim == 1:
+                out[key] = value.astype(mx.float32) + 1.0
+    if config.tie_word_embeddings:
+        out.pop("language_model.lm_head.weight", None)
+        sources.pop("language_model.lm_head.weight", None)
+    return out, sources
+
+
+def keeps_float32(key: str) -> bool:
+    """Small parameters held in float32 whatever the compute dtype (decay, gates, norms)."""
+    return key.endswith(_FLOAT32_PARAMS)
