@@ -1,0 +1,1 @@
+"""deltaserve's engine and OpenAI-compatible HTTP server."""

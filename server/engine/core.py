@@ -1,0 +1,232 @@
+"""One synchronous engine step: schedule, run the model, sample, turn tokens into deltas."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+
+from model import Model
+
+from .detokenizer import Detokenizer, StopStrings
+from .prefix_cache import PrefixCache
+from .request import Delta, Request, SamplingParams, Usage
+from .runner import Runner
+from .sampler import Sampler
+from .scheduler import Scheduler, SchedulerConfig
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 32
+    max_queue: int = 256
+    prefill_tokens_per_step: int = 512
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    memory_budget_bytes: int | None = None  # default: a fraction of this machine's memory
+    prefix_cache_bytes: int | None = None  # default: a quarter of the memory budget; 0 disables
+    block_size: int = 256
+
+
+def default_memory_budget() -> int:
+    try:
+        total = mx.device_info()["memory_size"]
+    except Exception:  # backends without device_info: fall back to the machine's RAM
+        import os
+
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    active = mx.get_active_memory()
+    return max(int(total * 0.7) - active, 256 << 20)
+
+
+class _Output:
+    """Per-request text state: detokenizer and stop-string holdback."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.detok = Detokenizer(tokenizer) if tokenizer is not None else None
+        self.stops = StopStrings(stops)
+
+
+class EngineCore:
+    def __init__(self, model: Model, tokenizer, config: EngineConfig | None = None,
+                 emit: Callable[[Delta], None] | None = None):
+        self.config = config = config or EngineConfig()
+        self.model, self.tokenizer = model, tokenizer
+        self.runner = Runner(model)
+        budget = config.memory_budget_bytes or default_memory_budget()
+        cache_bytes = budget // 4 if config.prefix_cache_bytes is None else config.prefix_cache_bytes
+        self.prefix_cache = PrefixCache(cache_bytes, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_queue=config.max_queue,
+                prefill_tokens_per_step=config.prefill_tokens_per_step,
+                max_model_len=config.max_model_len or model.config.max_position_embeddings,
+                memory_budget_bytes=max(budget - cache_bytes, 1),
+                kv_bytes_per_token=self.runner.kv_bytes_per_token(),
+                state_bytes_per_seq=self.runner.state_bytes_per_seq(),
+            ),
+            self.prefix_cache,
+        )
+        self.sampler = Sampler()
+        self.emit = emit or (lambda d: None)
+        self.requests: dict[str, Request] = {}
+        self._outputs: dict[str, _Output] = {}
+        self._cancelled: set[str] = set()
+        eos = set(model.config.eos_token_id)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_ids = eos
+        self.steps = 0
+
+    # ---- requests ----
+    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        params.validate()
+        req = Request(request_id or uuid.uuid4().hex, list(prompt_ids), params)
+        if req.id in self.requests:
+            raise ValueError(f"request id {req.id!r} is already in use")
+        self.scheduler.add(req)  # raises QueueFull / PromptTooLong
+        self.requests[req.id] = req
+        self._outputs[req.id] = _Output(self.tokenizer, params.stop)
+        return req
+
+    def cancel(self, request_id: str) -> None:
+        """Takes effect at the start of the next step (within one step)."""
+        if request_id in self.requests:
+            self._cancelled.add(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self._cancelled)
+
+    # ---- the step ----
+    def step(self) -> None:
+        self._apply_cancellations()
+        plan = self.scheduler.schedule()
+        new_tokens: list[tuple[Request, int, object]] = []
+
+        if plan.decode and self.runner.rows:
+            last = {r: self.requests[r].output_ids[-1] for r in self.runner.rows}
+            ids, logits = self.runner.decode(last)
+            reqs = [self.requests[r] for r in ids]
+            tokens, logprobs = self.sampler(logits, reqs)
+            for req, tok, lp in zip(reqs, tokens, logprobs):
+                req.num_computed += 1
+                new_tokens.append((req, tok, lp))
+
+        for req, entry in plan.admitted:
+            self.runner.start(req.id, entry.snapshot if entry else None)
+            self.sampler.add(req)
+            if not req.prefilling:  # full hit: the entry carries the next-token logits
+                new_tokens.append(self._first_token(req, entry.logits))
+
+        for req, n in plan.prefill:
+            if n <= 0:
+                continue
+            start = req.num_computed
+            logits = self.runner.prefill(req.id, req.prompt_ids[start : start + n])
+            req.num_computed += n
+            done = not req.prefilling
+            at_block = req.num_computed % self.prefix_cache.block_size == 0
+            if self.prefix_cache.enabled and (done or at_block):
+                self._remember(req, req.prompt_ids[: req.num_computed], logits if done else None)
+            if done:
+                new_tokens.append(self._first_token(req, logits))
+
+        finished = []
+        for req, tok, lp in new_tokens:
+            if self._append(req, tok, lp):
+                finished.append(req)
+        self._retire(finished, remember=True)
+        self.steps += 1
+
+    def _first_token(self, req: Request, logits) -> tuple[Request, int, object]:
+        tokens, logprobs = self.sampler(logits[None], [req])
+        self.runner.join(req.id)
+        req.first_token_time = time.monotonic()
+        return req, tokens[0], logprobs[0]
+
+    def _remember(self, req: Request, tokens: list[int], logits) -> None:
+        if self.prefix_cache.contains(tokens) and logits is None:
+            return
+        snap = self.runner.snapshot(req.id)
+        if logits is not None:
+            logits = mx.array(logits)
+            mx.eval(logits)
+        nbytes = snap.nbytes + (logits.nbytes if logits is not None else 0)
+        self.prefix_cache.insert(tokens, snap, nbytes, logits)
+
+    def _append(self, req: Request, token: int, logprob) -> bool:
+        """Record a sampled token and emit its delta; returns True when the request is done."""
+        p = req.params
+        req.output_ids.append(token)
+        out = self._outputs[req.id]
+        stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
+        text, reason = "", None
+        if stop_token:
+            reason = "stop"
+        else:
+            piece = out.detok.add(token) if out.detok else ""
+            text, hit = out.stops.feed(piece)
+            if hit:
+                reason = "stop"
+        if reason is None and (len(req.output_ids) >= p.max_tokens
+                               or req.num_prompt + len(req.output_ids) >= self.scheduler.config.max_model_len):
+            reason = "length"
+        if reason == "length" or (reason == "stop" and stop_token):
+            tail = out.detok.flush() if out.detok else ""
+            more, hit = out.stops.feed(tail)
+            text += more + ("" if hit else out.stops.flush())
+        delta = Delta(req.id, [] if stop_token else [token], text, [logprob] if logprob else [])
+        if reason:
+            req.finish_reason = reason
+            delta.finish_reason = reason
+            delta.usage = self._usage(req)
+        self.emit(delta)
+        return reason is not None
+
+    def _usage(self, req: Request) -> Usage:
+        return Usage(req.num_prompt, len(req.output_ids), req.num_cached)
+
+    def _retire(self, reqs: list[Request], remember: bool) -> None:
+        if not reqs:
+            return
+        for req in reqs:
+            if remember and self.prefix_cache.enabled and req.id in self.runner.rows:
+                # the state covers everything fed so far: the prompt and all but the last token
+                fed = req.all_ids[: req.num_computed]
+                if not self.prefix_cache.contains(fed):
+                    self._remember(req, fed, None)
+        self.runner.release({r.id for r in reqs})
+        for req in reqs:
+            self.scheduler.finish(req, req.finish_reason or "stop")
+            self.sampler.remove(req.id)
+            self.requests.pop(req.id, None)
+            self._outputs.pop(req.id, None)
+
+    def _apply_cancellations(self) -> None:
+        if not self._cancelled:
+            return
+        reqs = [self.requests[r] for r in self._cancelled if r in self.requests]
+        self._cancelled.clear()
+        for req in reqs:
+            req.finish_reason = "cancelled"
+            self.emit(Delta(req.id, [], "", finish_reason="cancelled", usage=self._usage(req)))
+        self._retire(reqs, remember=False)
+
+    def fail_all(self, message: str) -> None:
+        """After an unexpected error: end every request with finish_reason "error"."""
+        reqs = list(self.requests.values())
+        for req in reqs:
+            req.finish_reason = "error"
+            self.emit(Delta(req.id, [], "", finish_reason="error", usage=self._usage(req)))
+        self.runner.clear()
+        for req in reqs:
+            self.scheduler.finish(req, "error")
+            self.sampler.remove(req.id)
+        self.requests.clear()
+        self._outputs.clear()
+
+    def stats(self) -> dict:
+        return {**self.scheduler.stats(), "prefix_cache": self.prefix_cache.stats(), "steps": self.steps}

@@ -1,0 +1,71 @@
+"""Owns the model's arrays: one batched cache for decoding rows, a private cache per request
+still in prefill, and snapshots for the prefix cache. The only engine module that runs MLX."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from model import Cache, Model
+
+
+class Runner:
+    def __init__(self, model: Model):
+        self.model = model
+        self.batch: Cache | None = None
+        self.rows: list[str] = []  # request id of each batch row
+        self.prefilling: dict[str, Cache] = {}
+
+    # ---- sizes the scheduler budgets with ----
+    def kv_bytes_per_token(self) -> int:
+        c = self.model.config
+        n_full = sum(t == "full_attention" for t in c.layer_types)
+        return n_full * 2 * c.num_key_value_heads * c.head_dim * self.model.compute_dtype.size
+
+    def state_bytes_per_seq(self) -> int:
+        c = self.model.config
+        n_lin = sum(t == "linear_attention" for t in c.layer_types)
+        conv = (c.linear_conv_kernel_dim - 1) * (
+            2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim
+        ) * self.model.compute_dtype.size
+        state = c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim * 4
+        return n_lin * (conv + state)
+
+    # ---- prefill ----
+    def start(self, request_id: str, snapshot: Cache | None) -> None:
+        """Begin a request from scratch or from a prefix-cache snapshot (which stays untouched)."""
+        self.prefilling[request_id] = Cache.concat([snapshot]) if snapshot is not None else self.model.make_cache(1)
+
+    def prefill(self, request_id: str, tokens: list[int]) -> mx.array:
+        """Feed prompt tokens; returns the logits after the last one [vocab]."""
+        out = self.model(mx.array(tokens)[None], self.prefilling[request_id])
+        return out[0, -1]
+
+    def snapshot(self, request_id: str) -> Cache:
+        if request_id in self.prefilling:
+            return self.prefilling[request_id].snapshot(0)
+        return self.batch.snapshot(self.rows.index(request_id))
+
+    def join(self, request_id: str) -> None:
+        """Move a request whose prompt is done into the decode batch."""
+        cache = self.prefilling.pop(request_id)
+        self.batch = cache if self.batch is None else Cache.concat([self.batch, cache])
+        self.rows.append(request_id)
+
+    # ---- decode ----
+    def decode(self, last_tokens: dict[str, int]) -> tuple[list[str], mx.array]:
+        """One token for every batch row; returns (request ids in row order, logits [B, vocab])."""
+        tokens = mx.array([last_tokens[r] for r in self.rows])[:, None]
+        out = self.model(tokens, self.batch)
+        return list(self.rows), out[:, -1]
+
+    def release(self, request_ids: set[str]) -> None:
+        for r in request_ids:
+            self.prefilling.pop(r, None)
+        keep = [i for i, r in enumerate(self.rows) if r not in request_ids]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        self.batch = self.batch.select(keep) if keep else None
+
+    def clear(self) -> None:
+        self.batch, self.rows, self.prefilling = None, [], {}
