@@ -1,0 +1,221 @@
+"""Engine invariants on a real (tiny) model: batched == solo, cached == cold, seeded sampling
+independent of the batch, cancellation and admission limits."""
+
+import asyncio
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from fixtures import get_fixture
+
+from model import load
+from server.engine import Engine, EngineConfig, EngineCore, PromptTooLong, QueueFull, SamplingParams
+
+GREEDY = dict(temperature=0.0, max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    model, tokenizer = load(get_fixture("moe_r4").hf_dir, dtype="float32")
+    return model, tokenizer
+
+
+def prompts(n, seed=0, lo=5, hi=300):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(100, 50000, size=int(k)).tolist() for k in rng.integers(lo, hi, size=n)]
+
+
+def run(lm, reqs, cache_bytes=0, block=32, budget=48, arrive=None, core=None, **cfg):
+    """Drive EngineCore step by step; reqs = [(prompt, params)]; arrive[i] = step of submission."""
+    model, tok = lm
+    events = {}
+    if core is None:
+        config = EngineConfig(prefix_cache_bytes=cache_bytes, block_size=block, memory_budget_bytes=1 << 30,
+                              prefill_tokens_per_step=budget, **cfg)
+        core = EngineCore(model, tok, config)
+    core.emit = lambda d: events.setdefault(d.request_id, []).append(d)
+    arrive = arrive or [0] * len(reqs)
+    order = sorted(range(len(reqs)), key=lambda i: arrive[i])
+    ids, step = {}, 0
+    while order or core.has_work():
+        while order and arrive[order[0]] <= step:
+            i = order.pop(0)
+            ids[i] = core.add(reqs[i][0], reqs[i][1]).id
+        core.step()
+        step += 1
+    return [events[ids[i]] for i in range(len(reqs))], core
+
+
+def tokens(deltas):
+    return [t for d in deltas for t in d.token_ids]
+
+
+def direct_greedy(model, prompt, n):
+    cache = model.make_cache()
+    logits = model(mx.array(prompt)[None], cache)[0, -1]
+    out = []
+    for _ in range(n):
+        out.append(int(mx.argmax(logits).item()))
+        logits = model(mx.array([out[-1]])[None], cache)[0, -1]
+    return out
+
+
+def test_solo_equals_direct_model_greedy(lm):
+    p = prompts(1, seed=3)[0]
+    (out,), _ = run(lm, [(p, SamplingParams(**GREEDY, ignore_eos=True))])
+    assert tokens(out) == direct_greedy(lm[0], p, 12)
+
+
+def test_batch_of_eight_arriving_at_different_steps_equals_solo(lm):
+    ps = prompts(8)
+    params = SamplingParams(**GREEDY, ignore_eos=True)
+    solo = [tokens(run(lm, [(p, params)])[0][0]) for p in ps]
+    batched, core = run(lm, [(p, params) for p in ps], arrive=[0, 1, 2, 3, 5, 8, 13, 21])
+    assert [tokens(d) for d in batched] == solo
+    assert core.runner.batch is None and core.scheduler.reserved_bytes == 0
+
+
+@pytest.mark.parametrize("cache_bytes", [1 << 28, 200_000])  # roomy, and small enough to evict
+def test_prefix_cache_gives_cold_results(lm, cache_bytes):
+    ps = prompts(4, seed=1, lo=40, hi=200)
+    params = SamplingParams(**GREEDY, ignore_eos=True)
+    cold = [tokens(run(lm, [(p, params)])[0][0]) for p in ps]
+    extended = [p + [7, 8, 9] for p in ps]  # resumes mid-block from the end-of-prompt snapshot
+    cold_ext = [tokens(run(lm, [(p, params)])[0][0]) for p in extended]
+    reqs = [(p, params) for p in ps + ps + extended]
+    out, core = run(lm, reqs, cache_bytes=cache_bytes, arrive=list(range(0, 36, 3)))
+    assert [tokens(d) for d in out] == cold + cold + cold_ext
+    usage = [d[-1].usage for d in out]
+    if cache_bytes == 1 << 28:
+        assert all(u.cached_tokens == len(p) for u, p in zip(usage[4:8], ps))  # full hits
+        assert all(u.cached_tokens >= len(p) for u, p in zip(usage[8:], ps))  # mid-block hits
+    else:
+        assert core.prefix_cache.evictions > 0
+        assert core.prefix_cache.nbytes <= cache_bytes
+
+
+def test_chat_next_turn_hits_previous_turn(lm):
+    model, _ = lm
+    params = SamplingParams(**GREEDY, ignore_eos=True)
+    turn1 = prompts(1, seed=5, lo=60, hi=61)[0]
+    (out1,), core = run(lm, [(turn1, params)], cache_bytes=1 << 28)
+    answer = tokens(out1)
+    turn2 = turn1 + answer + [11, 12, 13, 14]
+    (out2,), _ = run(lm, [(turn2, params)], core=core)
+    assert out2[-1].usage.cached_tokens >= len(turn1) + len(answer) - 1
+    assert tokens(out2) == tokens(run(lm, [(turn2, params)])[0][0])
+    # a client that re-renders the previous turn differently still reuses the shared prefix
+    turn2b = turn1[:50] + [3, 1, 4, 1, 5] + answer
+    (out3,), _ = run(lm, [(turn2b, params)], core=core)
+    assert 32 <= out3[-1].usage.cached_tokens <= 50
+    assert tokens(out3) == tokens(run(lm, [(turn2b, params)])[0][0])
+
+
+def test_seeded_sampling_independent_of_batch(lm):
+    ps = prompts(4, seed=2)
+    seeded = SamplingParams(temperature=8.0, top_p=0.99, top_k=2000, max_tokens=10, seed=1234, ignore_eos=True)
+    other = SamplingParams(temperature=1.0, max_tokens=7, ignore_eos=True)
+    alone = tokens(run(lm, [(ps[0], seeded)])[0][0])
+    mixed, _ = run(lm, [(ps[1], other), (ps[0], seeded), (ps[2], other), (ps[3], seeded)], arrive=[0, 2, 2, 4])
+    assert tokens(mixed[1]) == alone
+    different_seed = SamplingParams(**{**seeded.__dict__, "seed": 99})
+    assert tokens(run(lm, [(ps[0], different_seed)])[0][0]) != alone
+
+
+def test_stop_string_is_cut_and_never_emitted(lm):
+    model, tok = lm
+    p = prompts(1, seed=7)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    full = "".join(d.text for d in run(lm, [(p, params)])[0][0])
+    assert len(full) > 8
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    (out,), _ = run(lm, [(p, SamplingParams(**{**params.__dict__, "stop": [stop]}))])
+    text = "".join(d.text for d in out)
+    assert text == full[: full.find(stop)]
+    assert out[-1].finish_reason == "stop"
+
+
+def test_logits_processor_forces_tokens(lm):
+    p = prompts(1, seed=8)[0]
+    forced = [1000, 2000, 3000]
+
+    def force(generated, logits):
+        mask = mx.full(logits.shape, -float("inf"))
+        mask[forced[len(generated) % 3]] = 0.0
+        return logits + mask
+
+    params = SamplingParams(temperature=0.7, max_tokens=6, ignore_eos=True, logits_processors=[force])
+    (out,), _ = run(lm, [(p, params)])
+    assert tokens(out) == forced * 2
+
+
+def test_logprobs_are_normalised(lm):
+    p = prompts(1, seed=9)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=True, top_logprobs=5)
+    (out,), _ = run(lm, [(p, params)])
+    lps = [lp for d in out for lp in d.logprobs]
+    assert len(lps) == 3
+    for lp in lps:
+        assert lp.top[0][0] == lp.token_id and abs(lp.top[0][1] - lp.logprob) < 1e-6
+        assert lp.logprob <= 0 and sum(np.exp(v) for _, v in lp.top) <= 1 + 1e-5
+
+
+def test_cancel_frees_slot_and_memory_within_one_step(lm):
+    model, tok = lm
+    core = EngineCore(model, tok, EngineConfig(prefix_cache_bytes=0, memory_budget_bytes=1 << 30))
+    events = []
+    core.emit = events.append
+    a = core.add(prompts(1)[0], SamplingParams(max_tokens=100, ignore_eos=True))
+    b = core.add(prompts(1, seed=1)[0], SamplingParams(max_tokens=100, ignore_eos=True))
+    for _ in range(3):
+        core.step()
+    assert len(core.runner.rows) == 2
+    core.cancel(a.id)
+    core.step()
+    assert core.runner.rows == [b.id]
+    assert core.scheduler.reserved_bytes == b.reserved_bytes
+    assert [e.finish_reason for e in events if e.request_id == a.id][-1] == "cancelled"
+
+
+def test_admission_limits(lm):
+    model, tok = lm
+    config = EngineConfig(max_num_seqs=1, max_queue=2, max_model_len=64, prefix_cache_bytes=0,
+                          memory_budget_bytes=1 << 30)
+    core = EngineCore(model, tok, config)
+    with pytest.raises(PromptTooLong, match="context limit is 64"):
+        core.add(list(range(100, 170)), SamplingParams())
+    core.add([1, 2, 3], SamplingParams())
+    core.add([1, 2, 3], SamplingParams())
+    with pytest.raises(QueueFull):
+        core.add([1, 2, 3], SamplingParams())
+    small = EngineCore(model, tok, EngineConfig(prefix_cache_bytes=0, memory_budget_bytes=10_000))
+    with pytest.raises(PromptTooLong, match="memory budget"):
+        small.add(list(range(100, 140)), SamplingParams(max_tokens=1000))
+    with pytest.raises(ValueError, match="top_p"):
+        core.add([1], SamplingParams(top_p=0))
+
+
+def test_threaded_engine_async_stream_and_close_cancels(lm):
+    model, tok = lm
+    engine = Engine(model, tok, EngineConfig(prefix_cache_bytes=0, memory_budget_bytes=1 << 30))
+    try:
+        p = prompts(1, seed=4)[0]
+
+        async def main():
+            stream = engine.submit(p, SamplingParams(**GREEDY, ignore_eos=True))
+            got = [d async for d in stream]
+            long = engine.submit(p, SamplingParams(max_tokens=10_000, ignore_eos=True))
+            async for _ in long:
+                break  # leaving early closes the stream, which cancels the request
+            return got
+
+        got = asyncio.run(main())
+        assert tokens(got) == direct_greedy(model, p, 12)
+        assert got[-1].finish_reason == "length" and got[-1].usage.completion_tokens == 12
+        for _ in range(200):
+            if engine.stats()["running"] == 0:
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        assert engine.stats()["running"] == 0 and engine.stats()["reserved_bytes"] == 0
+    finally:
+        engine.shutdown()
