@@ -256,10 +256,12 @@ class Model(nn.Module):
             layers.append(mixer.empty_state(batch_size, self.compute_dtype))
         return Cache(layers, [0] * batch_size)
 
-    def __call__(self, tokens: mx.array, cache: Cache | None = None, lengths=None) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: Cache | None = None, lengths=None,
+                 last_only: bool = False) -> mx.array:
         """tokens [B, T] -> logits [B, T, vocab]. With `lengths`, row b's valid tokens are its
         first lengths[b] (the rest is padding whose logits are meaningless). `cache` is advanced
-        by each row's length."""
+        by each row's length. `last_only` returns [B, 1, vocab] at each row's last valid token,
+        skipping the vocabulary projection everywhere else."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape [batch, time], got {tokens.shape}")
         B, T = tokens.shape
@@ -276,6 +278,9 @@ class Model(nn.Module):
         x = lm.model.embed_tokens(tokens).astype(self.compute_dtype)
         for layer, state in zip(lm.model.layers, cache.layers):
             x = layer(x, state, batch, mask)
+        if last_only:
+            last = mx.array([max(n, 1) - 1 for n in lengths])
+            x = mx.take_along_axis(x, last[:, None, None], axis=1)
         x = lm.model.norm(x)
         cache.offsets = [o + n for o, n in zip(cache.offsets, lengths)]
         if self.config.tie_word_embeddings:

@@ -103,3 +103,17 @@ def test_snapshot_restore_continues_exactly(case):
     rest = logits(model, ids[40:], restored)
     assert relative_error(rest, whole[40:]) <= 1e-4
     assert snap.offsets == [40] and snap.nbytes > 0
+
+
+def test_last_only_gives_each_rows_last_logits(case):
+    fx, model = case
+    ids = np.asarray(fx.prompt_ids)
+    lengths = [len(ids), 30, 1]
+    tokens = np.zeros((3, len(ids)), dtype=np.int32)
+    for row, n in enumerate(lengths):
+        tokens[row, :n] = ids[:n]
+    full = np.array(model(mx.array(tokens), lengths=lengths))
+    last = np.array(model(mx.array(tokens), lengths=lengths, last_only=True))
+    assert last.shape == (3, 1, full.shape[-1])
+    for row, n in enumerate(lengths):
+        assert np.abs(last[row, 0] - full[row, n - 1]).max() <= 1e-5 * np.abs(full[row, n - 1]).max()

@@ -37,7 +37,7 @@ class Runner:
 
     def prefill(self, request_id: str, tokens: list[int]) -> mx.array:
         """Feed prompt tokens; returns the logits after the last one [vocab]."""
-        out = self.model(mx.array(tokens)[None], self.prefilling[request_id])
+        out = self.model(mx.array(tokens)[None], self.prefilling[request_id], last_only=True)
         return out[0, -1]
 
     def snapshot(self, request_id: str) -> Cache:
