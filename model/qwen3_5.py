@@ -60,6 +60,25 @@ class GatedNorm(nn.Module):
         return (y * nn.silu(z.astype(mx.float32))).astype(x.dtype)
 
 
+class DepthwiseConv(nn.Module):
+    """Causal depthwise conv as K shifted multiply-adds; weight [C, K, 1] as mlx-lm stores it.
+    (MLX's grouped conv is slow on the CPU backend; this form is cheap on every backend.)"""
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.weight = mx.zeros((channels, kernel, 1))
+
+    def __call__(self, window: mx.array) -> mx.array:
+        """window [B, K-1+T, C] -> [B, T, C]"""
+        K = self.weight.shape[1]
+        T = window.shape[1] - K + 1
+        w = self.weight[:, :, 0].T.astype(window.dtype)  # [K, C]
+        out = window[:, :T] * w[0]
+        for k in range(1, K):
+            out = out + window[:, k : k + T] * w[k]
+        return out
+
+
 class GatedDeltaNet(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -72,7 +91,7 @@ class GatedDeltaNet(nn.Module):
         self.in_proj_z = nn.Linear(c.hidden_size, self.value_dim, bias=False)
         self.in_proj_b = nn.Linear(c.hidden_size, self.Hv, bias=False)
         self.in_proj_a = nn.Linear(c.hidden_size, self.Hv, bias=False)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=False)
+        self.conv1d = DepthwiseConv(self.conv_dim, self.kernel)
         self.dt_bias = mx.ones((self.Hv,))
         self.A_log = mx.zeros((self.Hv,))
         self.norm = GatedNorm(self.Dv, c.rms_norm_eps)
