@@ -1,0 +1,106 @@
+"""Decode tokens/s at batch 1 and prefill tokens/s: deltaserve's engine vs mlx-lm's generate_step,
+same checkpoint, same process, same backend, alternating runs.
+
+    python bench/model_speed.py --model wide --prefill 512,2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import models  # noqa: E402
+from model import load_model  # noqa: E402
+from server.engine import EngineConfig, EngineCore, SamplingParams  # noqa: E402
+
+
+def backend() -> str:
+    dev = mx.default_device()
+    name = "metal" if mx.metal.is_available() else ("cuda" if getattr(mx, "cuda", None) and mx.cuda.is_available() else "cpu")
+    return f"{name} ({platform.machine()}, {dev})"
+
+
+def ours_generate(model, prompt, max_tokens, prefill_chunk):
+    """Returns (time to first token, seconds per later token)."""
+    core = EngineCore(model, None, EngineConfig(prefix_cache_bytes=0, memory_budget_bytes=16 << 30,
+                                                prefill_tokens_per_step=prefill_chunk))
+    times = []
+    core.emit = lambda d: times.append(time.perf_counter())
+    start = time.perf_counter()
+    core.add(prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+    while core.has_work():
+        core.step()
+    return times[0] - start, (times[-1] - times[0]) / max(len(times) - 1, 1)
+
+
+def mlx_lm_generate(model, prompt, max_tokens, prefill_chunk):
+    from mlx_lm.generate import generate_step
+
+    times = []
+    start = time.perf_counter()
+    for _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens, prefill_step_size=prefill_chunk,
+                           sampler=lambda x: mx.argmax(x, axis=-1)):
+        times.append(time.perf_counter())
+    return times[0] - start, (times[-1] - times[0]) / max(len(times) - 1, 1)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="tiny", help="tiny | wide | path to an MLX checkpoint")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=256)
+    ap.add_argument("--prefill", default="512,2048,8192")
+    ap.add_argument("--chunk", type=int, default=2048, help="prefill chunk, both engines")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None, help="append JSON results here")
+    args = ap.parse_args(argv)
+
+    from mlx_lm.utils import load_model as mlx_lm_load
+
+    path = models.get(args.model) if args.model in ("tiny", "wide") else Path(args.model)
+    ours = load_model(path)
+    theirs, _ = mlx_lm_load(path)
+    if ours.compute_dtype != mx.bfloat16:
+        theirs.set_dtype(ours.compute_dtype)  # same arithmetic dtype for both, e.g. float32 on CPU
+    vocab = ours.config.vocab_size
+    rng = np.random.default_rng(0)
+    results = []
+
+    def best(fn, model, prompt, n):
+        runs = [fn(model, prompt, n, args.chunk) for _ in range(args.repeats)]
+        return min(r[0] for r in runs), min(r[1] for r in runs)
+
+    prompt = rng.integers(0, vocab, size=args.prompt).tolist()
+    best(ours_generate, ours, prompt, 4), best(mlx_lm_generate, theirs, prompt, 4)  # warm up
+    _, o = best(ours_generate, ours, prompt, args.decode)
+    _, t = best(mlx_lm_generate, theirs, prompt, args.decode)
+    results.append({"bench": "decode_b1", "ours_tok_s": 1 / o, "mlx_lm_tok_s": 1 / t, "ratio": t / o})
+    for n in [int(x) for x in args.prefill.split(",") if x]:
+        prompt = rng.integers(0, vocab, size=n).tolist()
+        o, _ = best(ours_generate, ours, prompt, 1)
+        t, _ = best(mlx_lm_generate, theirs, prompt, 1)
+        results.append({"bench": f"prefill_{n}", "ours_tok_s": n / o, "mlx_lm_tok_s": n / t, "ratio": t / o})
+
+    meta = {"model": args.model, "backend": backend(), "dtype": str(ours.compute_dtype)}
+    for r in results:
+        r.update(meta)
+        print(f"{r['bench']:>14}: deltaserve {r['ours_tok_s']:9.1f} tok/s  mlx-lm {r['mlx_lm_tok_s']:9.1f} tok/s"
+              f"  ratio {r['ratio']:.2f}x")
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
