@@ -1,0 +1,94 @@
+"""Chat messages -> the prompt, rendered by the checkpoint's own chat template."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jinja2
+
+from .errors import BadRequest
+from .protocol import Message, TextPart, Tool
+
+# template variables a request may not override through chat_template_kwargs
+_RESERVED_KWARGS = {"conversation", "messages", "tools", "tokenize", "return_dict", "return_tensors",
+                    "documents", "chat_template", "tokenizer_kwargs", "add_generation_prompt"}
+
+
+def _text_content(m: Message, where: str) -> Any:
+    if m.content is None or isinstance(m.content, str):
+        return m.content
+    texts = []
+    for j, part in enumerate(m.content):
+        if not isinstance(part, TextPart):
+            raise BadRequest(f"{where}.content[{j}]: content of type {part.type!r} is not supported "
+                             "(this model reads text only)", param=f"{where}.content")
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def _arguments(raw: str | dict, where: str) -> dict:
+    """Tool-call arguments as the template needs them: an object (clients send a JSON string)."""
+    if isinstance(raw, dict):
+        return raw
+    try:
+        args = json.loads(raw) if raw.strip() else {}
+    except ValueError as e:
+        raise BadRequest(f"{where}: not valid JSON ({e})", param=where) from None
+    if not isinstance(args, dict):
+        raise BadRequest(f"{where}: must encode a JSON object", param=where)
+    return args
+
+
+def template_messages(messages: list[Message]) -> list[dict]:
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                               "content": _text_content(m, where)}
+        if m.name is not None:
+            msg["name"] = m.name
+        if m.role == "assistant":
+            reasoning = m.reasoning_content if m.reasoning_content is not None else m.reasoning
+            if reasoning is not None:
+                msg["reasoning_content"] = reasoning
+            if m.tool_calls:
+                msg["tool_calls"] = [
+                    {"id": c.id, "type": "function",
+                     "function": {"name": c.function.name,
+                                  "arguments": _arguments(c.function.arguments,
+                                                          f"{where}.tool_calls[{j}].function.arguments")}}
+                    for j, c in enumerate(m.tool_calls)
+                ]
+        if m.role == "tool" and m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
+    return out
+
+
+def template_tools(tools: list[Tool] | None) -> list[dict] | None:
+    if not tools:
+        return None
+    return [t.model_dump(exclude_none=True, by_alias=True) for t in tools]
+
+
+def render_prompt(tokenizer, messages: list[Message], tools: list[Tool] | None,
+                  template_kwargs: dict | None = None) -> str:
+    kwargs = dict(template_kwargs or {})
+    bad = sorted(set(kwargs) & _RESERVED_KWARGS)
+    if bad:
+        raise BadRequest(f"chat_template_kwargs may not set {', '.join(bad)}", param="chat_template_kwargs")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise BadRequest("this model has no chat template; use /v1/completions")
+    try:
+        return tokenizer.apply_chat_template(
+            template_messages(messages), tools=template_tools(tools),
+            add_generation_prompt=True, tokenize=False, **kwargs,
+        )
+    except jinja2.TemplateError as e:
+        raise BadRequest(f"the chat template rejected the messages: {e}", param="messages") from None
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The rendered template already holds every special token; add none."""
+    return list(tokenizer.encode(prompt, add_special_tokens=False))

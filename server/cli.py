@@ -1,0 +1,232 @@
+"""`deltaserve` command line. Each subcommand is registered by one function taking the argparse
+subparsers object; `serve` lives here, others (e.g. `convert`) register from their own package
+by adding "package.module:function" to COMMANDS."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+COMMANDS = ["server.cli:register_serve", "convert.cli:register"]
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '8G', '512MiB', '1073741824'."""
+    t = str(text).strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1] if t and t[-1] in _SIZE_UNITS else ""
+    try:
+        return int(float(t[: len(t) - len(unit)]) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 8G, 512M, 1073741824)") from None
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def load_config_file(path: str) -> dict:
+    """YAML, TOML or JSON; keys are flag names (--max-num-seqs or max_num_seqs)."""
+    p = Path(path)
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    elif p.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the config file must hold a mapping of option names to values")
+    return {k.lstrip("-").replace("-", "_"): v for k, v in data.items()}
+
+
+# ---------------------------------------------------------------- serve
+
+def register_serve(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                              description="Serve a Qwen3.5 model over an OpenAI-compatible HTTP API.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="MLX directory, HF checkpoint directory or GGUF file (first split part); "
+                        "default: the embedded demo model")
+    p.add_argument("--config", help="YAML/TOML/JSON file of options (flag names as keys); flags override it")
+    g = p.add_argument_group("HTTP")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=os.environ.get("DELTASERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (env DELTASERVE_API_KEY)")
+    g.add_argument("--served-model-name", nargs="+", dest="served_model_name",
+                   help="name(s) clients use in 'model' (default: the MODEL argument)")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-tokens", type=int, default=4096, help="default max_tokens of a request")
+    g.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=32, help="sequences decoded together")
+    g.add_argument("--max-queue", type=int, default=256, help="requests allowed to wait (more get 429)")
+    g.add_argument("--continuous-batching", action=argparse.BooleanOptionalAction, default=True,
+                   help="batch requests as they come (default on; --no-continuous-batching runs one at a time)")
+    g.add_argument("--enable-prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse state of shared prompt prefixes (default on)")
+    g.add_argument("--prefix-cache-size", type=parse_size, dest="prefix_cache_bytes",
+                   help="prefix cache budget, e.g. 4G (default: a quarter of the memory budget)")
+    g.add_argument("--memory-budget", type=parse_size, dest="memory_budget_bytes",
+                   help="memory for sequences and cache, e.g. 48G (default: 70%% of the machine)")
+    g.add_argument("--prefill-chunk", type=int, default=512, dest="prefill_tokens_per_step",
+                   help="prompt tokens prefilled per engine step")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: the checkpoint's)")
+    g = p.add_argument_group("chat")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="parse tool calls when a request leaves tool_choice to the model")
+    g.add_argument("--tool-call-parser", default="qwen3", choices=["qwen3", "qwen3_coder", "qwen3_xml", "hermes"],
+                   help="Qwen3.5 XML and Qwen3 JSON tool calls (every choice reads both)")
+    g.add_argument("--reasoning-parser", default="qwen3", choices=["qwen3", "deepseek_r1", "none"],
+                   help="split <think> text into reasoning_content (default qwen3; 'none' leaves it in content)")
+    g.add_argument("--chat-template-kwargs", type=_json_object, default={},
+                   help='default template variables, e.g. \'{"enable_thinking": false}\'; requests override')
+    g = p.add_argument_group("conversion (GGUF or HF inputs; passed to the converter)")
+    g.add_argument("--cache-dir", type=Path, help="where converted models are kept")
+    g.add_argument("--quantize", action="store_true", default=None, help="quantise while converting")
+    g.add_argument("--q-bits", type=int)
+    g.add_argument("--q-group-size", type=int)
+    g.add_argument("--q-recipe", help="quantisation recipe (name or configs/ file)")
+    g.add_argument("--imatrix-path", type=Path)
+    p.set_defaults(func=run_serve, _parser=p)
+
+
+def _apply_config(args) -> None:
+    """Options from --config fill whatever the command line left at its default."""
+    if not args.config:
+        return
+    parser = args._parser
+    values = load_config_file(args.config)
+    actions = {}
+    for a in parser._actions:
+        for name in [a.dest, *(o.lstrip("-").replace("-", "_") for o in a.option_strings)]:
+            actions[name] = a
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise ValueError(f"{args.config}: unknown option(s) {', '.join(unknown)}")
+    for key, value in values.items():
+        action = actions[key]
+        key = action.dest
+        if getattr(args, key) != action.default:
+            continue  # given on the command line
+        if isinstance(value, str) and action.type is not None:
+            value = action.type(value)
+        if action.nargs == "+" and not isinstance(value, list):
+            value = [value]
+        setattr(args, key, value)
+
+
+def settings_from_args(args):
+    from .settings import Settings
+
+    names = args.served_model_name or [args.model if args.model else "deltaserve-demo"]
+    return Settings(
+        served_model_names=list(names), host=args.host, port=args.port, api_key=args.api_key,
+        max_tokens=args.max_tokens, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_queue=args.max_queue, continuous_batching=args.continuous_batching,
+        enable_prefix_cache=args.enable_prefix_cache, prefix_cache_bytes=args.prefix_cache_bytes,
+        memory_budget_bytes=args.memory_budget_bytes, prefill_tokens_per_step=args.prefill_tokens_per_step,
+        enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser, chat_template_kwargs=dict(args.chat_template_kwargs or {}),
+        log_level=args.log_level,
+    )
+
+
+def run_serve(args) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        _apply_config(args)
+        settings = settings_from_args(args)
+    except (OSError, ValueError) as e:
+        print(f"deltaserve serve: error: {e}", file=sys.stderr)
+        return 2
+    from model import ModelLoadError, load
+
+    from .model_source import ModelSourceError, resolve_model
+
+    options = {"dtype": args.dtype, "quantize": args.quantize, "q_bits": args.q_bits,
+               "q_group_size": args.q_group_size, "q_recipe": args.q_recipe, "imatrix_path": args.imatrix_path}
+    try:
+        path = resolve_model(args.model, options, args.cache_dir)
+        print(f"deltaserve: loading {path}", file=sys.stderr, flush=True)
+        model, tokenizer = load(path, dtype=args.dtype)
+    except (ModelSourceError, ModelLoadError) as e:
+        print(f"deltaserve serve: error: {e}", file=sys.stderr)
+        return 1
+    return _serve(settings, model, tokenizer)
+
+
+def _serve(settings, model, tokenizer) -> int:
+    import uvicorn
+
+    from server.engine import Engine
+
+    from .app import create_app
+
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        logging.getLogger("deltaserve").warning("listening on %s without --api-key", settings.host)
+    engine = Engine(model, tokenizer, settings.engine_config())
+    try:
+        app = create_app(settings, engine, tokenizer)
+        print(f"deltaserve: serving {', '.join(settings.served_model_names)} on "
+              f"http://{settings.host}:{settings.port}/v1", file=sys.stderr, flush=True)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="off")
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled; the shutdown was clean
+        pass
+    finally:
+        engine.shutdown()
+    # MLX used from the engine thread can abort the interpreter's normal exit (ml-explore/mlx#3126)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+# ---------------------------------------------------------------- entry point
+
+def _registrars():
+    for spec in COMMANDS:
+        module, _, func = spec.partition(":")
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            if not (isinstance(e, ModuleNotFoundError) and e.name and module.startswith(e.name)):
+                print(f"deltaserve: warning: {module} could not be loaded ({e})", file=sys.stderr)
+            continue  # that subcommand's package is missing or broken; the others still work
+        register = getattr(mod, func, None)
+        if register is not None:
+            yield register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltaserve", description="Qwen3.5 hybrid models on MLX.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in _registrars():
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

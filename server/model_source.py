@@ -1,0 +1,100 @@
+"""What `deltaserve serve [MODEL]` loads: an MLX or HF checkpoint directory as it is, a GGUF file
+converted once into a cache directory (reused afterwards), or the embedded default model."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Optional
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_SPLIT = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$")
+QUANT_OPTIONS = ("quantize", "q_bits", "q_group_size", "q_recipe", "imatrix_path")
+
+
+class ModelSourceError(Exception):
+    """The MODEL argument cannot be served; the message says why (the CLI exits non-zero)."""
+
+
+def default_model_path() -> Path:
+    """The embedded demo model. Until the real one lands: the tiny test fixture `moe_r4`."""
+    tests = REPO_ROOT / "tests"
+    if str(tests) not in sys.path:
+        sys.path.insert(0, str(tests))
+    try:
+        from fixtures import get_fixture
+    except ImportError as e:
+        raise ModelSourceError(
+            f"the default demo model is built from the test fixtures, which need the test extras ({e}); "
+            "run: pip install -e '.[test]'  (or pass a MODEL path)") from None
+    print("deltaserve: preparing the default demo model (built once, then cached)...", file=sys.stderr, flush=True)
+    return get_fixture("moe_r4").hf_dir
+
+
+def first_gguf_part(path: Path) -> Path:
+    """A split GGUF is named by its first part; any part given leads there."""
+    m = _SPLIT.match(path.name)
+    if not m or m["part"] == "00001":
+        return path
+    first = path.with_name(f"{m['stem']}-00001-of-{m['total']}.gguf")
+    if not first.exists():
+        raise ModelSourceError(f"{path}: a split GGUF part; its first part {first.name} is missing")
+    return first
+
+
+def _is_gguf(path: Path) -> bool:
+    if path.suffix.lower() == ".gguf":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _convert(path: Path, options: dict, cache_root: Optional[Path]) -> Path:
+    try:
+        from convert import cached_conversion
+    except ImportError:
+        raise ModelSourceError(
+            f"{path}: serving a GGUF file (or quantising an HF checkpoint) needs the converter, which this "
+            "installation lacks (the convert package has no cached_conversion yet); convert it to an MLX "
+            "directory first, or pass an HF or MLX checkpoint directory") from None
+    print(f"deltaserve: preparing {path} (converted on first use, then reused from the cache)...",
+          file=sys.stderr, flush=True)
+    return Path(cached_conversion(path, cache_root=cache_root, **options))
+
+
+def _is_mlx_dir(path: Path) -> bool:
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return "quantization" in config or "quantization_config" in config and "bits" in config["quantization_config"]
+
+
+def resolve_model(arg: Optional[str], options: Optional[dict] = None, cache_root: Optional[Path] = None) -> Path:
+    """MODEL argument -> a directory model.load can read. options: convert flags (None = unset)."""
+    options = {k: v for k, v in (options or {}).items() if v not in (None, False)}
+    if arg is None:
+        return default_model_path()
+    path = Path(arg).expanduser()
+    if not path.exists():
+        raise ModelSourceError(f"{arg}: no such file or directory (MODEL is a local MLX or HF directory, "
+                               "or a GGUF file)")
+    if path.is_file():
+        if not _is_gguf(path):
+            raise ModelSourceError(f"{arg}: not a GGUF file; pass a GGUF file or a checkpoint directory")
+        return _convert(first_gguf_part(path), options, cache_root)
+    if not (path / "config.json").exists():
+        ggufs = sorted(p for p in path.glob("*.gguf") if not _SPLIT.match(p.name) or "-00001-of-" in p.name)
+        if len(ggufs) == 1:
+            return _convert(ggufs[0], options, cache_root)
+        raise ModelSourceError(f"{arg}: no config.json here (and not exactly one GGUF file)")
+    wants_quant = any(k in options for k in QUANT_OPTIONS)
+    if wants_quant and not _is_mlx_dir(path):
+        return _convert(path, options, cache_root)
+    return path

@@ -1,0 +1,66 @@
+"""Server settings: one dataclass filled from the command line, a config file, or a test."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+TOOL_CALL_PARSERS = ("qwen3", "qwen3_coder", "qwen3_xml", "hermes")  # one parser reads all these formats
+REASONING_PARSERS = ("qwen3", "deepseek_r1", "none")
+
+
+@dataclass
+class Settings:
+    served_model_names: list[str] = field(default_factory=lambda: ["deltaserve"])
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None
+    max_tokens: int = 4096  # the default when a request does not say
+    max_model_len: Optional[int] = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = 32
+    max_queue: int = 256
+    continuous_batching: bool = True
+    enable_prefix_cache: bool = True
+    prefix_cache_bytes: Optional[int] = None  # default: the engine's share of the memory budget
+    memory_budget_bytes: Optional[int] = None
+    prefill_tokens_per_step: int = 512
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: Optional[str] = "qwen3"
+    reasoning_parser: Optional[str] = "qwen3"
+    chat_template_kwargs: dict = field(default_factory=dict)
+    log_level: str = "info"
+
+    def __post_init__(self):
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
+                             f"got {self.tool_call_parser!r}")
+        if self.reasoning_parser == "none":
+            self.reasoning_parser = None
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
+                             f"got {self.reasoning_parser!r}")
+        if not self.served_model_names:
+            raise ValueError("at least one served model name is needed")
+        if self.max_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_tokens and max_num_seqs must be at least 1")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+    @property
+    def num_seqs(self) -> int:
+        """Without continuous batching, one sequence at a time (vmlx's simple mode)."""
+        return self.max_num_seqs if self.continuous_batching else 1
+
+    def engine_config(self):
+        from server.engine import EngineConfig
+
+        return EngineConfig(
+            max_num_seqs=self.num_seqs,
+            max_queue=self.max_queue,
+            prefill_tokens_per_step=self.prefill_tokens_per_step,
+            max_model_len=self.max_model_len,
+            memory_budget_bytes=self.memory_budget_bytes,
+            prefix_cache_bytes=self.prefix_cache_bytes if self.enable_prefix_cache else 0,
+        )

@@ -1,0 +1,74 @@
+"""A deltaserve app on a real socket (uvicorn in a background thread) for the openai client."""
+
+from __future__ import annotations
+
+import functools
+import socket
+import threading
+import time
+
+import uvicorn
+
+
+class ServerThread:
+    def __init__(self, app):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+@functools.cache
+def tiny_model():
+    """The fixture model and tokenizer, loaded once per test session (fp32: exact greedy paths)."""
+    from fixtures import get_fixture
+
+    from model import load
+
+    return load(get_fixture("moe_r4").hf_dir, dtype="float32")
+
+
+def tiny_engine(**config):
+    from server.engine import Engine, EngineConfig
+
+    model, tok = tiny_model()
+    defaults = dict(max_num_seqs=4, max_model_len=512, memory_budget_bytes=1 << 30, prefix_cache_bytes=32 << 20,
+                    prefill_tokens_per_step=256, block_size=32)
+    return Engine(model, tok, EngineConfig(**{**defaults, **config}))
+
+
+def tiny_app(engine, **settings):
+    from server.app import create_app
+    from server.settings import Settings
+
+    defaults = dict(served_model_names=["tiny"], enable_auto_tool_choice=True, max_tokens=16)
+    return create_app(Settings(**{**defaults, **settings}), engine)
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
