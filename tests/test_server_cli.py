@@ -88,7 +88,7 @@ def test_seed_command_script_converts_on_first_start_and_reuses_on_second(tmp_pa
     env = {**os.environ, "PORT": str(free_port()), "HOST": "127.0.0.1", "CACHE_DIR": str(tmp_path),
            "DELTASERVE": f"{sys.executable} -m server.cli",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run(["bash", str(REPO / "scripts" / "seed_command.sh"), str(gguf)], env=env, cwd=REPO,
+    run = subprocess.run(["bash", str(REPO / "bench" / "seed_command.sh"), str(gguf)], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "OK: converted on the first start, reused unchanged on the second" in run.stdout
