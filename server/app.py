@@ -165,9 +165,8 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 def create_app(settings: Settings, engine, tokenizer=None, *, max_model_len: Optional[int] = None) -> FastAPI:
     """engine: a started server.engine.Engine (the caller shuts it down)."""
     tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
-    core = engine.core
-    max_len = max_model_len or core.scheduler.config.max_model_len
-    vocab = core.model.config.vocab_size
+    max_len = max_model_len or engine.max_model_len
+    vocab = engine.vocab_size
     metrics = Metrics(engine)
     state = ServerState(settings, engine, tokenizer, metrics, GrammarCompiler(tokenizer, vocab), max_len, now())
 

@@ -11,7 +11,7 @@ import mlx.core as mx
 
 from model import Model
 
-from .detokenizer import Detokenizer, StopStrings
+from .detokenizer import Detokenizer, StopStrings, hidden_token_ids
 from .prefix_cache import PrefixCache
 from .request import Delta, Request, SamplingParams, Usage
 from .runner import Runner
@@ -44,8 +44,8 @@ def default_memory_budget() -> int:
 class _Output:
     """Per-request text state: detokenizer and stop-string holdback."""
 
-    def __init__(self, tokenizer, stops: list[str]):
-        self.detok = Detokenizer(tokenizer) if tokenizer is not None else None
+    def __init__(self, tokenizer, hidden: frozenset[int], stops: list[str]):
+        self.detok = Detokenizer(tokenizer, hidden) if tokenizer is not None else None
         self.stops = StopStrings(stops)
 
 
@@ -79,6 +79,7 @@ class EngineCore:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = eos
+        self._hidden_ids = hidden_token_ids(tokenizer) if tokenizer is not None else frozenset()
         self.steps = 0
 
     # ---- requests ----
@@ -89,7 +90,7 @@ class EngineCore:
             raise ValueError(f"request id {req.id!r} is already in use")
         self.scheduler.add(req)  # raises QueueFull / PromptTooLong
         self.requests[req.id] = req
-        self._outputs[req.id] = _Output(self.tokenizer, params.stop)
+        self._outputs[req.id] = _Output(self.tokenizer, self._hidden_ids, params.stop)
         return req
 
     def cancel(self, request_id: str) -> None:

@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 
+# Markup the output parsers need, kept in the text even where a tokenizer marks it special.
+FORMAT_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+
+
+def hidden_token_ids(tokenizer) -> frozenset[int]:
+    """Special tokens left out of the text (control tokens such as <|im_start|>)."""
+    keep = {tokenizer.convert_tokens_to_ids(t) for t in FORMAT_TOKENS}
+    return frozenset(set(getattr(tokenizer, "all_special_ids", [])) - keep)
+
+
 class Detokenizer:
     """Incremental decoding: re-decodes only a short window of recent tokens each step."""
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, hidden: frozenset[int] = frozenset()):
         self.tokenizer = tokenizer
-        self.skip = skip_special_tokens
+        self.hidden = hidden
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
 
     def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def add(self, token_id: int) -> str:
+        if token_id in self.hidden:
+            return ""
         self.ids.append(token_id)
         before = self._decode(self.ids[self.prefix_offset : self.read_offset])
         after = self._decode(self.ids[self.prefix_offset :])

@@ -80,6 +80,14 @@ class Engine:
     def tokenizer(self):
         return self.core.tokenizer
 
+    @property
+    def max_model_len(self) -> int:
+        return self.core.scheduler.config.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.core.model.config.vocab_size
+
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Stream:
         """Raises ValueError, QueueFull or PromptTooLong at once if the request cannot run."""
         if self._stop or self._error:
