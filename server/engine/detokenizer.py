@@ -10,7 +10,10 @@ FORMAT_TOKENS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_re
 def hidden_token_ids(tokenizer) -> frozenset[int]:
     """Special tokens left out of the text (control tokens such as <|im_start|>)."""
     keep = {tokenizer.convert_tokens_to_ids(t) for t in FORMAT_TOKENS}
-    return frozenset(set(getattr(tokenizer, "all_special_ids", [])) - keep)
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special |= {i for i, t in added.items() if getattr(t, "special", False)}
+    return frozenset(special - keep)
 
 
 class Detokenizer:
