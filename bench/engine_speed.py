@@ -6,26 +6,20 @@
    tokens, and turn 6 of a chat whose every turn extends the last (deltaserve's prefix cache vs
    mlx-lm's LRUPromptCache used the way mlx_lm.server uses it).
 
-    python bench/engine_speed.py --model tiny --streams 1,4,16,32 --ttft-prompt 2048
+    python -m bench.engine_speed --model tiny --streams 1,4,16,32 --ttft-prompt 2048
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import models  # noqa: E402
-from bench.model_speed import backend  # noqa: E402
-from model import load_model  # noqa: E402
-from server.engine import EngineConfig, EngineCore, SamplingParams  # noqa: E402
+from bench.common import backend, checkpoint, finish, load_both
+from server.engine import EngineConfig, EngineCore, SamplingParams
 
 
 def ours_throughput(core, prompts, max_tokens):
@@ -100,13 +94,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from mlx_lm.models.cache import LRUPromptCache
-    from mlx_lm.utils import load_model as mlx_lm_load
 
-    path = models.get(args.model) if args.model in ("tiny", "wide") else Path(args.model)
-    ours = load_model(path)
-    theirs, _ = mlx_lm_load(path)
-    if ours.compute_dtype != mx.bfloat16:
-        theirs.set_dtype(ours.compute_dtype)
+    ours, theirs = load_both(checkpoint(args.model))
     vocab = ours.config.vocab_size
     rng = np.random.default_rng(0)
     results = []
@@ -143,19 +132,7 @@ def main(argv=None):
     cold = next(r["ours_s"] for r in results if r["bench"] == "ttft_cold")
     results[-1]["ours_vs_cold"] = o / cold
 
-    for r in results:
-        r.update(meta)
-        if "ours_tok_s" in r:
-            print(f"{r['bench']:>16}: deltaserve {r['ours_tok_s']:9.1f} tok/s  mlx-lm {r['mlx_lm_tok_s']:9.1f} tok/s"
-                  f"  ratio {r['ratio']:.2f}x")
-        else:
-            print(f"{r['bench']:>16}: deltaserve {r['ours_s'] * 1000:9.1f} ms     mlx-lm {r['mlx_lm_s'] * 1000:9.1f} ms"
-                  f"     speedup {r['ratio']:.2f}x")
-    if args.out:
-        with open(args.out, "a") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
-    return results
+    return finish(results, meta, args.out)
 
 
 if __name__ == "__main__":

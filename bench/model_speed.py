@@ -1,32 +1,20 @@
 """Decode tokens/s at batch 1 and prefill tokens/s: deltaserve's engine vs mlx-lm's generate_step,
 same checkpoint, same process, same backend, alternating runs.
 
-    python bench/model_speed.py --model wide --prefill 512,2048
+    python -m bench.model_speed --model wide --prefill 512,2048
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
 import time
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import models  # noqa: E402
-from model import load_model  # noqa: E402
-from server.engine import EngineConfig, EngineCore, SamplingParams  # noqa: E402
-
-
-def backend() -> str:
-    dev = mx.default_device()
-    name = "metal" if mx.metal.is_available() else ("cuda" if getattr(mx, "cuda", None) and mx.cuda.is_available() else "cpu")
-    return f"{name} ({platform.machine()}, {dev})"
+from bench.common import backend, checkpoint, finish, load_both
+from server.engine import EngineConfig, EngineCore, SamplingParams
 
 
 def ours_generate(model, prompt, max_tokens, prefill_chunk):
@@ -64,13 +52,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None, help="append JSON results here")
     args = ap.parse_args(argv)
 
-    from mlx_lm.utils import load_model as mlx_lm_load
-
-    path = models.get(args.model) if args.model in ("tiny", "wide") else Path(args.model)
-    ours = load_model(path)
-    theirs, _ = mlx_lm_load(path)
-    if ours.compute_dtype != mx.bfloat16:
-        theirs.set_dtype(ours.compute_dtype)  # same arithmetic dtype for both, e.g. float32 on CPU
+    ours, theirs = load_both(checkpoint(args.model))
     vocab = ours.config.vocab_size
     rng = np.random.default_rng(0)
     results = []
@@ -90,16 +72,7 @@ def main(argv=None):
         t, _ = best(mlx_lm_generate, theirs, prompt, 1)
         results.append({"bench": f"prefill_{n}", "ours_tok_s": n / o, "mlx_lm_tok_s": n / t, "ratio": t / o})
 
-    meta = {"model": args.model, "backend": backend(), "dtype": str(ours.compute_dtype)}
-    for r in results:
-        r.update(meta)
-        print(f"{r['bench']:>14}: deltaserve {r['ours_tok_s']:9.1f} tok/s  mlx-lm {r['mlx_lm_tok_s']:9.1f} tok/s"
-              f"  ratio {r['ratio']:.2f}x")
-    if args.out:
-        with open(args.out, "a") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
-    return results
+    return finish(results, {"model": args.model, "backend": backend(), "dtype": str(ours.compute_dtype)}, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Runs every benchmark against mlx-lm and rewrites the README's results table.
 
-    python bench/run_all.py            # sizes for this 2-core CPU machine
-    python bench/run_all.py --full     # the sizes the issues name (for a GPU / Apple Silicon run)
+    python -m bench.run_all            # sizes for this 2-core CPU machine
+    python -m bench.run_all --full     # the sizes the issues name (for a GPU / Apple Silicon run)
 """
 
 from __future__ import annotations
@@ -9,14 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import engine_speed, memory, model_speed, server_speed  # noqa: E402
-from bench.model_speed import backend  # noqa: E402
+from bench import engine_speed, memory, model_speed, server_speed
+from bench.common import backend, describe
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- bench-table -->", "<!-- /bench-table -->"
@@ -31,12 +28,7 @@ TARGETS = {
 
 
 def fmt(r: dict) -> str:
-    if "ours_tok_s" in r:
-        a, b = f"{r['ours_tok_s']:.1f} tok/s", f"{r['mlx_lm_tok_s']:.1f} tok/s"
-    elif "ours_s" in r:
-        a, b = f"{r['ours_s'] * 1000:.0f} ms", f"{r['mlx_lm_s'] * 1000:.0f} ms"
-    else:
-        a, b = f"{r['ours_mb']:.1f} MB", f"{r['mlx_lm_mb']:.1f} MB"
+    a, b = describe(r)
     target, ok = TARGETS.get(r["bench"], ("", None))
     note = f"{target} {'met' if ok(r['ratio']) else 'not met'}" if ok else ""
     if "ours_vs_cold" in r:
@@ -70,7 +62,7 @@ def main(argv=None):
     results += server_speed.main(["--model", "tiny", "--streams", "1,4,16" if not args.full else "1,4,16,32"])
     stamp = time.strftime("%Y-%m-%d")
     header = (f"Measured {stamp} on {backend()}, {platform.processor() or platform.machine()}, "
-              f"{'full' if args.full else 'CPU-sized'} run (`python bench/run_all.py{' --full' if args.full else ''}`).")
+              f"{'full' if args.full else 'CPU-sized'} run (`python -m bench.run_all{' --full' if args.full else ''}`).")
     md = table(results, header)
     out = REPO / "bench" / "results.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in results))

@@ -6,7 +6,7 @@
 The load generator runs in its own process (this one) with asyncio + httpx; each server runs
 alone in a subprocess, one after the other.
 
-    python bench/server_speed.py --model tiny --streams 1,4,16,32
+    python -m bench.server_speed --model tiny --streams 1,4,16,32
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import models  # noqa: E402
+from bench.common import checkpoint, finish
 
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
          "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
@@ -129,7 +127,7 @@ def main(argv=None):
     ap.add_argument("--long-words", type=int, default=1500)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    path = models.get(args.model) if args.model in ("tiny", "wide") else Path(args.model)
+    path = checkpoint(args.model)
     streams = [int(x) for x in args.streams.split(",") if x]
     measured = {}
     for kind in ("mlx-lm", "deltaserve"):
@@ -143,23 +141,11 @@ def main(argv=None):
     for key in measured["deltaserve"]:
         ours, theirs = measured["deltaserve"][key], measured["mlx-lm"][key]
         if key.startswith("streams"):
-            r = {"bench": f"http_{key}", "ours_tok_s": ours, "mlx_lm_tok_s": theirs, "ratio": ours / theirs}
-            print(f"{r['bench']:>18}: deltaserve {ours:8.1f} tok/s  mlx-lm {theirs:8.1f} tok/s  ratio {r['ratio']:.2f}x")
+            results.append({"bench": f"http_{key}", "ours_tok_s": ours, "mlx_lm_tok_s": theirs, "ratio": ours / theirs})
         else:
-            r = {"bench": f"http_{key}", "ours_s": ours, "mlx_lm_s": theirs, "ratio": theirs / ours}
-            print(f"{r['bench']:>18}: deltaserve {ours * 1000:8.1f} ms     mlx-lm {theirs * 1000:8.1f} ms"
-                  f"     speedup {r['ratio']:.2f}x")
-        r["model"] = args.model
-        results.append(r)
-    cold = measured["deltaserve"]["ttft_cold"]
-    for r in results:
-        if r["bench"] == "http_ttft_turn6":
-            r["ours_vs_cold"] = r["ours_s"] / cold
-    if args.out:
-        with open(args.out, "a") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
-    return results
+            results.append({"bench": f"http_{key}", "ours_s": ours, "mlx_lm_s": theirs, "ratio": theirs / ours})
+    results[-1]["ours_vs_cold"] = measured["deltaserve"]["ttft_turn6"] / measured["deltaserve"]["ttft_cold"]
+    return finish(results, {"model": args.model}, args.out)
 
 
 if __name__ == "__main__":
