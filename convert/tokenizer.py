@@ -1,0 +1,92 @@
+"""Tokenizer files for the output: rebuilt from GGUF metadata by transformers, or copied from HF."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+
+from .errors import ConvertError
+from .hf_reader import TOKENIZER_FILES
+
+SPECIAL = ("<|im_end|>", "<|endoftext|>")
+_MEMO: OrderedDict = OrderedDict()  # GGUF identity -> (files, special ids): parsing the vocabulary is slow
+_MEMO_SIZE = 4
+
+
+def _special_ids(tok) -> dict:
+    ids = {}
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tok, attr, None)
+        if value is not None:
+            ids[attr] = int(value)
+    vocab = tok.get_vocab()
+    eos = [ids["eos_token_id"]] if "eos_token_id" in ids else []
+    eos += [vocab[t] for t in SPECIAL if t in vocab and vocab[t] not in eos]
+    ids["eos_token_ids"] = eos
+    return ids
+
+
+def write_gguf_tokenizer(gguf_path: Path, out: Path) -> dict:
+    """tokenizer.json, tokenizer_config.json, chat_template.jinja from the GGUF's tokenizer.* metadata
+    (tokens, merges, token types, pre-tokenizer, special tokens, chat template)."""
+    st = gguf_path.stat()
+    key = (str(gguf_path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _MEMO:
+        _MEMO[key] = _build_gguf_tokenizer(gguf_path)
+        while len(_MEMO) > _MEMO_SIZE:
+            _MEMO.popitem(last=False)
+    files, special = _MEMO[key]
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    return dict(special)
+
+
+def _build_gguf_tokenizer(gguf_path: Path) -> tuple[dict, dict]:
+    import tempfile
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except Exception as e:  # transformers raises many types for metadata it cannot use
+        raise ConvertError(f"{gguf_path}: cannot build a tokenizer from its metadata ({type(e).__name__}: {e})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir())}
+    return files, _special_ids(tok)
+
+
+def copy_hf_tokenizer(src: Path, out: Path) -> dict:
+    copied = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if "tokenizer.json" not in copied:
+        raise ConvertError(f"{src}: no tokenizer.json")
+    for name in copied:
+        shutil.copyfile(src / name, out / name)
+    return _special_ids_from_files(out)
+
+
+def _special_ids_from_files(d: Path) -> dict:
+    """bos/eos/pad ids from tokenizer_config.json and tokenizer.json, without building a tokenizer."""
+    try:
+        tok_json = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+        config = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").exists() else {}
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{d}: tokenizer files are not valid JSON ({e})") from None
+    vocab = dict((tok_json.get("model") or {}).get("vocab") or {})
+    vocab.update({t["content"]: t["id"] for t in tok_json.get("added_tokens", [])})
+    ids = {}
+    for name in ("bos", "eos", "pad"):
+        token = config.get(f"{name}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if token in vocab:
+            ids[f"{name}_token_id"] = int(vocab[token])
+    eos = [ids["eos_token_id"]] if "eos_token_id" in ids else []
+    ids["eos_token_ids"] = eos + [vocab[t] for t in SPECIAL if t in vocab and vocab[t] not in eos]
+    return ids
