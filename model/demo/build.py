@@ -1,0 +1,117 @@
+"""Build the embedded demo model end to end, seeded: corpus -> tokenizer -> training -> BF16 GGUF.
+
+    python -m model.demo.build                      # the committed model (model/demo/deltaserve-demo.gguf)
+    python -m model.demo.build --steps 20 --out /tmp/demo.gguf --work /tmp/demo-work   # a quick trial
+
+The work directory keeps the tokenizer and the HF checkpoint (bf16) the GGUF is written from;
+build_info.json next to the GGUF records the command, the software, the shape and the timings.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+from . import corpus
+from .train import ModelShape, TrainConfig
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_GGUF = HERE / "deltaserve-demo.gguf"
+MODEL_NAME = "deltaserve-demo"
+VOCAB_SIZE = 4087  # learned tokens; + 9 added tokens = 4096
+TRAIN_SAMPLES_SLACK = 1.05
+
+
+def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size: int = VOCAB_SIZE,
+          log=print) -> dict:
+    import torch
+
+    from convert.gguf_writer import write_gguf
+
+    from .tokenizer import save_hf_tokenizer, train_bpe
+    from .train import encode, model_config, save_checkpoint, token_ids, train
+
+    timings = {}
+    t = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    work.mkdir(parents=True, exist_ok=True)
+
+    n_samples = int(cfg.steps * cfg.batch_size * TRAIN_SAMPLES_SLACK) + cfg.bucket
+    samples = corpus.generate("train", n_samples)
+    template = corpus.chat_template()
+    texts = [corpus.render_sample(s, template) for s in samples]
+    timings["corpus_s"] = round(time.perf_counter() - t, 1)
+    log(f"corpus: {len(texts)} conversations, {sum(map(len, texts)) / len(texts):.0f} chars each")
+
+    t = time.perf_counter()
+    tok = train_bpe(texts, vocab_size)
+    tok_dir = work / "tokenizer"
+    save_hf_tokenizer(tok, tok_dir, template)
+    rows = [encode(tok, text) for text in texts]
+    timings["tokenizer_s"] = round(time.perf_counter() - t, 1)
+    n_tokens = sum(len(r[0]) for r in rows)
+    n_loss = sum(sum(1 for y in r[1] if y >= 0) for r in rows)
+    log(f"tokenizer: {tok.get_vocab_size()} tokens; corpus {n_tokens} tokens ({n_loss} in the loss)")
+
+    from transformers import Qwen3_5MoeForCausalLM
+
+    eos_id, pad_id = token_ids(tok)
+    config = model_config(shape, tok.get_vocab_size(), eos_id, pad_id, cfg.router_aux_loss_coef)
+    torch.manual_seed(cfg.seed)
+    model = Qwen3_5MoeForCausalLM(config).float()
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e6:.2f}M parameters")
+    t = time.perf_counter()
+    result = train(model, rows, cfg, pad_id, log=log)
+    timings["train_s"] = round(time.perf_counter() - t, 1)
+
+    t = time.perf_counter()
+    hf_dir = work / MODEL_NAME
+    save_checkpoint(model, tok_dir, hf_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_gguf(hf_dir, out, name=MODEL_NAME)
+    timings["gguf_s"] = round(time.perf_counter() - t, 1)
+
+    info = {
+        "command": " ".join([Path(sys.executable).name, "-m", "model.demo.build", *sys.argv[1:]]),
+        "gguf": out.name, "gguf_bytes": out.stat().st_size, "parameters": n_params,
+        "shape": asdict(shape), "train": asdict(cfg), "vocab_size": tok.get_vocab_size(),
+        "corpus": {"conversations": len(texts), "tokens": n_tokens, "loss_tokens": n_loss},
+        "timings": timings, "final_loss": result["history"][-1]["loss"] if result["history"] else None,
+        "tokens_trained": result["tokens"], "loss_history": result["history"],
+        "software": {d: metadata.version(d) for d in ("torch", "transformers", "tokenizers", "gguf")}
+        | {"python": platform.python_version()},
+        "machine": {"cpu_threads": cfg.threads, "platform": platform.platform()},
+    }
+    (out.parent / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    shape, cfg = ModelShape(), TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_GGUF)
+    p.add_argument("--work", type=Path, default=Path(".cache/demo-build"))
+    p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
+    for name, value in [*asdict(cfg).items(), *asdict(shape).items()]:
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = p.parse_args(argv)
+    shape = ModelShape(**{k: getattr(args, k) for k in asdict(shape)})
+    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(cfg)})
+    t = time.perf_counter()
+    info = build(args.out, args.work, shape, cfg, args.vocab_size)
+    print(f"wrote {args.out} ({info['gguf_bytes'] / 1e6:.1f} MB) in {time.perf_counter() - t:.0f}s; "
+          f"timings {info['timings']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

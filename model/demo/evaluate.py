@@ -1,0 +1,431 @@
+"""Quality of the demo model on held-out synthetic conversations (entity values never seen in
+training), greedy.
+
+  python -m model.demo.evaluate                        # through our HTTP server (openai client)
+  python -m model.demo.evaluate --via transformers --hf DIR   # in-process reference, no server
+  python -m model.demo.evaluate --ppl --quant          # + perplexity and KLD of quantisation recipes
+
+Reported:
+  tool requests   a parsable call to the right function(s) / with exactly the right arguments
+  no-tool         requests answered without a tool call (small talk, declines, no tools offered)
+  final answers   after the (expected) tool results, the answer contains the result's key value
+  perplexity      over the assistant tokens of held-out conversations (BF16, each recipe)
+  KLD             mean KL(BF16 || recipe) of the next-token distributions at those positions
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import corpus
+from .corpus import NO_TOOL_KINDS, TOOL_KINDS, Sample
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_GGUF = HERE / "deltaserve-demo.gguf"
+MAX_TOKENS = 256
+
+
+@dataclass
+class Reply:
+    content: str
+    reasoning: str = ""
+    calls: list[dict] = field(default_factory=list)  # {"name", "arguments": dict | None (unparsable)}
+
+
+# ---------------------------------------------------------------- our own parser (in-process path)
+
+_CALL = re.compile(r"<tool_call>\s*<function=([^>\n]+)>(.*?)</function>\s*</tool_call>", re.S)
+_PARAM = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.S)
+
+
+def _typed(value: str, schema: dict):
+    kind = schema.get("type")
+    if kind == "integer":
+        return int(value)
+    if kind == "number":
+        return float(value) if any(c in value for c in ".eE") else int(value)
+    if kind == "boolean":
+        if value.strip().lower() not in ("true", "false"):
+            raise ValueError(value)
+        return value.strip().lower() == "true"
+    if kind in ("object", "array"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return ast.literal_eval(value)
+    return value
+
+
+def parse_reply(text: str, tools: list[dict] | None) -> Reply:
+    """Split generated text (after the prompt's `<think>\\n`) into reasoning, content and calls."""
+    text = text.split("<|im_end|>")[0]
+    reasoning, _, rest = text.rpartition("</think>")
+    schemas = {t["function"]["name"]: t["function"].get("parameters", {}).get("properties", {}) for t in tools or []}
+    calls = []
+    for m in _CALL.finditer(rest):
+        name, body = m[1].strip(), m[2]
+        try:
+            props = schemas[name]
+            args = {k.strip(): _typed(v, props.get(k.strip(), {})) for k, v in _PARAM.findall(body)}
+        except (KeyError, ValueError, SyntaxError):
+            args = None
+        calls.append({"name": name, "arguments": args})
+    content = _CALL.sub("", rest).strip()
+    return Reply(content, reasoning.strip(), calls)
+
+
+# ---------------------------------------------------------------- backends
+
+class TransformersBackend:
+    """Greedy generation with transformers' Qwen3_5MoeForCausalLM (fp32) on an HF checkpoint."""
+
+    name = "transformers"
+
+    def __init__(self, hf_dir: Path, threads: int = 2):
+        import torch
+        from transformers import AutoTokenizer, Qwen3_5MoeForCausalLM
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(hf_dir)
+        self.model = Qwen3_5MoeForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        self.stop = [self.tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+
+    def chat(self, messages, tools, thinking: bool) -> Reply:
+        prompt = corpus.render(messages, tools, add_generation_prompt=True, enable_thinking=thinking)
+        ids = self.tok.encode(prompt, add_special_tokens=False)
+        with self.torch.no_grad():
+            out = self.model.generate(self.torch.tensor([ids]), attention_mask=self.torch.ones(1, len(ids), dtype=int),
+                                      do_sample=False, max_new_tokens=MAX_TOKENS, eos_token_id=self.stop,
+                                      pad_token_id=self.stop[1])
+        text = self.tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=False)
+        return parse_reply(text, tools)
+
+    def close(self):
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerBackend:
+    """`deltaserve serve MODEL` in a subprocess, queried with the openai client."""
+
+    name = "server"
+
+    def __init__(self, model: Path | None, startup_timeout: float = 1800, log_path: Path | None = None):
+        from openai import OpenAI
+
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "server.cli", "serve", *([str(model)] if model else []), "--port", str(self.port),
+               "--enable-auto-tool-choice", "--log-level", "warning", "--served-model-name", "demo"]
+        self.log = open(log_path or os.devnull, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=HERE.parents[1])
+        self.client = OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0, timeout=600)
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"deltaserve serve exited with {self.proc.returncode} (see {log_path})")
+            try:
+                self.client.models.list()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise RuntimeError("deltaserve serve did not come up in time") from None
+                time.sleep(1)
+
+    def chat(self, messages, tools, thinking: bool) -> Reply:
+        extra = {} if thinking else {"chat_template_kwargs": {"enable_thinking": False}}
+        r = self.client.chat.completions.create(model="demo", messages=openai_messages(messages), tools=tools or None,
+                                                temperature=0, max_tokens=MAX_TOKENS, extra_body=extra or None)
+        m = r.choices[0].message
+        calls = []
+        for c in m.tool_calls or []:
+            try:
+                args = json.loads(c.function.arguments)
+            except ValueError:
+                args = None
+            calls.append({"name": c.function.name, "arguments": args})
+        reasoning = getattr(m, "reasoning_content", None) or (m.model_extra or {}).get("reasoning_content") or ""
+        return Reply(m.content or "", reasoning, calls)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def openai_messages(messages: list[dict]) -> list[dict]:
+    """Corpus messages as a client sends them: call ids, JSON-text arguments, tool_call_id on results."""
+    out, ids = [], []
+    for m in messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            ids = [f"call_{len(out)}_{j}" for j in range(len(m["tool_calls"]))]
+            m["tool_calls"] = [{"id": i, "type": "function",
+                                "function": {"name": c["function"]["name"],
+                                             "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}}
+                               for i, c in zip(ids, m["tool_calls"])]
+        elif m["role"] == "tool":
+            m["tool_call_id"] = ids.pop(0) if ids else "call_x"
+        out.append(m)
+    return out
+
+
+# ---------------------------------------------------------------- scoring
+
+def _norm(value):
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _norm(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_norm(v) for v in value]
+    return value
+
+
+def _key(call: dict) -> str:
+    return json.dumps({"name": call["name"], "arguments": _norm(call["arguments"])}, sort_keys=True)
+
+
+def score_calls(reply: Reply, expected: list[dict]) -> tuple[bool, bool]:
+    """(right functions, exactly right arguments); several calls compare as multisets."""
+    right_fn = (all(c["arguments"] is not None for c in reply.calls)
+                and Counter(c["name"] for c in reply.calls) == Counter(c["name"] for c in expected))
+    exact = right_fn and Counter(map(_key, reply.calls)) == Counter(map(_key, expected))
+    return right_fn, exact
+
+
+def evaluate(backend, samples: list[Sample], log=print, examples: int = 3) -> dict:
+    counts = defaultdict(Counter)
+    failures = defaultdict(list)
+    t0 = time.perf_counter()
+    for i, s in enumerate(samples):
+        reply = backend.chat(s.messages[:s.prompt_len], s.tools, s.enable_thinking)
+        if s.kind in TOOL_KINDS:
+            right_fn, exact = score_calls(reply, s.expected_calls)
+            for k in ("all", s.kind, *{c["name"] for c in s.expected_calls}):
+                counts[f"tool:{k}"].update(n=1, right_function=right_fn, exact_arguments=exact)
+            if not exact and len(failures["tool"]) < examples:
+                failures["tool"].append({"request": s.messages[s.prompt_len - 1]["content"],
+                                         "expected": s.expected_calls, "got": reply.calls, "content": reply.content})
+        else:
+            no_call = not reply.calls
+            for k in ("all", s.kind):
+                counts[f"no_tool:{k}"].update(n=1, answered_without_call=no_call)
+            if not no_call and len(failures["no_tool"]) < examples:
+                failures["no_tool"].append({"request": s.messages[s.prompt_len - 1]["content"], "got": reply.calls})
+        if s.result_len:
+            final = backend.chat(s.messages[:s.result_len], s.tools, s.enable_thinking)
+            hit = not final.calls and all(k in final.content for k in s.keys)
+            for k in ("all", s.kind):
+                counts[f"final:{k}"].update(n=1, contains_key_value=hit)
+            if not hit and len(failures["final"]) < examples:
+                failures["final"].append({"keys": s.keys, "got": final.content, "calls": final.calls})
+        if (i + 1) % 25 == 0:
+            log(f"  {i + 1}/{len(samples)} samples, {time.perf_counter() - t0:.0f}s")
+    rates = {name: {k: (round(v / c["n"], 4) if k != "n" else v) for k, v in c.items()} for name, c in counts.items()}
+    return {"backend": backend.name, "samples": len(samples), "seconds": round(time.perf_counter() - t0, 1),
+            "rates": dict(sorted(rates.items())), "failures": dict(failures)}
+
+
+BARS = {"tool:all": ("right_function", 0.9), "no_tool:all": ("answered_without_call", 0.9),
+        "final:all": ("contains_key_value", 0.8)}
+
+
+def summary_lines(result: dict) -> list[str]:
+    r = result["rates"]
+    lines = [f"{result['samples']} held-out conversations via {result['backend']} ({result['seconds']}s)"]
+
+    def line(label, key, metric, bar=None):
+        if key in r:
+            v = r[key][metric]
+            mark = "" if bar is None else ("  ok" if v >= bar else f"  BELOW {bar:.0%}")
+            lines.append(f"  {label:46s} {v:7.1%}  (n={r[key]['n']}){mark}")
+
+    line("tool requests: right function", "tool:all", "right_function", 0.9)
+    line("tool requests: exactly right arguments", "tool:all", "exact_arguments", 0.7)
+    line("no-tool requests: answered without a call", "no_tool:all", "answered_without_call", 0.9)
+    line("final answers containing the key value", "final:all", "contains_key_value", 0.8)
+    for kind in TOOL_KINDS:
+        line(f"  {kind}: right function / exact", f"tool:{kind}", "exact_arguments")
+    for kind in NO_TOOL_KINDS:
+        line(f"  {kind}: without a call", f"no_tool:{kind}", "answered_without_call")
+    return lines
+
+
+# ---------------------------------------------------------------- perplexity and quantisation (MLX)
+
+def heldout_rows(tokenizer, samples: list[Sample]) -> list[tuple[list[int], list[int]]]:
+    from .train import encode
+
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    return [encode(backend, corpus.render_sample(s)) for s in samples]
+
+
+def mlx_logprobs(model_dir: Path, rows, dtype: str = "float32"):
+    """Per row: log-softmax [T, V] (numpy float32) at the positions predicting a loss token."""
+    import mlx.core as mx
+    import numpy as np
+
+    from model import load_model
+
+    model = load_model(model_dir, dtype=dtype)
+    out = []
+    for ids, labels in rows:
+        cache = model.make_cache(batch_size=1)
+        logits = model(mx.array([ids]), cache).astype(mx.float32)[0]
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        pos = np.array([t for t in range(len(ids) - 1) if labels[t + 1] >= 0])
+        tgt = np.array([labels[t + 1] for t in pos])
+        out.append((np.array(logp[mx.array(pos)]), tgt))
+    return out
+
+
+def perplexity(logprobs) -> float:
+    import numpy as np
+
+    nll = np.concatenate([-lp[np.arange(len(t)), t] for lp, t in logprobs])
+    return float(np.exp(nll.mean()))
+
+
+def kld(ref, other) -> float:
+    import numpy as np
+
+    total, n = 0.0, 0
+    for (p, _), (q, _) in zip(ref, other):
+        total += float((np.exp(p) * (p - q)).sum())
+        n += len(p)
+    return total / n
+
+
+RECIPES = {  # name -> convert() options; "+ AWQ" and "+ weighted scales" use the imatrix
+    "uniform 4-bit": dict(quantize=True, q_bits=4, q_recipe="uniform", awq=False, weighted_scales=False),
+    "unsloth 4-bit": dict(quantize=True, q_bits=4, q_recipe="unsloth", awq=False, weighted_scales=False),
+    "unsloth 4-bit + AWQ": dict(quantize=True, q_bits=4, q_recipe="unsloth", awq=True, weighted_scales=False),
+    "unsloth 4-bit + AWQ + weighted scales": dict(quantize=True, q_bits=4, q_recipe="unsloth", awq=True,
+                                                  weighted_scales=True),
+}
+
+
+def quant_report(gguf_path: Path, hf_dir: Path, samples: list[Sample], imatrix_samples: list[Sample],
+                 work: Path, log=print) -> dict:
+    from convert import convert
+
+    from .imatrix import compute_imatrix
+
+    work.mkdir(parents=True, exist_ok=True)
+    imatrix_path = work / "imatrix.gguf"
+    t = time.perf_counter()
+    compute_imatrix(hf_dir, imatrix_samples, imatrix_path)
+    log(f"imatrix from {len(imatrix_samples)} training conversations ({time.perf_counter() - t:.0f}s)")
+    bf16_dir = convert(gguf_path, work / "bf16", dtype="bfloat16", progress=False)
+    from model import load_tokenizer
+
+    rows = heldout_rows(load_tokenizer(bf16_dir), samples)
+    ref = mlx_logprobs(bf16_dir, rows)
+    report = {"BF16": {"perplexity": round(perplexity(ref), 4), "kld": 0.0}}
+    for name, opts in RECIPES.items():
+        out = convert(gguf_path, work / re.sub(r"\W+", "-", name).strip("-"), dtype="bfloat16", progress=False,
+                      imatrix_path=imatrix_path if opts.get("awq") or opts.get("weighted_scales") else None, **opts)
+        lp = mlx_logprobs(out, rows)
+        report[name] = {"perplexity": round(perplexity(lp), 4), "kld": round(kld(ref, lp), 5)}
+        log(f"  {name:40s} ppl {report[name]['perplexity']:.4f}  KLD {report[name]['kld']:.5f}")
+    return report
+
+
+def hf_perplexity(hf_dir: Path, samples: list[Sample]) -> float:
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer, Qwen3_5MoeForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = Qwen3_5MoeForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    nll = []
+    for ids, labels in heldout_rows(tok, samples):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), use_cache=False).logits[0, :-1].float()
+        y = torch.tensor(labels[1:])
+        keep = y >= 0
+        nll.append(torch.nn.functional.cross_entropy(logits[keep], y[keep], reduction="none").numpy())
+    return float(np.exp(np.concatenate(nll).mean()))
+
+
+# ---------------------------------------------------------------- CLI
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="held-out quality of the demo model")
+    p.add_argument("--model", type=Path, default=None,
+                   help="what the server serves (GGUF or checkpoint dir; default: the committed GGUF)")
+    p.add_argument("--via", choices=["server", "transformers"], default="server")
+    p.add_argument("--hf", type=Path, help="HF checkpoint for --via transformers and the imatrix")
+    p.add_argument("-n", type=int, default=200, help="held-out conversations")
+    p.add_argument("--ppl", action="store_true", help="perplexity of the BF16 HF checkpoint (transformers)")
+    p.add_argument("--quant", action="store_true", help="perplexity and KLD of the quantisation recipes (MLX)")
+    p.add_argument("--quant-n", type=int, default=100, help="held-out conversations for perplexity / KLD")
+    p.add_argument("--work", type=Path, default=Path(".cache/demo-eval"))
+    p.add_argument("--json", type=Path, help="write all results here")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+
+    samples = corpus.generate("heldout", args.n)
+    results = {}
+    if args.via == "server":
+        model = args.model or DEFAULT_GGUF
+        args.work.mkdir(parents=True, exist_ok=True)
+        backend = ServerBackend(model, log_path=args.work / "server.log")
+        results["model"] = str(model)
+    else:
+        if not args.hf:
+            p.error("--via transformers needs --hf DIR")
+        backend = TransformersBackend(args.hf, args.threads)
+        results["model"] = str(args.hf)
+    try:
+        results["quality"] = evaluate(backend, samples)
+    finally:
+        backend.close()
+    print("\n".join(summary_lines(results["quality"])))
+    for kind, items in results["quality"]["failures"].items():
+        for item in items:
+            print(f"  failure ({kind}): {json.dumps(item, ensure_ascii=False)[:400]}")
+    ppl_samples = corpus.generate("heldout", args.quant_n, seed=corpus.SEEDS["heldout"] + 1)
+    if args.ppl:
+        if not args.hf:
+            p.error("--ppl needs --hf DIR")
+        results["perplexity_hf_bf16"] = round(hf_perplexity(args.hf, ppl_samples), 4)
+        print(f"held-out perplexity (assistant tokens, transformers, BF16 weights): {results['perplexity_hf_bf16']}")
+    if args.quant:
+        if not args.hf:
+            p.error("--quant needs --hf DIR (the imatrix is computed with transformers)")
+        imatrix_samples = corpus.generate("train", args.quant_n, seed=corpus.SEEDS["train"] + 1)
+        results["quantisation"] = quant_report(args.model or DEFAULT_GGUF, args.hf, ppl_samples, imatrix_samples,
+                                               args.work / "quant")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

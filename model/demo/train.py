@@ -1,0 +1,177 @@
+"""Train the tiny Qwen3.5 MoE demo model on the synthetic corpus with transformers' own
+Qwen3_5MoeForCausalLM, on the CPU, seeded.
+
+The loss covers what the model generates: every assistant turn from after `<|im_start|>assistant\\n`
+through its `<|im_end|>`. Batches are right-padded (the model is causal, so padding after a row's
+last token cannot change that row's logits) and drawn from length buckets to waste little compute.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .tokenizer import EOS_TOKEN, PAD_TOKEN
+
+ASSISTANT_SPAN = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.S)
+IGNORE = -100
+
+
+@dataclass
+class ModelShape:
+    hidden_size: int = 192
+    num_hidden_layers: int = 6
+    full_attention_interval: int = 3
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 64
+    linear_num_key_heads: int = 2
+    linear_num_value_heads: int = 4
+    linear_key_head_dim: int = 48
+    linear_value_head_dim: int = 48
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 128
+    shared_expert_intermediate_size: int = 256
+    max_position_embeddings: int = 4096
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 8
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 40
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    router_aux_loss_coef: float = 0.01
+    bucket: int = 64  # samples sorted by length within groups of this many
+    seed: int = 0
+    threads: int = 2
+    log_every: int = 10
+
+
+def model_config(shape: ModelShape, vocab_size: int, eos_id: int, pad_id: int, router_aux_loss_coef: float = 0.0):
+    from transformers import Qwen3_5MoeTextConfig
+
+    s = asdict(shape)
+    interval = s.pop("full_attention_interval")
+    layer_types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                   for i in range(shape.num_hidden_layers)]
+    rotary = int(shape.head_dim * 0.25) // 2  # interleaved M-RoPE sections (text-only: all equal positions)
+    sections = [rotary - 2 * (rotary // 3), rotary // 3, rotary // 3]
+    return Qwen3_5MoeTextConfig(
+        vocab_size=vocab_size, layer_types=layer_types, full_attention_interval=interval, linear_conv_kernel_dim=4,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, output_router_logits=router_aux_loss_coef > 0,
+        router_aux_loss_coef=router_aux_loss_coef,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                         "mrope_interleaved": True, "mrope_section": sections},
+        bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id, **s)
+
+
+def encode(tok, text: str) -> tuple[list[int], list[int]]:
+    """Token ids and labels (IGNORE outside the assistant turns). tok: a tokenizers.Tokenizer."""
+    enc = tok.encode(text, add_special_tokens=False)
+    spans = [m.span(1) for m in ASSISTANT_SPAN.finditer(text)]
+    labels, j = [], 0
+    for tid, (start, _) in zip(enc.ids, enc.offsets):
+        while j < len(spans) and start >= spans[j][1]:
+            j += 1
+        inside = j < len(spans) and spans[j][0] <= start < spans[j][1]
+        labels.append(tid if inside else IGNORE)
+    return enc.ids, labels
+
+
+def batches(rows: list[tuple[list[int], list[int]]], cfg: TrainConfig, pad_id: int, rng: random.Random):
+    """[B, T] input ids and labels: rows bucketed by length, buckets and batches shuffled."""
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    out = []
+    for g in range(0, len(order), cfg.bucket):
+        group = sorted(order[g:g + cfg.bucket], key=lambda i: len(rows[i][0]))
+        for b in range(0, len(group) - cfg.batch_size + 1, cfg.batch_size):
+            out.append(group[b:b + cfg.batch_size])
+    rng.shuffle(out)
+    for idx in out:
+        width = max(len(rows[i][0]) for i in idx)
+        ids = np.full((len(idx), width), pad_id, dtype=np.int64)
+        labels = np.full((len(idx), width), IGNORE, dtype=np.int64)
+        for r, i in enumerate(idx):
+            x, y = rows[i]
+            ids[r, :len(x)] = x
+            labels[r, :len(y)] = y
+        yield ids, labels
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(model, rows, cfg: TrainConfig, pad_id: int, log=print) -> dict:
+    import torch
+
+    rng = random.Random(cfg.seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    model.train()
+    step, tokens, t0 = 0, 0, time.perf_counter()
+    history = []
+    while step < cfg.steps:
+        for ids, labels in batches(rows, cfg, pad_id, rng):
+            if step >= cfg.steps:
+                break
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            out = model(input_ids=torch.from_numpy(ids), labels=torch.from_numpy(labels), use_cache=False)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens += ids.size
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                elapsed = time.perf_counter() - t0
+                aux = getattr(out, "aux_loss", None)
+                entry = {"step": step, "loss": round(out.loss.item(), 4), "lr": round(lr_at(step - 1, cfg), 6),
+                         "aux": None if aux is None else round(aux.item(), 4),
+                         "tokens": tokens, "elapsed_s": round(elapsed, 1), "tok_per_s": round(tokens / elapsed)}
+                history.append(entry)
+                log(json.dumps(entry))
+    model.eval()
+    return {"steps": step, "tokens": tokens, "seconds": round(time.perf_counter() - t0, 1), "history": history}
+
+
+def save_checkpoint(model, tokenizer_dir: Path, out_dir: Path) -> None:
+    """bf16 safetensors + config + generation config + the tokenizer files: an HF checkpoint directory."""
+    import shutil
+
+    import torch
+
+    out_dir = Path(out_dir)
+    model.config.architectures = ["Qwen3_5MoeForCausalLM"]
+    model.config.output_router_logits = False
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    model.to(torch.float32)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
+    gen = json.loads((out_dir / "generation_config.json").read_text()) if (out_dir / "generation_config.json").exists() else {}
+    gen.update({"eos_token_id": [model.config.eos_token_id, model.config.pad_token_id],
+                "pad_token_id": model.config.pad_token_id, "do_sample": False})
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def token_ids(tok) -> tuple[int, int]:
+    return tok.token_to_id(EOS_TOKEN), tok.token_to_id(PAD_TOKEN)
