@@ -17,7 +17,9 @@ DELTASERVE=${DELTASERVE:-deltaserve}
 START_TIMEOUT=${START_TIMEOUT:-600}
 PY=${PYTHON:-python3}
 
-entries() { find "$CACHE_DIR" -mindepth 1 -maxdepth 1 | wc -l; }
+# lock files (dot files) are not conversions
+entries() { find "$CACHE_DIR" -mindepth 1 -maxdepth 1 -not -name '.*' | wc -l; }
+files() { find "$CACHE_DIR" -type f -not -name '.*' -printf '%p %T@\n' | sort; }
 
 start_and_ask() {  # $1 = label; prints the seconds until the server answered a chat request
     local label=$1 log pid t0 t1
@@ -63,9 +65,9 @@ PYEOF
 echo "cache: $CACHE_DIR (entries before: $(entries))"
 start_and_ask first
 first_entries=$(entries)
-snapshot=$(find "$CACHE_DIR" -type f -printf '%p %T@\n' | sort)
+snapshot=$(files)
 start_and_ask second
-if [ "$(entries)" != "$first_entries" ] || [ "$(find "$CACHE_DIR" -type f -printf '%p %T@\n' | sort)" != "$snapshot" ]; then
+if [ "$(entries)" != "$first_entries" ] || [ "$(files)" != "$snapshot" ]; then
     echo "FAIL: the second start changed the cache (it converted again)" >&2
     exit 1
 fi
