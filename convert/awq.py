@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import mlx.core as mx
 import numpy as np
 
 from .imatrix import Entry
@@ -113,20 +114,23 @@ def plan_awq(shapes: dict[str, tuple], importance: dict[str, Entry], alpha: floa
     return plan
 
 
-def apply(x: np.ndarray, name: str, plan: AwqPlan, start: int, stop: int) -> np.ndarray:
-    """Scale rows [start, stop) (leading axis) of tensor `name` as the plan says."""
+def apply(x: mx.array, name: str, plan: AwqPlan, start: int, stop: int) -> mx.array:
+    """Scale rows [start, stop) (leading axis) of tensor `name` as the plan says (in float32)."""
     s = plan.col_scale.get(name)
-    if s is not None:
-        x = x * (s[start:stop, None, :] if s.ndim == 2 else s)
     d = plan.row_div.get(name)
+    if s is None and d is None:
+        return x
+    x = x.astype(mx.float32)
+    if s is not None:
+        x = x * mx.array(s[start:stop, None, :] if s.ndim == 2 else s)
     if d is not None:
         if x.ndim == 1:
-            x = x / d[start:stop]
+            x = x / mx.array(d[start:stop])
         elif d.ndim == 2:  # per-expert rows [E, I] of [E, I, H]
-            x = x / d[start:stop, :, None]
+            x = x / mx.array(d[start:stop, :, None])
         else:
-            x = x / d[start:stop, None]
-    return x.astype(np.float32, copy=False)
+            x = x / mx.array(d[start:stop, None])
+    return x
 
 
 def tensor_importance(name: str, shape: tuple, importance: dict[str, Entry], plan: AwqPlan | None):

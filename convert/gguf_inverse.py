@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mlx.core as mx
 import numpy as np
 
 from . import tensor as T
@@ -36,7 +37,7 @@ class Geometry:
     layer_types: tuple[str, ...]
 
     @classmethod
-    def from_config(cls, c: dict) -> "Geometry":
+    def from_config(cls, c: dict) -> Geometry:
         return cls(c["linear_num_key_heads"], c["linear_num_value_heads"], c["linear_key_head_dim"],
                    c["linear_value_head_dim"], c["num_attention_heads"], c["num_key_value_heads"],
                    c["head_dim"], c["num_hidden_layers"], tuple(c["layer_types"]))
@@ -78,7 +79,7 @@ def _v_cols(t, g):  # out_proj columns
 
 
 def _log_neg(t, g):  # ssm_a = -exp(A_log)
-    return T.map_values(t, lambda x: np.log(-x.astype(np.float64)).astype(np.float32))
+    return T.map_values(t, lambda x: mx.log(-x.astype(mx.float32)))
 
 
 def _conv(t, g):  # [C, K] -> [C, K, 1]

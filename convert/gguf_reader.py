@@ -10,6 +10,7 @@ import struct
 from functools import cache
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 from .errors import ConvertError
@@ -31,7 +32,7 @@ def supported_types() -> tuple[str, ...]:
     for qtype in GGMLQuantizationType:
         if qtype.name in names or qtype.name.startswith(("I", "F")) and not qtype.name.startswith("IQ"):
             continue
-        block, size = GGML_QUANT_SIZES[qtype]
+        _block, size = GGML_QUANT_SIZES[qtype]
         try:
             dequantize(np.zeros((1, size), np.uint8), qtype)
         except Exception:  # gguf-py raises NotImplementedError or its own errors for unreadable types
@@ -75,11 +76,13 @@ class _Header:
         if n_tensors > 10_000_000 or n_kv > 10_000_000:
             raise ConvertError(f"{path}: corrupt GGUF header (counts {n_tensors}, {n_kv})")
         self.raw_fields: dict[str, tuple[int, int]] = {}  # key -> (value type, position)
+        self.value_end: dict[str, int] = {}
         for _ in range(n_kv):
             key = self._string()
             (vtype,) = self._unpack("<I")
             self.raw_fields[key] = (vtype, self.pos)
             self._skip_value(vtype)
+            self.value_end[key] = self.pos
         self.tensor_infos = []
         for _ in range(n_tensors):
             name = self._string()
@@ -133,6 +136,16 @@ class _Header:
         if self.pos > len(self.mm):
             raise ConvertError(f"{self.path}: truncated GGUF (header ends early)")
 
+    def digest(self, prefix: str) -> str:
+        """sha256 of the keys and raw values of every field whose key starts with `prefix`."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for key in sorted(k for k in self.raw_fields if k.startswith(prefix)):
+            h.update(key.encode())
+            h.update(self.mm[self.raw_fields[key][1]:self.value_end[key]])
+        return h.hexdigest()
+
     def value(self, key: str, default=None):
         if key not in self.raw_fields:
             return default
@@ -158,7 +171,8 @@ class _Header:
         return [self._read_value(etype) for _ in range(count)]
 
 
-def _open_header(path: Path) -> tuple:
+def open_header(path: Path) -> tuple:
+    """(file, mmap, _Header) of one GGUF file; the caller closes both."""
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -192,7 +206,8 @@ class _RawTensor:
 
         def take(index):
             if len(shape) == 1:  # one row of ne0 values: decode it whole, then select
-                return _decode(raw, qtype, dequantize)[index]
+                whole = _decode(raw, qtype, dequantize)
+                return whole[index] if isinstance(index, slice) else whole[mx.array(index)]
             return _decode(raw[index], qtype, dequantize)
 
         def release():
@@ -202,15 +217,15 @@ class _RawTensor:
         return LazyTensor(shape, take, qtype.name, self.nbytes, release)
 
 
-def _decode(raw: np.ndarray, qtype, dequantize) -> np.ndarray:
+def _decode(raw: np.ndarray, qtype, dequantize) -> mx.array:
     name = qtype.name
     if name == "F32":
-        return raw.view(np.float32).copy()
+        return mx.array(raw.view(np.float32))
     if name == "F16":
-        return raw.view(np.float16).astype(np.float32)
+        return mx.array(raw.view(np.float16))
     if name == "BF16":
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return dequantize(raw, qtype).astype(np.float32, copy=False)
+        return mx.array(raw.view(np.uint16)).view(mx.bfloat16)
+    return mx.array(dequantize(raw, qtype).astype(np.float32, copy=False))
 
 
 class GGUFFile:
@@ -235,7 +250,7 @@ class GGUFFile:
 
         supported = supported_types()
         for i, part in enumerate(self.parts):
-            f, mm, head = _open_header(part)
+            f, mm, head = open_header(part)
             self._files.append(f)
             self._maps.append(mm)
             if i == 0:

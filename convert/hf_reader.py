@@ -12,6 +12,7 @@ import re
 import struct
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 from . import tensor as T
@@ -65,10 +66,8 @@ class SafetensorsFile:
                             offset=offset).reshape(shape)
 
         def take(index):
-            x = raw[index] if raw.ndim else raw
-            if dtype == "BF16":
-                return (x.astype(np.uint32) << 16).view(np.float32)
-            return x.astype(np.float32)
+            x = mx.array(raw[index] if raw.ndim else raw)
+            return x.view(mx.bfloat16) if dtype == "BF16" else x
 
         def release():
             start = offset - offset % _PAGE
@@ -186,7 +185,7 @@ def _to_our_layout(raw: dict[str, LazyTensor], path: Path) -> dict[str, LazyTens
         elif is_hf and name.endswith("conv1d.weight") and len(t.shape) == 3:
             out[name] = T.reshape(t, (t.shape[0], t.shape[2], 1))  # [C, 1, K] -> [C, K, 1]
         elif is_hf and len(t.shape) == 1 and _zero_centred(name):
-            out[name] = T.map_values(t, lambda x: x + np.float32(1.0))
+            out[name] = T.map_values(t, lambda x: x.astype(mx.float32) + 1.0)
         else:
             out[name] = t
     for (p, w), per in experts.items():

@@ -64,35 +64,41 @@ def read_imatrix(path) -> IMatrix:
 
 
 def _read_gguf(path: Path) -> IMatrix:
-    from gguf import GGUFReader
+    from .gguf_reader import open_header
 
+    f, mm, head = open_header(path)
     try:
-        reader = GGUFReader(path)
-    except Exception as e:  # gguf-py raises assorted types for malformed files
-        raise ConvertError(f"{path}: truncated or corrupt GGUF imatrix ({e})") from None
-    kind = reader.fields.get("general.type")
-    if kind is None or kind.contents() != "imatrix":
-        raise ConvertError(f"{path}: a GGUF but not an imatrix (general.type is "
-                           f"{kind.contents() if kind else None!r})")
-    tensors = {t.name: t for t in reader.tensors}
+        kind = head.value("general.type")
+        if kind != "imatrix":
+            raise ConvertError(f"{path}: a GGUF but not an imatrix (general.type is {kind!r})")
+        arrays = {}
+        for name, dims, type_id, offset in head.tensor_infos:
+            if type_id != 0:  # F32
+                raise ConvertError(f"{path}: imatrix tensor {name} is not F32")
+            count = int(np.prod(dims, dtype=np.int64))
+            start = head.data_start + offset
+            if start + 4 * count > len(mm):
+                raise ConvertError(f"{path}: truncated imatrix (tensor {name})")
+            shape = tuple(int(d) for d in reversed(dims))
+            arrays[name] = np.frombuffer(mm, np.float32, count=count, offset=start).astype(np.float64).reshape(shape)
+        datasets = head.value("imatrix.datasets", [])
+        chunks = head.value("imatrix.chunk_count")
+    finally:
+        mm.close()
+        f.close()
     entries = {}
-    for name, t in tensors.items():
+    for name, sum2 in arrays.items():
         if not name.endswith(".in_sum2"):
             continue
         base = name[: -len(".in_sum2")]
-        counts = tensors.get(base + ".counts")
-        if counts is None:
+        if base + ".counts" not in arrays:
             raise ConvertError(f"{path}: {name} has no matching {base}.counts")
-        sum2 = np.array(t.data, np.float64)
         sum2 = sum2.reshape(-1, sum2.shape[-1])
-        c = np.array(counts.data, np.float64).reshape(-1)
-        if c.shape[0] != sum2.shape[0]:
-            raise ConvertError(f"{path}: {base}: {sum2.shape[0]} matrices but {c.shape[0]} counts")
-        entries[base] = Entry(sum2, c)
-    datasets = reader.fields.get("imatrix.datasets")
-    chunks = reader.fields.get("imatrix.chunk_count")
-    return IMatrix(path, entries, False, list(datasets.contents()) if datasets else [],
-                   int(chunks.contents()) if chunks else None)
+        counts = arrays[base + ".counts"].reshape(-1)
+        if counts.shape[0] != sum2.shape[0]:
+            raise ConvertError(f"{path}: {base}: {sum2.shape[0]} matrices but {counts.shape[0]} counts")
+        entries[base] = Entry(sum2, counts)
+    return IMatrix(path, entries, False, list(datasets), int(chunks) if chunks is not None else None)
 
 
 def _read_legacy(path: Path) -> IMatrix:

@@ -19,7 +19,8 @@ from .errors import ConvertError
 from .imatrix import map_to_model, read_imatrix
 from .plan import Item, assign_shards, plan_items, quantization_config
 from .progress import Progress
-from .quantize import cast, quantize as quantize_rows
+from .quantize import cast
+from .quantize import quantize as quantize_rows
 from .recipes import MLX_BITS, MLX_GROUP_SIZES, load_recipe
 from .report import render, summarise
 from .source import Source, input_identity, open_source
@@ -47,7 +48,7 @@ class Options:
     @classmethod
     def make(cls, dtype="bfloat16", quantize=False, q_bits=4, q_group_size=64, q_recipe="unsloth",
              imatrix_path=None, awq=None, weighted_scales=None, awq_alpha="auto",
-             shard_size_bytes=5 * 2**30) -> "Options":
+             shard_size_bytes=5 * 2**30) -> Options:
         if dtype not in DTYPES:
             raise ConvertError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         if quantize and q_bits not in MLX_BITS:
@@ -106,7 +107,7 @@ def convert(input_path, output_dir, *, dtype="bfloat16", quantize=False, q_bits=
     recipe = load_recipe(options.q_recipe) if options.quantize else None
     fingerprint = _fingerprint(input_identity(input_path), options, recipe.digest if recipe else None)
     state = writer.read_state(out) if out.is_dir() else None
-    if state and state.get("complete") and state.get("fingerprint") == fingerprint:
+    if state and state.get("complete") and state.get("fingerprint") == fingerprint and (out / "config.json").exists():
         return out
     bar = Progress(progress)
     source = open_source(input_path)
@@ -140,8 +141,7 @@ def _convert(source: Source, out: Path, options: Options, recipe, fingerprint, o
     shards = assign_shards(items, options.shard_size_bytes)
     warnings = list(source.warnings) + _layer_type_warnings(source.config)
     for w in warnings:
-        log.warning(w)
-        bar.message(f"deltaserve convert: warning: {w}")
+        log.warning("deltaserve convert: warning: %s", w)
 
     with tempfile.TemporaryDirectory(prefix="deltaserve-tokenizer-") as tmp:
         special = source.tokenizer(Path(tmp))  # before touching the output: fails early
@@ -161,7 +161,6 @@ def _convert(source: Source, out: Path, options: Options, recipe, fingerprint, o
     writer.write_json(out / "convert_report.json", summary)
     writer.write_json(out / "config.json", config)  # last: until here the directory does not load
     writer.mark_complete(out, state)
-    bar.message(report)
     return out
 
 
@@ -304,7 +303,7 @@ def cached_conversion(input_path, cache_root=None, **options) -> Path:
     """Convert once into cache_root/<input stem>-<key of input identity and options>; later calls
     return the complete directory. Concurrent callers wait for the first one."""
     root = Path(cache_root or DEFAULT_CACHE).expanduser()
-    key = cache_key(input_path, **{k: v for k, v in options.items() if k not in ("progress", "overwrite")})
+    key = cache_key(input_path, **{k: v for k, v in options.items() if k not in ("progress", "overwrite", "chunk_bytes")})
     out = root / f"{_stem(Path(input_path))}-{key}"
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,7 @@ def quantisable(name: str, shape: tuple[int, ...]) -> bool:
     return name.endswith(".weight") and len(shape) in (2, 3) and ".conv1d." not in name
 
 
-def float_dtype(name: str, shape: tuple[int, ...], dtype: str) -> str:
+def float_dtype(shape: tuple[int, ...], dtype: str) -> str:
     """1-D parameters (norms, A_log, dt_bias) stay float32: tiny, and 1 + w keeps its precision."""
     return "float32" if len(shape) == 1 else dtype
 
@@ -72,7 +72,7 @@ def plan_items(tensors: dict[str, LazyTensor], dtype: str, recipe: Recipe | None
         spec = None
         if recipe is not None and quantisable(name, t.shape):
             spec = recipe.spec(name.removesuffix(".weight"), t.shape, q_bits, q_group_size)
-        items.append(Item(name, t, float_dtype(name, t.shape, dtype), spec))
+        items.append(Item(name, t, float_dtype(t.shape, dtype), spec))
     return items
 
 
@@ -90,8 +90,7 @@ def assign_shards(items: list[Item], shard_size: int) -> list[list[Item]]:
 
 def quantization_config(items: list[Item], q_bits: int, q_group_size: int) -> dict | None:
     """config.json's `quantization`: defaults plus one entry per module that differs."""
-    quantized = [i for i in items if i.spec is not None and not i.name.startswith("mtp.")]
-    if not quantized:
+    if not any(i.spec is not None for i in items):
         return None
     q = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
     for i in items:

@@ -22,27 +22,18 @@ def to_numpy(a: mx.array) -> np.ndarray:
     """Raw bytes of an MLX array as numpy (bfloat16 as uint16)."""
     if a.dtype == mx.bfloat16:
         a = a.view(mx.uint16)
-    return np.array(a, copy=False)
+    return np.asarray(a)  # shares the buffer when it can
 
 
-def cast(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 -> the stored dtype's bits (bfloat16 rounded to nearest even, as MLX does)."""
-    if dtype == "float32":
-        return np.ascontiguousarray(x, np.float32)
-    if dtype == "float16":
-        return x.astype(np.float16)
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    rounded = (u + (np.uint32(0x7FFF) + ((u >> 16) & 1))) >> 16
-    nan = np.isnan(x)
-    if nan.any():
-        rounded = np.where(nan, (u >> 16) | 0x40, rounded)
-    return rounded.astype(np.uint16)
+def cast(x: mx.array, dtype: str) -> np.ndarray:
+    """The stored bytes of x in `dtype` (bfloat16 rounded to nearest even)."""
+    return to_numpy(x.astype(MX_DTYPES[dtype]))
 
 
-def quantize(x: np.ndarray, spec: QuantSpec, dtype: str, importance: np.ndarray | None = None,
+def quantize(x: mx.array, spec: QuantSpec, dtype: str, importance: np.ndarray | None = None,
              weighted: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x [..., in] float32 -> (packed uint32 [..., in*bits/32], scales, biases [..., in/g]) as raw
-    numpy arrays in `dtype`. `importance` broadcasts against x ([in] or [..., 1, in])."""
+    """x [..., in] -> (packed uint32 [..., in*bits/32], scales, biases [..., in/g]) as raw numpy
+    arrays in `dtype`. `importance` broadcasts against x ([in] or [..., 1, in])."""
     w = mx.array(x).astype(MX_DTYPES[dtype])
     if not weighted:
         wq, scales, biases = mx.quantize(w, group_size=spec.group_size, bits=spec.bits)
@@ -54,10 +45,10 @@ def quantize(x: np.ndarray, spec: QuantSpec, dtype: str, importance: np.ndarray 
     return to_numpy(wq), to_numpy(scales), to_numpy(biases)
 
 
-def quantize_error(x: np.ndarray, col_scale: np.ndarray, importance: np.ndarray, spec: QuantSpec,
+def quantize_error(x: mx.array, col_scale: np.ndarray, importance: np.ndarray, spec: QuantSpec,
                    dtype: str) -> float:
     """sum importance * (dequant(quant(x * s)) / s - x)^2 with plain rounding (AWQ's alpha search)."""
-    w = mx.array(x)
+    w = mx.array(x).astype(mx.float32)
     s = mx.array(np.asarray(col_scale, np.float32))
     ws = (w * s).astype(MX_DTYPES[dtype])
     q = mx.dequantize(*mx.quantize(ws, group_size=spec.group_size, bits=spec.bits),
@@ -69,25 +60,32 @@ def dequantize(wq, scales, biases, spec: QuantSpec) -> mx.array:
     return mx.dequantize(wq, scales, biases, group_size=spec.group_size, bits=spec.bits)
 
 
-def _fit(L, W, Q):
-    """Weighted least squares for w ~ s * L + m per group (sums over the last axis)."""
-    sw = Q.sum(-1, keepdims=True)
-    sl = (Q * L).sum(-1, keepdims=True)
-    sll = (Q * L * L).sum(-1, keepdims=True)
-    sx = (Q * W).sum(-1, keepdims=True)
-    sxl = (Q * L * W).sum(-1, keepdims=True)
+def _fit(L, W, Q, QW, sw, sx, sxx, dtype):
+    """Weighted least squares for w ~ s * L + m per group (sums over the last axis), rounded to the
+    stored dtype, and the error sum Q (s L + m - W)^2 expanded in the sums (no extra pass)."""
+    QL = Q * L
+    sl = QL.sum(-1, keepdims=True)
+    sll = (QL * L).sum(-1, keepdims=True)
+    sxl = (QW * L).sum(-1, keepdims=True)
     det = sw * sll - sl * sl
     ok = det > 1e-12 * sw * sll
     safe = mx.where(ok, det, 1.0)
-    return (sw * sxl - sx * sl) / safe, (sll * sx - sl * sxl) / safe, ok
+    s = ((sw * sxl - sx * sl) / safe).astype(dtype).astype(mx.float32)
+    m = ((sll * sx - sl * sxl) / safe).astype(dtype).astype(mx.float32)
+    err = sxx - 2 * s * sxl - 2 * m * sx + s * s * sll + 2 * s * m * sl + m * m * sw
+    return s, m, ok & (s > 0), err
+
+
+def _codes(W, s, m, nmax, dtype):
+    """(s, m) rounded as stored, and the nearest codes for them."""
+    s, m = s.astype(dtype).astype(mx.float32), m.astype(dtype).astype(mx.float32)
+    return mx.clip(mx.round((W - m) / mx.where(s == 0, 1.0, s)), 0, nmax)
 
 
 def _error(W, Q, s, m, nmax, dtype):
-    """Weighted error with (s, m) rounded as stored and the codes they imply; also those codes."""
+    L = _codes(W, s, m, nmax, dtype)
     s, m = s.astype(dtype).astype(mx.float32), m.astype(dtype).astype(mx.float32)
-    safe_s = mx.where(s == 0, 1.0, s)
-    L = mx.clip(mx.round((W - m) / safe_s), 0, nmax)
-    return (Q * (s * L + m - W) ** 2).sum(-1, keepdims=True), L
+    return (Q * (s * L + m - W) ** 2).sum(-1, keepdims=True)
 
 
 def weighted_search(w: mx.array, importance: mx.array, spec: QuantSpec, dtype):
@@ -97,20 +95,24 @@ def weighted_search(w: mx.array, importance: mx.array, spec: QuantSpec, dtype):
     g, nmax = spec.group_size, 2**spec.bits - 1
     W = w.reshape(*shape[:-1], shape[-1] // g, g)
     Q = mx.broadcast_to(importance, shape).reshape(W.shape).astype(mx.float32)
+    QW = Q * W
+    sw, sx, sxx = Q.sum(-1, keepdims=True), QW.sum(-1, keepdims=True), (QW * W).sum(-1, keepdims=True)
     wmin, wmax = W.min(-1, keepdims=True), W.max(-1, keepdims=True)
     span = mx.maximum(wmax - wmin, 1e-30)
-    best_s, best_m = span / nmax, wmin
-    best_err, _ = _error(W, Q, best_s, best_m, nmax, dtype)
+    base_s, base_m = span / nmax, wmin
+    base_err = _error(W, Q, base_s, base_m, nmax, dtype)
+    best_s, best_m, best_err = base_s, base_m, base_err
     for k in range(-SEARCH_STEPS, SEARCH_STEPS + 1):
         L = mx.clip(mx.round((W - wmin) * ((nmax + k / SEARCH_STEPS) / span)), 0, nmax)
-        s, m, ok = _fit(L, W, Q)
-        ok = ok & (s > 0)
-        err, _ = _error(W, Q, s, m, nmax, dtype)
+        s, m, ok, err = _fit(L, W, Q, QW, sw, sx, sxx, dtype)
         better = ok & (err < best_err)
         best_s, best_m = mx.where(better, s, best_s), mx.where(better, m, best_m)
         best_err = mx.where(better, err, best_err)
         mx.eval(best_s, best_m, best_err)
-    _, L = _error(W, Q, best_s, best_m, nmax, dtype)
+    # the expanded error loses precision at 8 bits: keep min/max where it measures no worse
+    worse = _error(W, Q, best_s, best_m, nmax, dtype) > base_err
+    best_s, best_m = mx.where(worse, base_s, best_s), mx.where(worse, base_m, best_m)
+    L = _codes(W, best_s, best_m, nmax, dtype)
     scales = best_s.astype(dtype).squeeze(-1)
     biases = best_m.astype(dtype).squeeze(-1)
     return L.reshape(shape).astype(mx.uint32), scales, biases

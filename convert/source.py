@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,8 +10,6 @@ from pathlib import Path
 from .errors import ConvertError
 from .gguf_inverse import Geometry, gguf_tensors
 from .tensor import LazyTensor
-
-log = logging.getLogger("deltaserve.convert")
 
 
 @dataclass
@@ -89,7 +86,9 @@ def _open_gguf(path: Path) -> Source:
     def tokenizer(out: Path) -> dict:
         from .tokenizer import write_gguf_tokenizer
 
-        return write_gguf_tokenizer(g.parts[0], out)
+        return write_gguf_tokenizer(g.parts[0], out, digest)
+
+    digest = g.header.digest("tokenizer.")
 
     return Source("gguf", path, config, tensors, g.identity(), types, tokenizer, g.close, warnings)
 

@@ -1,7 +1,8 @@
 """Lazily read tensors: shape plus a reader of leading-axis rows, so nothing is loaded whole.
 
-Every reader returns float32 numpy arrays. Transforms wrap a LazyTensor in another one, which keeps
-the inverse of a layout change (row or column permutation, split, reshape) a small pure function.
+Readers return MLX arrays in the file's float type (BF16 stays bfloat16: a cast to bfloat16 output is
+then free; quantised types come back as float32). Transforms wrap a LazyTensor in another one, which
+keeps the inverse of a layout change (row or column permutation, split, reshape) a small pure function.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import mlx.core as mx
 import numpy as np
 
 Index = slice | np.ndarray
@@ -17,7 +19,7 @@ Index = slice | np.ndarray
 @dataclass(frozen=True)
 class LazyTensor:
     shape: tuple[int, ...]
-    take: Callable[[Index], np.ndarray]  # leading-axis selection -> float32 [n, *shape[1:]]
+    take: Callable[[Index], mx.array]  # leading-axis selection -> [n, *shape[1:]]
     source_dtype: str  # "BF16", "F32", "Q4_K", ... (what the file holds)
     source_nbytes: int
     release: Callable[[], None] = field(default=lambda: None, repr=False)
@@ -26,13 +28,13 @@ class LazyTensor:
     def numel(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
 
-    def rows(self, start: int, stop: int) -> np.ndarray:
+    def rows(self, start: int, stop: int) -> mx.array:
         return self.take(slice(start, stop))
 
-    def read(self) -> np.ndarray:
+    def read(self) -> mx.array:
         return self.take(slice(None))
 
-    def with_take(self, take: Callable[[Index], np.ndarray], shape: tuple[int, ...] | None = None) -> "LazyTensor":
+    def with_take(self, take: Callable[[Index], mx.array], shape: tuple[int, ...] | None = None) -> LazyTensor:
         return replace(self, take=take, shape=tuple(shape) if shape is not None else self.shape)
 
 
@@ -49,8 +51,8 @@ def permute_rows(t: LazyTensor, perm: np.ndarray) -> LazyTensor:
 
 def permute_cols(t: LazyTensor, perm: np.ndarray) -> LazyTensor:
     """out[..., j] = t[..., perm[j]] along the last axis."""
-    perm = np.asarray(perm)
-    return t.with_take(lambda index: t.take(index)[..., perm])
+    perm = mx.array(np.asarray(perm))
+    return t.with_take(lambda index: mx.take(t.take(index), perm, axis=-1))
 
 
 def slice_axis1(t: LazyTensor, start: int, stop: int) -> LazyTensor:
@@ -69,7 +71,7 @@ def slice_rows(t: LazyTensor, start: int, stop: int) -> LazyTensor:
     return t.with_take(take, (n, *t.shape[1:]))
 
 
-def map_values(t: LazyTensor, fn: Callable[[np.ndarray], np.ndarray]) -> LazyTensor:
+def map_values(t: LazyTensor, fn: Callable[[mx.array], mx.array]) -> LazyTensor:
     return t.with_take(lambda index: fn(t.take(index)))
 
 
@@ -82,7 +84,8 @@ def reshape(t: LazyTensor, shape: tuple[int, ...]) -> LazyTensor:
         return t.with_take(lambda index: t.take(index).reshape(-1, *shape[1:]), shape)
 
     def take(index):
-        return t.read().reshape(shape)[index]
+        whole = t.read().reshape(shape)
+        return whole[index] if isinstance(index, slice) else whole[mx.array(index)]
 
     return t.with_take(take, shape)
 
@@ -96,12 +99,7 @@ def stack(parts: list[LazyTensor]) -> LazyTensor:
 
     def take(index):
         idx = _as_indices(index, len(parts))
-        if idx.ndim == 0:
-            return parts[int(idx)].read()
-        out = np.empty((len(idx), *first.shape), np.float32)
-        for i, e in enumerate(idx):
-            out[i] = parts[int(e)].read()
-        return out
+        return mx.stack([parts[int(e)].read() for e in idx])
 
     def release():
         for p in parts:

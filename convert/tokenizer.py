@@ -11,7 +11,7 @@ from .errors import ConvertError
 from .hf_reader import TOKENIZER_FILES
 
 SPECIAL = ("<|im_end|>", "<|endoftext|>")
-_MEMO: OrderedDict = OrderedDict()  # GGUF identity -> (files, special ids): parsing the vocabulary is slow
+_MEMO: OrderedDict = OrderedDict()  # tokenizer metadata digest -> (files, special ids): building is slow
 _MEMO_SIZE = 4
 
 
@@ -28,11 +28,11 @@ def _special_ids(tok) -> dict:
     return ids
 
 
-def write_gguf_tokenizer(gguf_path: Path, out: Path) -> dict:
+def write_gguf_tokenizer(gguf_path: Path, out: Path, key: str | None = None) -> dict:
     """tokenizer.json, tokenizer_config.json, chat_template.jinja from the GGUF's tokenizer.* metadata
-    (tokens, merges, token types, pre-tokenizer, special tokens, chat template)."""
-    st = gguf_path.stat()
-    key = (str(gguf_path.resolve()), st.st_size, st.st_mtime_ns)
+    (tokens, merges, token types, pre-tokenizer, special tokens, chat template). `key` identifies
+    that metadata (a digest): the same vocabulary is built once per process."""
+    key = key or str(gguf_path.resolve())
     if key not in _MEMO:
         _MEMO[key] = _build_gguf_tokenizer(gguf_path)
         while len(_MEMO) > _MEMO_SIZE:

@@ -11,6 +11,7 @@ import json
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import mlx.core as mx
@@ -161,7 +162,7 @@ def _cosine(out: OutputDir, name: str, t, col_div, row_mul) -> float:
         s = row_mul.get(name)
         if s is not None:
             x = x * (s[a:b] if x.ndim == 1 else s[a:b, :, None] if s.ndim == 2 else s[a:b, None])
-        y = t.rows(a, b).astype(np.float64)
+        y = np.array(t.rows(a, b).astype(mx.float32)).astype(np.float64)
         dot += float((x * y).sum())
         na += float((x * x).sum())
         nb += float((y * y).sum())
@@ -172,10 +173,9 @@ def _cosine(out: OutputDir, name: str, t, col_div, row_mul) -> float:
 
 def functional(output_dir, reference, text: str, max_tokens: int = 512, context: int = 256) -> Functional:
     from model import load_model
-    from model.loader import load_tokenizer
 
-    tok = load_tokenizer(output_dir)
-    ids = tok.encode(text, add_special_tokens=False)[:max_tokens]
+    ids = _tokenizer(str(Path(output_dir) / "tokenizer.json"), _mtime(Path(output_dir) / "tokenizer.json")) \
+        .encode(text, add_special_tokens=False)[:max_tokens]
     if len(ids) < 2:
         raise ConvertError("the text file gives fewer than 2 tokens")
     with tempfile.TemporaryDirectory(prefix="deltaserve-validate-") as tmp:
@@ -195,6 +195,17 @@ def functional(output_dir, reference, text: str, max_tokens: int = 512, context:
             agree.append(np.array(mx.argmax(lr, -1) == mx.argmax(lp, -1)))
     kld, top = np.concatenate(klds), np.concatenate(agree)
     return Functional(int(kld.size), float(kld.mean()), float(top.mean()))
+
+
+def _mtime(path: Path) -> int:
+    return path.stat().st_mtime_ns if path.exists() else 0
+
+
+@lru_cache(maxsize=2)
+def _tokenizer(tokenizer_json: str, mtime: int):
+    from model.loader import load_tokenizer
+
+    return load_tokenizer(Path(tokenizer_json).parent)
 
 
 def _float_vocab_layers(model):

@@ -55,13 +55,15 @@ CASES = [(n, "gguf") for n in GGUF_FIXTURES] + [(n, "hf") for n in FIXTURES]
 
 @pytest.mark.parametrize("name,kind", CASES)
 def test_float32_conversion_matches_transformers_and_mlx_lm(name, kind, root):
-    from mlx_lm import load as mlx_load
+    from mlx_lm.utils import (
+        load_model as mlx_load_model,  # mlx_lm.load minus its tokenizer
+    )
 
     fx = get_fixture(name)
     out = converted(name, kind, root)
     ours = logits(load_model(out, dtype="float32"), fx.prompt_ids)
     assert rel_err(ours, fx.ref_logits) <= 1e-3
-    ref_model, _ = mlx_load(str(out))
+    ref_model, _ = mlx_load_model(out)
     ref_model.set_dtype(mx.float32)
     theirs = np.array(ref_model(mx.array(fx.prompt_ids)[None]).astype(mx.float32))[0]
     assert cosine(ours, theirs).min() >= 0.99
@@ -117,6 +119,71 @@ def test_generation_config_and_chat_template_come_from_the_gguf(root):
     finally:
         g.close()
     assert (out / "chat_template.jinja").read_text() == template
+
+
+def published_layout(name: str, dest: Path) -> Path:
+    """The fixture's HF checkpoint as Qwen publishes it: model.language_model. prefix, fused experts,
+    vision tower and MTP weights, two shards with an index, a wrapper config."""
+    import shutil
+
+    from model.loader import read_safetensors
+
+    fx = get_fixture(name)
+    cfg = fx.config
+    shutil.copytree(fx.hf_dir, dest)
+    weights, _ = read_safetensors(dest)
+    weights = dict(weights)
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}.mlp.experts"
+        e = range(cfg["num_experts"])
+        gate = mx.stack([weights.pop(f"{p}.{i}.gate_proj.weight") for i in e])
+        up = mx.stack([weights.pop(f"{p}.{i}.up_proj.weight") for i in e])
+        weights[f"{p}.gate_up_proj"] = mx.concatenate([gate, up], axis=1)
+        weights[f"{p}.down_proj"] = mx.stack([weights.pop(f"{p}.{i}.down_proj.weight") for i in e])
+    out = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v for k, v in weights.items()}
+    out["model.visual.blocks.0.attn.qkv.weight"] = mx.zeros((3, 3), dtype=mx.bfloat16)
+    h = cfg["hidden_size"]
+    out["mtp.fc.weight"] = mx.ones((h, 2 * h), dtype=mx.bfloat16)
+    out["mtp.pre_fc_norm_embedding.weight"] = mx.full((h,), 0.5, dtype=mx.bfloat16)
+    out["mtp.layers.0.input_layernorm.weight"] = mx.zeros((h,), dtype=mx.bfloat16)
+    for f in dest.glob("*.safetensors"):
+        f.unlink()
+    keys = sorted(out)
+    index = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        shard = f"model-0000{i + 1}-of-00002.safetensors"
+        mx.save_safetensors(str(dest / shard), {k: out[k] for k in part}, {"format": "pt"})
+        index.update({k: shard for k in part})
+    (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    wrapper = {"model_type": "qwen3_5_moe", "text_config": {**cfg, "model_type": "qwen3_5_moe_text"},
+               "tie_word_embeddings": cfg.get("tie_word_embeddings", False)}
+    (dest / "config.json").write_text(json.dumps(wrapper))
+    return dest
+
+
+def test_published_hf_layout_with_mtp_and_vision(tmp_path):
+    fx = get_fixture("moe_r3_fa2")
+    src = published_layout("moe_r3_fa2", tmp_path / "published")
+    out = convert(src, tmp_path / "out", dtype="float32", progress=False)
+    assert rel_err(logits(load_model(out), fx.prompt_ids), fx.ref_logits) <= 1e-3
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not any("visual" in k for k in index)
+    mtp = mx.load(str(out / index["mtp.fc.weight"]))
+    assert mtp["mtp.fc.weight"].shape == (64, 128)
+    norms = {k: v for f in set(index.values()) for k, v in mx.load(str(out / f)).items() if k.startswith("mtp.")}
+    # MTP norms are zero-centred like the main ones: stored with the +1, as our layout holds them
+    assert np.allclose(np.array(norms["mtp.pre_fc_norm_embedding.weight"]), 1.5)
+    assert np.allclose(np.array(norms["mtp.layers.0.input_layernorm.weight"]), 1.0)
+
+
+def test_float16_output(tmp_path):
+    fx = get_fixture("dense_r2_tied")
+    out = convert(fx.hf_dir, tmp_path / "f16", dtype="float16", progress=False)
+    weights = mx.load(str(next(out.glob("model-*.safetensors"))))
+    assert weights["language_model.model.embed_tokens.weight"].dtype == mx.float16
+    assert weights["language_model.model.norm.weight"].dtype == mx.float32
+    ours = logits(load_model(out, dtype="float32"), fx.prompt_ids)
+    assert (ours.argmax(-1) == fx.ref_logits.argmax(-1)).all()
 
 
 # ---- synthetic GGUFs: rewrite a fixture GGUF with edits -------------------------------------
@@ -194,7 +261,7 @@ def add_mtp_block(fields, tensors):
 
 
 def test_mtp_block_is_kept_under_mtp_names(tmp_path):
-    from mlx_lm import load as mlx_load
+    from mlx_lm.utils import load_model as mlx_load_model
 
     fx = get_fixture("moe_r4")
     src = rewrite_gguf(fx.gguf_path(), tmp_path / "mtp.gguf", add_mtp_block)
@@ -212,7 +279,7 @@ def test_mtp_block_is_kept_under_mtp_names(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["mtp_num_hidden_layers"] == 1 and cfg["num_hidden_layers"] == 8
     assert rel_err(logits(load_model(out, dtype="float32"), fx.prompt_ids), fx.ref_logits) <= 1e-3
-    mlx_load(str(out))  # mlx-lm drops mtp.* and loads the rest
+    mlx_load_model(out)  # mlx-lm drops mtp.* and loads the rest
 
     qout = convert(src, tmp_path / "q", quantize=True, progress=False)
     qindex = json.loads((qout / "model.safetensors.index.json").read_text())["weight_map"]
@@ -273,7 +340,7 @@ def test_k_quant_source_dequantises_like_gguf_py(tmp_path):
         t = g.tensors["blk.0.ffn_up_exps.weight"]
         assert t.qtype == gguf.GGMLQuantizationType.Q8_0
         raw = np.frombuffer(t.mm, np.uint8, count=t.nbytes, offset=t.offset).reshape(*t.np_shape[:-1], -1)
-        np.testing.assert_array_equal(g.lazy(t.name).rows(2, 5), dequantize(raw, t.qtype)[2:5])
+        np.testing.assert_array_equal(np.array(g.lazy(t.name).rows(2, 5)), dequantize(raw, t.qtype)[2:5])
     finally:
         g.close()
 
@@ -380,11 +447,12 @@ def run_cli(*args):
 
 
 def test_cli(tmp_path):
-    src = get_fixture("moe_r1_tied").gguf_path()
+    src = get_fixture("moe_r1_tied").hf_dir
     done = run_cli("convert", "--input", src, "--output", tmp_path / "out", "--quantize", "--q-bits", "4",
                    "--q-recipe", "uniform", "--shard-size", "3MB")
     assert done.returncode == 0, done.stderr
     assert "tensor class" in done.stdout and "Total:" in done.stdout
+    assert "deltaserve convert: 100.0%" in done.stderr and "tensors" in done.stderr  # not a terminal: log lines
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
     load_model(tmp_path / "out")
     bad = run_cli("convert", "--input", tmp_path / "nope.gguf", "--output", tmp_path / "x")

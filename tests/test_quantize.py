@@ -32,7 +32,7 @@ def test_pack_matches_mx_quantize(bits, group):
 
 def test_plain_path_is_mx_quantize():
     x = RNG.normal(size=(4, 128)).astype(np.float32)
-    wq, s, b = quantize(x, QuantSpec(4, 64), "bfloat16")
+    wq, s, _b = quantize(x, QuantSpec(4, 64), "bfloat16")
     ref = mx.quantize(mx.array(x).astype(mx.bfloat16), group_size=64, bits=4)
     assert np.array_equal(wq, np.array(ref[0]))
     assert np.array_equal(s, np.array(ref[1].view(mx.uint16)))
@@ -155,6 +155,12 @@ def root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("quantised"))
 
 
+def ours_tokenizer(path):
+    from model.loader import load_tokenizer
+
+    return load_tokenizer(path)
+
+
 def greedy(model, ids, n):
     ids = [int(i) for i in ids]
     for _ in range(n):
@@ -165,13 +171,18 @@ def greedy(model, ids, n):
 @pytest.mark.parametrize("name,kind", [("moe_r4", "gguf"), ("dense_r2_tied", "gguf"), ("moe_r3_fa2", "hf")])
 def test_quantised_conversion_loads_in_both_loaders_and_generates(name, kind, root):
     from mlx_lm import load as mlx_load
+    from mlx_lm.utils import load_model as mlx_load_model
 
     fx = get_fixture(name)
     out = quantised(name, kind, root)
     ours_model = load_model(out, dtype="float32")
     prompt = mx.array(fx.prompt_ids[:32])[None]  # quantised vocabulary matmuls are slow on the CPU backend
     ours = np.array(ours_model(prompt).astype(mx.float32))[0]
-    theirs_model, _ = mlx_load(str(out))
+    if name == "moe_r4":  # the whole of mlx_lm.load once (tokenizer included); its model loader elsewhere
+        theirs_model, tok = mlx_load(str(out))
+        assert tok.encode("What is 6 * 8?") == list(ours_tokenizer(out).encode("What is 6 * 8?"))
+    else:
+        theirs_model, _ = mlx_load_model(out)
     theirs_model.set_dtype(mx.float32)
     theirs = np.array(theirs_model(prompt).astype(mx.float32))[0]
     cos = (ours * theirs).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(theirs, axis=-1))
@@ -219,3 +230,14 @@ def test_report_sizes_are_right(root):
     assert experts["bytes"] == n * (i * h * 4 // 8 + 2 * (i * h // 64) * 2)  # packed + bf16 scales, biases
     text = (out / "convert_report.md").read_text()
     assert "| experts gate/up | 4 | 64 |" in text and "Total:" in text and "BF16:" in text
+
+
+def test_an_unquantised_mlx_directory_can_be_quantised(tmp_path):
+    fx = get_fixture("dense_r2_tied")
+    mlx_dir = convert(fx.hf_dir, tmp_path / "float", dtype="bfloat16", progress=False)
+    out = convert(mlx_dir, tmp_path / "q", quantize=True, progress=False)
+    direct = convert(fx.hf_dir, tmp_path / "direct", quantize=True, progress=False)
+    for f in direct.glob("model-*.safetensors"):
+        assert (out / f.name).read_bytes() == f.read_bytes()
+    with pytest.raises(ConvertError, match="already quantised"):
+        convert(out, tmp_path / "again", quantize=True, progress=False)
