@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$")
 QUANT_OPTIONS = ("quantize", "q_bits", "q_group_size", "q_recipe", "imatrix_path")
 
@@ -18,18 +17,13 @@ class ModelSourceError(Exception):
 
 
 def default_model_path() -> Path:
-    """The embedded demo model. Until the real one lands: the tiny test fixture `moe_r4`."""
-    tests = REPO_ROOT / "tests"
-    if str(tests) not in sys.path:
-        sys.path.insert(0, str(tests))
-    try:
-        from fixtures import get_fixture
-    except ImportError as e:
-        raise ModelSourceError(
-            f"the default demo model is built from the test fixtures, which need the test extras ({e}); "
-            "run: pip install -e '.[test]'  (or pass a MODEL path)") from None
-    print("deltaserve: preparing the default demo model (built once, then cached)...", file=sys.stderr, flush=True)
-    return get_fixture("moe_r4").hf_dir
+    """The embedded demo model (model/demo/deltaserve-demo.gguf), converted on first use like any GGUF."""
+    from model.demo import DEMO_GGUF
+
+    if not DEMO_GGUF.is_file():
+        raise ModelSourceError(f"the embedded demo model {DEMO_GGUF} is missing from this installation "
+                               "(rebuild it with: python -m model.demo.build), or pass a MODEL path")
+    return DEMO_GGUF
 
 
 def first_gguf_part(path: Path) -> Path:
@@ -80,7 +74,7 @@ def resolve_model(arg: Optional[str], options: Optional[dict] = None, cache_root
     """MODEL argument -> a directory model.load can read. options: convert flags (None = unset)."""
     options = {k: v for k, v in (options or {}).items() if v not in (None, False)}
     if arg is None:
-        return default_model_path()
+        return _convert(default_model_path(), options, cache_root)
     path = Path(arg).expanduser()
     if not path.exists():
         raise ModelSourceError(f"{arg}: no such file or directory (MODEL is a local MLX or HF directory, "

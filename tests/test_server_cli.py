@@ -13,7 +13,7 @@ from fixtures import get_fixture
 from server_harness import wait_until
 
 from server.cli import _apply_config, build_parser, parse_size, settings_from_args
-from server.model_source import ModelSourceError, default_model_path, first_gguf_part, resolve_model
+from server.model_source import ModelSourceError, first_gguf_part, resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_FLAGS = ["--max-tokens", "8192", "--continuous-batching", "--enable-prefix-cache",
@@ -134,7 +134,6 @@ def test_parse_size(text, value):
 def test_model_sources(tmp_path):
     hf = get_fixture("moe_r4").hf_dir
     assert resolve_model(str(hf)) == hf
-    assert default_model_path() == hf
     with pytest.raises(ModelSourceError, match="not a GGUF"):
         resolve_model(str(hf / "config.json"))
     with pytest.raises(ModelSourceError, match="no config.json"):

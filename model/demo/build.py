@@ -65,10 +65,11 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     config = model_config(shape, tok.get_vocab_size(), eos_id, pad_id, cfg.router_aux_loss_coef)
     torch.manual_seed(cfg.seed)
     model = Qwen3_5MoeForCausalLM(config).float()
+    config.to_json_file(work / "config.json")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters")
     t = time.perf_counter()
-    result = train(model, rows, cfg, pad_id, log=log)
+    result = train(model, rows, cfg, pad_id, log=log, state_path=work / "train_state.pt")
     timings["train_s"] = round(time.perf_counter() - t, 1)
 
     t = time.perf_counter()
@@ -83,7 +84,7 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
         "gguf": out.name, "gguf_bytes": out.stat().st_size, "parameters": n_params,
         "shape": asdict(shape), "train": asdict(cfg), "vocab_size": tok.get_vocab_size(),
         "corpus": {"conversations": len(texts), "tokens": n_tokens, "loss_tokens": n_loss},
-        "timings": timings, "final_loss": result["history"][-1]["loss"] if result["history"] else None,
+        "timings": timings, "train_seconds_total": result["seconds"], "final_loss": result["history"][-1]["loss"] if result["history"] else None,
         "tokens_trained": result["tokens"], "loss_history": result["history"],
         "software": {d: metadata.version(d) for d in ("torch", "transformers", "tokenizers", "gguf")}
         | {"python": platform.python_version()},

@@ -25,11 +25,11 @@ from pathlib import Path
 from .entities import Pools
 from .tools import TOOLS, Call, ToolSpec, pick, request_for
 
-KINDS = {"call": 0.50, "multi": 0.14, "error": 0.03, "direct": 0.13, "decline": 0.14, "chat": 0.06}
+KINDS = {"call": 0.45, "multi": 0.12, "error": 0.03, "direct": 0.14, "decline": 0.14, "chat": 0.12}
 TOOL_KINDS = ("call", "multi", "error")
 NO_TOOL_KINDS = ("direct", "decline", "chat")
 P_NO_THINKING = 0.2
-P_HISTORY = 0.7  # earlier exchanges: more assistant tokens per system prompt
+P_HISTORY = 0.8  # earlier exchanges: more assistant tokens per system prompt
 MAX_HISTORY = 4
 P_KEEP_REASONING = 0.7  # clients may or may not send reasoning_content back with a tool-call turn
 SEEDS = {"train": 1234, "heldout": 98765}  # different seeds and disjoint entity pools
@@ -68,7 +68,7 @@ JOKES = ["Why did the scarecrow win an award? Because he was outstanding in his 
 
 def _direct(rng: random.Random, pools: Pools, caps: list[str]) -> tuple[str, str, str]:
     """(request, reasoning, answer) for small talk the model answers itself."""
-    kind = pick(rng, ["greet", "thanks", "caps", "who", "echo", "name", "joke", "count", "how"])
+    kind = pick(rng, ["greet", "thanks", "caps", "who", "echo", "echo", "list", "name", "name", "joke", "count", "how"])
     if kind == "greet":
         return (pick(rng, ["Hi!", "Hello there.", "Good morning!", "Hey!", "Hello, anyone there?", "hi"]),
                 "The user is greeting me. No tool is needed.",
@@ -89,6 +89,10 @@ def _direct(rng: random.Random, pools: Pools, caps: list[str]) -> tuple[str, str
         phrase = pick(rng, pools.bodies + pools.subjects + pools.tasks)
         return (pick(rng, ['Repeat after me: "{p}"', 'Say "{p}" back to me.', 'Please echo this: {p}']).format(p=phrase),
                 "The user wants me to repeat a sentence. No tool is needed.", phrase)
+    if kind == "list":
+        items = [pick(rng, [pools.city, pools.first_name, pools.ticker, pools.email])(rng) for _ in range(rng.randint(2, 4))]
+        return (pick(rng, ["Repeat these: {l}.", "Say back this list: {l}.", "Echo: {l}"]).format(l=_join(items)),
+                "The user wants me to repeat a list. No tool is needed.", _join(items) + ".")
     if kind == "name":
         name = pools.first_name(rng)
         return (pick(rng, ["My name is {n}. Nice to meet you!", "Hi, I'm {n}.", "Call me {n}."]).format(n=name),
@@ -257,9 +261,9 @@ def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool)
             c = pick(rng, list(TOOLS.values())).scenario(rng, pools)
             request = request_for(rng, c)
             reasoning = f"The user wants {c.topic}, but I have no tools in this conversation."
-            answer = pick(rng, ["I can't {a} here because I have no tools in this conversation.",
+            answer = pick(rng, ["I can't help with {t} here because I have no tools in this conversation.",
                                 "Sorry, I don't have access to any tools right now, so I can't {a}."]).format(
-                a=TOOLS[c.name].capability)
+                t=c.topic, a=TOOLS[c.name].capability)
     elif kind == "direct":
         specs = _tool_set(rng, [])
         request, reasoning, answer = _direct(rng, pools, [s.capability for s in specs])
@@ -274,6 +278,7 @@ def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool)
             c = missing.scenario(rng, pools)
             request, action = request_for(rng, c), missing.capability
             reasoning = f"The user wants {c.topic}, but none of the available tools can {action}."
+            action = pick(rng, [action, f"help with {c.topic}"])
         answer = _decline_text(rng, action, [s.capability for s in specs])
     messages = _system(rng)
     if rng.random() < P_HISTORY:

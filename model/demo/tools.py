@@ -5,7 +5,7 @@ simulated result and a final answer that uses the result."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from .entities import COUNTRY_LANGUAGES, CONDITIONS, CURRENCIES, MONTHS, NUMBER_WORDS, PHRASES, Pools
@@ -32,8 +32,7 @@ class ToolSpec:
     required: list[str]
     scenario: Callable[[random.Random, Pools], Call]
     capability: str  # "check the weather", for declines and self-descriptions
-    pair: Callable[[random.Random, Pools], tuple[str, list[Call]]] | None = None
-    strings: list[str] = field(default_factory=list)
+    pair: Callable[[random.Random, Pools], tuple[str, list[Call]]] | None = None  # one request, two calls
 
     def definition(self) -> dict:
         """The tool as an OpenAI client sends it (key order as the server's pydantic models dump it)."""

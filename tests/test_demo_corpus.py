@@ -1,0 +1,101 @@
+"""The synthetic corpus: seeded, schema-valid calls whose values come from the user's words, held-out
+entity values disjoint from training, rendered exactly as transformers (and so our server) renders."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from model.demo import corpus
+from model.demo.entities import Pools, split_of
+from model.demo.tools import TOOLS
+
+jsonschema = pytest.importorskip("jsonschema")
+
+COPIED = {"city", "symbol", "to", "subject", "body", "query", "text", "restaurant", "name", "title", "origin",
+          "destination"}
+ENTITY_ARGS = {"city", "symbol", "to", "restaurant", "name", "origin", "destination"}
+
+
+@pytest.fixture(scope="module")
+def train():
+    return corpus.generate("train", 600)
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return corpus.generate("heldout", 300)
+
+
+def test_seeded(train):
+    again = corpus.generate("train", 600)
+    assert json.dumps([s.to_json() for s in again]) == json.dumps([s.to_json() for s in train])
+    other = corpus.generate("train", 50, seed=7)
+    assert json.dumps([s.to_json() for s in other]) != json.dumps([s.to_json() for s in train[:50]])
+
+
+def test_every_kind_and_tool_occurs(train):
+    assert set(Counter(s.kind for s in train)) == set(corpus.KINDS)
+    assert {c["name"] for s in train for c in s.expected_calls} == set(TOOLS)
+    multi = [s for s in train if s.kind == "multi"]
+    assert multi and all(len(s.expected_calls) == 2 for s in multi)
+    assert any(s.tools is None for s in train) and any(not s.enable_thinking for s in train)
+
+
+def test_calls_follow_the_schemas_and_copy_the_request(train, heldout):
+    types = Counter()
+    for s in train + heldout:
+        offered = {t["function"]["name"]: t["function"]["parameters"] for t in s.tools or []}
+        request = s.messages[s.prompt_len - 1]["content"]
+        for call in s.expected_calls:
+            assert call["name"] in offered, "only offered tools are called"
+            jsonschema.validate(call["arguments"], offered[call["name"]])
+            for k, v in call["arguments"].items():
+                types[type(v).__name__] += 1
+                if k in COPIED:
+                    assert v in request, (k, v, request)
+    assert {"str", "int", "bool", "dict", "list", "float"} <= set(types)
+
+
+def test_heldout_entities_are_never_trained_on(train, heldout):
+    def values(samples):
+        return {str(v) for s in samples for c in s.expected_calls for k, v in c["arguments"].items()
+                if k in ENTITY_ARGS}
+
+    seen, unseen = values(train), values(heldout)
+    assert unseen and not seen & unseen
+    # whole values are hashed into splits; person names and e-mails are built from split first/last names
+    people = {str(c["arguments"]["name"]) for s in heldout for c in s.expected_calls if c["name"] == "lookup_contact"}
+    assert all(split_of(v) == "heldout" for v in unseen - people if "@" not in v)
+    assert all(split_of(part) == "heldout" for v in people for part in v.split())
+    assert set(Pools("train").cities).isdisjoint(Pools("heldout").cities)
+
+
+def test_final_answers_repeat_the_key_value(train):
+    for s in train:
+        if s.result_len:
+            answer = s.messages[-1]["content"]
+            results = " ".join(m["content"] for m in s.messages[s.prompt_len:s.result_len] if m["role"] == "tool")
+            assert all(k in answer and k in results for k in s.keys), (s.keys, answer)
+
+
+def test_rendering_is_transformers_and_prompts_are_prefixes(train):
+    """What the model is trained on is exactly what the server renders at each step."""
+    from fixtures.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()  # carries the same Qwen3.5 template
+    template = corpus.chat_template()
+    assert tok.chat_template == template
+    for s in train[:80]:
+        full = corpus.render_sample(s)
+        assert full == tok.apply_chat_template(s.messages, tools=s.tools, tokenize=False)
+        for upto in (s.prompt_len, s.result_len):
+            if upto:
+                prompt = corpus.render(s.messages[:upto], s.tools, add_generation_prompt=True,
+                                       enable_thinking=s.enable_thinking)
+                assert full.startswith(prompt)
+                assert prompt == tok.apply_chat_template(
+                    s.messages[:upto], tools=s.tools, tokenize=False, add_generation_prompt=True,
+                    **({} if s.enable_thinking else {"enable_thinking": False}))

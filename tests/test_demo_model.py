@@ -1,0 +1,61 @@
+"""The committed demo GGUF: small, a qwen35moe laid out as llama.cpp lays it out, carrying its
+tokenizer (Qwen's special tokens single, qwen35 pre-tokenizer) and the real Qwen3.5 chat template."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from model.demo import DEMO_GGUF
+from model.demo.tokenizer import CONTROL_TOKENS, MARKUP_TOKENS
+
+import gguf
+
+MAX_BYTES = 20 * 10**6
+
+
+@pytest.fixture(scope="module")
+def reader():
+    return gguf.GGUFReader(DEMO_GGUF)
+
+
+def test_size_and_build_record(reader):
+    size = DEMO_GGUF.stat().st_size
+    assert size <= MAX_BYTES
+    info = json.loads((DEMO_GGUF.parent / "build_info.json").read_text())
+    assert info["gguf_bytes"] == size
+    assert info["command"].startswith("python") and "model.demo.build" in info["command"]
+
+
+def test_architecture_and_tensor_types(reader):
+    f = reader.fields
+    assert f["general.architecture"].contents() == "qwen35moe"
+    assert f["general.file_type"].contents() == 32  # MOSTLY_BF16
+    arch = "qwen35moe."
+    n_layers = f[arch + "block_count"].contents()
+    recurrent = f[arch + "attention.recurrent_layers"].contents()
+    assert len(recurrent) == n_layers and not all(recurrent) and any(recurrent)
+    assert f[arch + "expert_used_count"].contents() == 2
+    names = {t.name: t for t in reader.tensors}
+    assert names["blk.0.ffn_gate_exps.weight"].tensor_type == gguf.GGMLQuantizationType.BF16
+    assert names["blk.0.ssm_a"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert "output.weight" in names and "token_embd.weight" in names
+
+
+def test_tokenizer_and_template(reader):
+    from model.demo.corpus import chat_template
+
+    f = reader.fields
+    assert f["tokenizer.ggml.model"].contents() == "gpt2"
+    assert f["tokenizer.ggml.pre"].contents() == "qwen35"
+    assert f["tokenizer.chat_template"].contents() == chat_template()
+    tokens = f["tokenizer.ggml.tokens"].contents()
+    types = f["tokenizer.ggml.token_type"].contents()
+    for t in CONTROL_TOKENS + MARKUP_TOKENS:
+        assert tokens.count(t) == 1
+        assert types[tokens.index(t)] == (gguf.TokenType.CONTROL if t in CONTROL_TOKENS else gguf.TokenType.USER_DEFINED)
+    assert tokens[f["tokenizer.ggml.eos_token_id"].contents()] == "<|im_end|>"
+    assert tokens[f["tokenizer.ggml.padding_token_id"].contents()] == "<|endoftext|>"
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert int(embd.shape[1]) == len(tokens)

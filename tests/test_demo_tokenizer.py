@@ -1,0 +1,75 @@
+"""The demo tokenizer: Qwen3.5's pre-tokenizer, Qwen's special and markup tokens as single tokens,
+identical through transformers, and the training labels cover exactly the assistant turns."""
+
+from __future__ import annotations
+
+import pytest
+
+from model.demo import corpus
+from model.demo.tokenizer import CONTROL_TOKENS, MARKUP_TOKENS, SPLIT_REGEX, save_hf_tokenizer, train_bpe
+from model.demo.train import ASSISTANT_SPAN, IGNORE, encode
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return [corpus.render_sample(s) for s in corpus.generate("train", 120)]
+
+
+@pytest.fixture(scope="module")
+def tok(texts):
+    return train_bpe(texts, 700)
+
+
+def test_special_tokens_are_single_added_tokens(tok):
+    n = tok.get_vocab_size()
+    ids = [tok.token_to_id(t) for t in CONTROL_TOKENS + MARKUP_TOKENS]
+    assert ids == list(range(n - len(ids), n)), "appended after the learned vocabulary"
+    text = "".join(CONTROL_TOKENS + MARKUP_TOKENS)
+    assert tok.encode(text, add_special_tokens=False).ids == ids
+    added = {t.content: t for t in tok.get_added_tokens_decoder().values()}
+    assert all(added[t].special for t in CONTROL_TOKENS)
+    assert not any(added[t].special for t in MARKUP_TOKENS), "markup stays visible, as in Qwen's tokenizers"
+
+
+def test_qwen35_pre_tokenizer():
+    from transformers.models.qwen3_5 import tokenization_qwen3_5
+
+    assert SPLIT_REGEX == tokenization_qwen3_5.PRETOKENIZE_REGEX
+
+
+def test_words_are_the_same_tokens_in_every_context(tok):
+    """A value is copied from the user's sentence into a call and from JSON into an answer: the same
+    ids wherever it stands (after a space, a quote, a newline), for names never seen in training."""
+    for word in ["Lisbon", "Dongounheim", "Kastrin Velmora", "ACME", "anna.berg@example.com", "2026-04-23"]:
+        alone = tok.encode(word, add_special_tokens=False).ids
+        for context in (f"weather in {word}?", f'"{word}"', f"<parameter=city>\n{word}\n</parameter>", f"({word})"):
+            ids = tok.encode(context, add_special_tokens=False).ids
+            assert any(ids[i:i + len(alone)] == alone for i in range(len(ids))), (word, context)
+
+
+def test_round_trip_and_unseen_text(tok, texts):
+    for text in texts[:20] + ["Zürich, São Paulo and Kraków: 東京 ✅ 12345"]:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert tok.decode(ids, skip_special_tokens=False) == text
+
+
+def test_transformers_loads_it_identically(tok, texts, tmp_path):
+    from transformers import AutoTokenizer
+
+    save_hf_tokenizer(tok, tmp_path, corpus.chat_template())
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(hf).__name__ == "Qwen3_5Tokenizer"
+    assert hf.eos_token == "<|im_end|>" and hf.pad_token == "<|endoftext|>"
+    for text in texts[:20]:
+        assert hf.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False).ids
+    s = corpus.generate("heldout", 1)[0]
+    assert hf.apply_chat_template(s.messages, tools=s.tools, tokenize=False) == corpus.render_sample(s)
+
+
+def test_labels_cover_exactly_the_assistant_turns(tok, texts):
+    for text in texts[:20]:
+        ids, labels = encode(tok, text)
+        kept = [t for t, y in zip(ids, labels) if y != IGNORE]
+        assert [y for y in labels if y != IGNORE] == kept
+        expected = "".join(m.group(1) for m in ASSISTANT_SPAN.finditer(text))
+        assert tok.decode(kept, skip_special_tokens=False) == expected
