@@ -14,21 +14,28 @@ import mlx.core as mx
 CHUNK = 64
 
 
+@mx.compile
 def l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:
     x = x.astype(mx.float32)
     return x * mx.rsqrt(mx.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+@mx.compile
+def step(q, k, v, g, beta, state):
+    """One token: q, k [B, Hv, Dk], v [B, Hv, Dv], g, beta [B, Hv] -> (o [B, Hv, Dv], state)."""
+    state = state * mx.exp(g)[..., None, None]
+    kv = mx.sum(state * k[..., None], axis=-2)  # [B, Hv, Dv]
+    delta = (v - kv) * beta[..., None]
+    state = state + k[..., None] * delta[..., None, :]
+    return mx.sum(state * q[..., None], axis=-2), state
 
 
 def recurrent(q, k, v, g, beta, state):
     """Token-by-token recurrence. Returns (o [B, T, Hv, Dv], final state)."""
     outs = []
     for t in range(q.shape[1]):
-        state = state * mx.exp(g[:, t])[..., None, None]
-        kt = k[:, t]
-        kv = mx.sum(state * kt[..., None], axis=-2)  # [B, Hv, Dv]
-        delta = (v[:, t] - kv) * beta[:, t][..., None]
-        state = state + kt[..., None] * delta[..., None, :]
-        outs.append(mx.sum(state * q[:, t][..., None], axis=-2))
+        o, state = step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
+        outs.append(o)
     return mx.stack(outs, axis=1), state
 
 

@@ -8,6 +8,7 @@ Norm weights are held with the +1 of the zero-centred RMSNorm already added, as 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,7 +16,7 @@ import mlx.nn as nn
 from .cache import Cache, KVLayer, LinearLayer
 from .config import ModelConfig, ModelLoadError
 from .gated_delta import gated_delta, l2norm
-from .switch import SwitchGLU
+from .switch import SwitchGLU, swiglu
 
 
 @dataclass
@@ -47,6 +48,24 @@ class RMSNorm(nn.Module):
         return y.astype(x.dtype)
 
 
+@partial(mx.compile, shapeless=True)
+def _gated_rms_norm(x, z, weight, eps):
+    y = mx.fast.rms_norm(x.astype(mx.float32), weight.astype(mx.float32), eps)
+    return (y * nn.silu(z.astype(mx.float32))).astype(x.dtype)
+
+
+@partial(mx.compile, shapeless=True)
+def _decay_and_beta(a, b, A_log, dt_bias):
+    """log-decay g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b), in float32."""
+    g = -mx.exp(A_log.astype(mx.float32)) * nn.softplus(a.astype(mx.float32) + dt_bias.astype(mx.float32))
+    return g, mx.sigmoid(b.astype(mx.float32))
+
+
+@partial(mx.compile, shapeless=True)
+def _sigmoid_gate(x, gate):
+    return x * mx.sigmoid(gate)
+
+
 class GatedNorm(nn.Module):
     """w * rmsnorm(x) * silu(z) over each v head (plain weight, not zero-centred)."""
 
@@ -56,8 +75,7 @@ class GatedNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x, z):
-        y = mx.fast.rms_norm(x.astype(mx.float32), self.weight.astype(mx.float32), self.eps)
-        return (y * nn.silu(z.astype(mx.float32))).astype(x.dtype)
+        return _gated_rms_norm(x, z, self.weight, self.eps)
 
 
 class DepthwiseConv(nn.Module):
@@ -127,10 +145,7 @@ class GatedDeltaNet(nn.Module):
         if r > 1:  # k head j serves the r consecutive v heads j*r .. j*r+r-1
             q, k = mx.repeat(q, r, axis=2), mx.repeat(k, r, axis=2)
 
-        beta = mx.sigmoid(b.astype(mx.float32))
-        g = -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(
-            a.astype(mx.float32) + self.dt_bias.astype(mx.float32)
-        )
+        g, beta = _decay_and_beta(a, b, self.A_log, self.dt_bias)
         if batch.ragged:
             valid = batch.valid()[..., None]
             beta, g = mx.where(valid, beta, 0.0), mx.where(valid, g, 0.0)
@@ -173,7 +188,7 @@ class Attention(nn.Module):
         keys, values = cache.update(k, v, offsets)
         o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
         o = o.transpose(0, 2, 1, 3).reshape(B, T, -1)
-        return self.o_proj(o * mx.sigmoid(gate.reshape(B, T, -1)))
+        return self.o_proj(_sigmoid_gate(o, gate.reshape(B, T, -1)))
 
 
 class MLP(nn.Module):
@@ -184,7 +199,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def __call__(self, x):
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class SparseMoE(nn.Module):

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
+
+
+@partial(mx.compile, shapeless=True)
+def swiglu(gate, up):
+    return nn.silu(gate) * up
 
 
 def _on_cpu() -> bool:
@@ -84,9 +91,9 @@ class SwitchGLU(nn.Module):
             inv = mx.argsort(order)
             xs = mx.expand_dims(x[order // k], -2)  # [N*k, 1, H]
             idx = flat[order]
-            h = nn.silu(self.gate_proj(xs, idx, True)) * self.up_proj(xs, idx, True)
+            h = swiglu(self.gate_proj(xs, idx, True), self.up_proj(xs, idx, True))
             y = self.down_proj(h, idx, True)[inv]  # [N*k, 1, H]
             return y.reshape(N, k, -1)
         xs = x[:, None, None, :]  # [N, 1, 1, H]
-        h = nn.silu(self.gate_proj(xs, indices)) * self.up_proj(xs, indices)
+        h = swiglu(self.gate_proj(xs, indices), self.up_proj(xs, indices))
         return self.down_proj(h, indices).squeeze(-2)

@@ -219,3 +219,29 @@ def test_threaded_engine_async_stream_and_close_cancels(lm):
         assert engine.stats()["running"] == 0 and engine.stats()["reserved_bytes"] == 0
     finally:
         engine.shutdown()
+
+
+def test_decoding_ahead_changes_nothing_but_timing(lm):
+    """With the next step launched before this one's tokens are read: the same tokens, logprobs and
+    finish reasons for greedy, seeded and penalised requests arriving mid-decode, with rows finishing
+    at different steps (the prefix cache's next-turn hits run with it on by default)."""
+    ps = prompts(6, seed=7, lo=20, hi=120)
+    params = [SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=14, ignore_eos=True, logprobs=True),
+              SamplingParams(temperature=0.7, seed=5, max_tokens=6, ignore_eos=True, repetition_penalty=1.3),
+              SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, top_logprobs=2),
+              SamplingParams(temperature=1.0, seed=3, max_tokens=17, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=11, ignore_eos=True)]
+    reqs, arrive = list(zip(ps, params)), [0, 0, 2, 6, 9, 15]
+
+    def outcome(ahead):
+        out, core = run(lm, reqs, cache_bytes=1 << 28, arrive=arrive, decode_ahead=ahead)
+        summary = [(tokens(d), [(lp.token_id, round(lp.logprob, 5), len(lp.top)) for x in d for lp in x.logprobs],
+                    d[-1].finish_reason) for d in out]
+        return summary, core
+
+    ahead, core = outcome(True)
+    plain, _ = outcome(False)
+    assert ahead == plain
+    assert len({len(t) for t, _, _ in ahead}) > 3  # finishing at different steps
+    assert core.runner.pending is None and core.runner.batch is None

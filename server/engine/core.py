@@ -28,6 +28,9 @@ class EngineConfig:
     memory_budget_bytes: int | None = None  # default: a fraction of this machine's memory
     prefix_cache_bytes: int | None = None  # default: a quarter of the memory budget; 0 disables
     block_size: int = 256
+    # launch the next decode step before reading this one's tokens, so the host's per-token work
+    # (detokenizing, stop strings, streaming) overlaps the device's compute
+    decode_ahead: bool = True
 
 
 def default_memory_budget() -> int:
@@ -108,13 +111,22 @@ class EngineCore:
         new_tokens: list[tuple[Request, int, object]] = []
 
         if plan.decode and self.runner.rows:
-            last = {r: self.requests[r].output_ids[-1] for r in self.runner.rows}
-            ids, logits = self.runner.decode(last)
-            reqs = [self.requests[r] for r in ids]
-            tokens, logprobs = self.sampler(logits, reqs)
-            for req, tok, lp in zip(reqs, tokens, logprobs):
-                req.num_computed += 1
-                new_tokens.append((req, tok, lp))
+            reqs = [self.requests[r] for r in self.runner.rows]
+            if self.runner.pending is not None:  # launched last step, already fed
+                chosen, logits = self.runner.take_pending()
+            else:
+                _, logits = self.runner.decode({r.id: r.output_ids[-1] for r in reqs})
+                chosen = self.sampler.choose(logits, reqs)
+                for req in reqs:
+                    req.num_computed += 1
+            if self._can_decode_ahead(plan, reqs):
+                ahead = self.runner.decode_ahead(chosen)
+                self.runner.pending = (self.sampler.choose(ahead, reqs), ahead)
+                mx.async_eval(*self.runner.pending)
+                for req in reqs:
+                    req.num_computed += 1
+            tokens, logprobs = self.sampler.read(chosen, logits, reqs)
+            new_tokens += zip(reqs, tokens, logprobs)
 
         for req, entry in plan.admitted:
             self.runner.start(req.id, entry.snapshot if entry else None)
@@ -141,6 +153,12 @@ class EngineCore:
                 finished.append(req)
         self._retire(finished, remember=True)
         self.steps += 1
+
+    def _can_decode_ahead(self, plan, reqs: list[Request]) -> bool:
+        """Not when rows join the batch this step (they would miss the step launched ahead), nor when
+        choosing a token needs the previous ones on the host (penalties, logits processors)."""
+        return (self.config.decode_ahead and not plan.admitted and not any(n > 0 for _, n in plan.prefill)
+                and not self.sampler.needs_history(reqs))
 
     def _first_token(self, req: Request, logits) -> tuple[Request, int, object]:
         tokens, logprobs = self.sampler(logits[None], [req])
@@ -195,7 +213,8 @@ class EngineCore:
             return
         for req in reqs:
             if remember and self.prefix_cache.enabled and req.id in self.runner.rows:
-                # the state covers everything fed so far: the prompt and all but the last token
+                # the state covers everything fed so far: the prompt and the output but its last
+                # token (or all of it when a step was launched ahead)
                 fed = req.all_ids[: req.num_computed]
                 if not self.prefix_cache.contains(fed):
                     self._remember(req, fed, None)

@@ -14,6 +14,9 @@ class Runner:
         self.batch: Cache | None = None
         self.rows: list[str] = []  # request id of each batch row
         self.prefilling: dict[str, Cache] = {}
+        # (chosen tokens [B], logits [B, vocab]) of a decode step launched ahead (already fed into the
+        # batch cache) whose tokens the engine has not read yet; rows as self.rows
+        self.pending: tuple[mx.array, mx.array] | None = None
 
     # ---- sizes the scheduler budgets with ----
     def kv_bytes_per_token(self) -> int:
@@ -47,6 +50,8 @@ class Runner:
 
     def join(self, request_id: str) -> None:
         """Move a request whose prompt is done into the decode batch."""
+        if self.pending is not None:
+            raise RuntimeError("a request joined the decode batch while a step launched ahead is pending")
         cache = self.prefilling.pop(request_id)
         self.batch = cache if self.batch is None else Cache.concat([self.batch, cache])
         self.rows.append(request_id)
@@ -58,6 +63,14 @@ class Runner:
         out = self.model(tokens, self.batch)
         return list(self.rows), out[:, -1]
 
+    def decode_ahead(self, tokens: mx.array) -> mx.array:
+        """Feed chosen tokens [B] (device array, not yet read) for every row; returns logits [B, vocab]."""
+        return self.model(tokens[:, None], self.batch)[:, -1]
+
+    def take_pending(self) -> tuple[mx.array, mx.array]:
+        pending, self.pending = self.pending, None
+        return pending
+
     def release(self, request_ids: set[str]) -> None:
         for r in request_ids:
             self.prefilling.pop(r, None)
@@ -66,6 +79,9 @@ class Runner:
             return
         self.rows = [self.rows[i] for i in keep]
         self.batch = self.batch.select(keep) if keep else None
+        if self.pending is not None:
+            index = mx.array(keep)
+            self.pending = tuple(a[index] for a in self.pending) if keep else None
 
     def clear(self) -> None:
-        self.batch, self.rows, self.prefilling = None, [], {}
+        self.batch, self.rows, self.prefilling, self.pending = None, [], {}, None

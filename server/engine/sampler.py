@@ -63,34 +63,37 @@ class Sampler:
         self._keys[req.id] = key
         return mx.random.categorical(logits, key=sub)
 
-    def __call__(self, logits: mx.array, requests: list[Request]):
-        """logits [B, vocab] (float32) for requests in row order -> (token ids, logprobs)."""
+    @staticmethod
+    def needs_history(requests: list[Request]) -> bool:
+        """Whether choosing needs the tokens generated so far on the host (penalties, processors)."""
+        return any(r.params.logits_processors or r.params.repetition_penalty != 1.0
+                   or r.params.presence_penalty or r.params.frequency_penalty for r in requests)
+
+    def choose(self, logits: mx.array, requests: list[Request]) -> mx.array:
+        """logits [B, vocab] for requests in row order -> chosen token ids [B], not yet evaluated."""
         logits = logits.astype(mx.float32)
-        plain = all(
-            r.params.temperature == 0 and not r.params.logits_processors
-            and r.params.repetition_penalty == 1.0 and not r.params.presence_penalty
-            and not r.params.frequency_penalty
-            for r in requests
-        )
-        if plain:
-            chosen = mx.argmax(logits, axis=-1)
-        else:
-            rows = []
-            for i, req in enumerate(requests):
-                row = logits[i]
-                for proc in req.params.logits_processors:
-                    row = proc(req.output_ids, row)
-                row = _penalise(row, req)
-                if req.params.temperature == 0:
-                    rows.append(mx.argmax(row))
-                else:
-                    rows.append(self._draw(req, _truncate(row, req)))
-            chosen = mx.stack(rows)
+        if all(r.params.temperature == 0 for r in requests) and not self.needs_history(requests):
+            return mx.argmax(logits, axis=-1)
+        rows = []
+        for i, req in enumerate(requests):
+            row = logits[i]
+            for proc in req.params.logits_processors:
+                row = proc(req.output_ids, row)
+            row = _penalise(row, req)
+            if req.params.temperature == 0:
+                rows.append(mx.argmax(row))
+            else:
+                rows.append(self._draw(req, _truncate(row, req)))
+        return mx.stack(rows)
+
+    def read(self, chosen: mx.array, logits: mx.array, requests: list[Request]):
+        """The chosen ids as ints, and their logprobs where a request asked for them."""
+        tokens = chosen.tolist()
         want = [r.params.logprobs or r.params.top_logprobs > 0 for r in requests]
         if not any(want):
-            return chosen.tolist(), [None] * len(requests)
+            return tokens, [None] * len(requests)
+        logits = logits.astype(mx.float32)
         logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        tokens = chosen.tolist()
         out = []
         for i, req in enumerate(requests):
             if not want[i]:
@@ -103,3 +106,7 @@ class Sampler:
                 top = list(zip(ids.tolist(), row[ids].tolist()))
             out.append(TokenLogprob(tokens[i], row[tokens[i]].item(), top))
         return tokens, out
+
+    def __call__(self, logits: mx.array, requests: list[Request]):
+        """logits [B, vocab] for requests in row order -> (token ids, logprobs)."""
+        return self.read(self.choose(logits, requests), logits, requests)
