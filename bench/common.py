@@ -23,7 +23,7 @@ def backend() -> str:
 
 
 def checkpoint(name: str) -> Path:
-    return models.get(name) if name in ("tiny", "wide") else Path(name)
+    return models.get(name) if name in ("demo", "tiny", "wide") else Path(name)
 
 
 def load_both(path: Path):

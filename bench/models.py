@@ -4,6 +4,8 @@
   16/32 of 128, attention 16/2 heads of 256, vocab 248320) with only a few layers, random
   weights, 4-bit (router and shared-expert gate 8-bit, as mlx-lm quantises them): real kernel
   shapes at a size this machine can hold.
+- `demo`: the embedded demo model (model/demo/deltaserve-demo.gguf) converted by our converter,
+  uniform 4-bit (mlx-lm loads our output unchanged).
 - `tiny`: the moe_r4 test fixture converted by mlx-lm (4-bit), for quick runs.
 Built once under .cache/bench/.
 """
@@ -107,14 +109,25 @@ def build_tiny(out: Path) -> Path:
     return out
 
 
+def build_demo(out: Path) -> Path:
+    from convert import convert
+    from model.demo import DEMO_GGUF
+
+    return convert(DEMO_GGUF, out, quantize=True, q_recipe="uniform", q_bits=4, progress=False)
+
+
 def get(name: str) -> Path:
     path = CACHE / name
+    if name == "demo":  # keyed by the GGUF, which a rebuild replaces
+        from model.demo import DEMO_GGUF
+
+        path = CACHE / f"demo-{DEMO_GGUF.stat().st_size}-{DEMO_GGUF.stat().st_mtime_ns}"
     if not path.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        {"wide": build_wide, "tiny": build_tiny}[name](path)
+        {"wide": build_wide, "tiny": build_tiny, "demo": build_demo}[name](path)
     return path
 
 
 if __name__ == "__main__":
-    for name in sys.argv[1:] or ["tiny", "wide"]:
+    for name in sys.argv[1:] or ["demo", "wide"]:
         print(name, get(name))
