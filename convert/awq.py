@@ -150,11 +150,14 @@ def tensor_importance(name: str, shape: tuple, importance: dict[str, Entry], pla
 
 
 def choose_alphas(plan: AwqPlan, tensors: dict, specs: dict, importance: dict[str, Entry], dtype: str,
-                  candidates=ALPHAS, chunk_elements: int = 16 * 2**20) -> None:
+                  candidates=ALPHAS, chunk_elements: int = 16 * 2**20, sample_elements: int = 32 * 2**20) -> None:
     """Per group, the alpha minimising the imatrix-weighted quantisation error of its consumers:
     sum_j importance_j * (dequant(quant(W * s)) / s - W)_ij^2, i.e. the expected squared output
     error with independent inputs. alpha 0 (no scaling) is a candidate, so no group gets worse by
-    this measure. Consumers left unquantised by the recipe do not vote."""
+    this measure. Consumers left unquantised by the recipe do not vote. The error is estimated on
+    evenly spaced leading-axis rows (output rows, or whole experts of a stack) of at most
+    `sample_elements` weights per consumer: the search then costs a bounded fraction of a pass over
+    the model instead of len(candidates) passes."""
     from .quantize import quantize_error
 
     for group in plan.groups:
@@ -171,13 +174,16 @@ def choose_alphas(plan: AwqPlan, tensors: dict, specs: dict, importance: dict[st
             else:
                 imp = own.importance() if len(t.shape) == 3 else own.importance()[0]
             n = t.shape[0]
-            step = max(1, chunk_elements // max(1, t.numel // n))
-            for a in range(0, n, step):
-                b = min(n, a + step)
-                x = t.rows(a, b)
-                w = imp[a:b, None, :] if imp.ndim == 2 else imp
+            row_elements = max(1, t.numel // n)
+            rows = np.arange(0, n, -(-n * row_elements // sample_elements))
+            step = max(1, chunk_elements // row_elements)
+            weight = n / len(rows)  # the sample stands for the whole tensor among the group's consumers
+            for a in range(0, len(rows), step):
+                index = rows[a:a + step]
+                x = t.take(index)
+                w = imp[index, None, :] if imp.ndim == 2 else imp
                 for i, s in enumerate(scales):
-                    cols = s[a:b, None, :] if s.ndim == 2 else s
-                    errors[i] += quantize_error(x, cols, w, spec, dtype)
+                    cols = s[index, None, :] if s.ndim == 2 else s
+                    errors[i] += weight * quantize_error(x, cols, w, spec, dtype)
             t.release()
         plan.set_alpha(group, float(candidates[int(np.argmin(errors))]))
