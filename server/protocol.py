@@ -269,7 +269,7 @@ class ChatMessageOut(_Response):
     content: Optional[str] = None
     reasoning_content: Optional[str] = None
     reasoning: Optional[str] = None  # the same text: clients read one name or the other
-    tool_calls: list[ToolCallOut] = []
+    tool_calls: Optional[list[ToolCallOut]] = None  # absent when the reply calls no tool, as OpenAI
 
 
 class ChatChoice(_Response):

@@ -43,7 +43,7 @@ async def chat_whole(state: ServerState, gen: Generation) -> ChatCompletion:
     if calls and not content:
         content = None
     reasoning = parts.reasoning or None
-    message = ChatMessageOut(content=content, reasoning_content=reasoning, reasoning=reasoning, tool_calls=calls)
+    message = ChatMessageOut(content=content, reasoning_content=reasoning, reasoning=reasoning, tool_calls=calls or None)
     choice = ChatChoice(message=message, finish_reason=finish_reason(last, len(calls)),
                         logprobs=ChoiceLogprobs(content=logprobs) if job.params.logprobs else None)
     return ChatCompletion(id=job.id, created=job.created, model=job.model, choices=[choice], usage=_usage(last))
