@@ -120,7 +120,7 @@ async def measure(port: int, streams: list[int], prompt_words: int, max_tokens: 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--model", default="demo")
     ap.add_argument("--streams", default="1,4,16,32")
     ap.add_argument("--prompt-words", type=int, default=60)
     ap.add_argument("--tokens", type=int, default=64)
@@ -128,13 +128,16 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     path = checkpoint(args.model)
+    config = json.loads((path / "config.json").read_text())
+    context = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
+    long_words = min(args.long_words, context // 4) if context else args.long_words  # fits small models
     streams = [int(x) for x in args.streams.split(",") if x]
     measured = {}
     for kind in ("mlx-lm", "deltaserve"):
         port = free_port()
         proc = start(kind, path, port)
         try:
-            measured[kind] = asyncio.run(measure(port, streams, args.prompt_words, args.tokens, args.long_words, 0))
+            measured[kind] = asyncio.run(measure(port, streams, args.prompt_words, args.tokens, long_words, 0))
         finally:
             stop(proc)
     results = []
