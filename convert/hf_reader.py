@@ -15,6 +15,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from model.qwen3_5 import ZERO_CENTRED_NORMS, canonical_key
+
 from . import tensor as T
 from .errors import ConvertError
 from .tensor import LazyTensor
@@ -24,9 +26,6 @@ MODEL_TYPES = {"qwen3_5_moe": "qwen3_5_moe", "qwen3_5_moe_text": "qwen3_5_moe",
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json")
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
-_DROPPED = ("model.visual.", "visual.", "vision_tower.", "model.vision_tower.", "model.multi_modal_projector.")
-_ZERO_CENTRED = (".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight",
-                 ".q_norm.weight", ".k_norm.weight")
 _EXPERT = re.compile(r"^(?P<p>.*\.mlp)\.experts\.(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight$")
 _PAGE = mmap.PAGESIZE
 
@@ -128,22 +127,6 @@ def _files(path: Path) -> list[Path]:
     return files
 
 
-def _canonical(key: str) -> str | None:
-    if key.startswith(_DROPPED):
-        return None
-    if key.startswith("model.language_model."):
-        return "language_model.model." + key[len("model.language_model."):]
-    if key.startswith("model.mtp."):
-        return key[len("model."):]
-    if key.startswith(("language_model.", "mtp.")):
-        return key
-    if key.startswith("model."):
-        return "language_model." + key
-    if key.startswith("lm_head."):
-        return "language_model." + key
-    return key
-
-
 class HFCheckpoint:
     def __init__(self, path):
         self.path = Path(path)
@@ -161,7 +144,7 @@ class HFCheckpoint:
         raw: dict[str, LazyTensor] = {}
         for f in self.files:
             for key in f.header:
-                name = _canonical(key)
+                name = canonical_key(key, keep_mtp=True)
                 if name is not None:
                     raw[name] = f.lazy(key)
         return _to_our_layout(raw, self.path)
@@ -200,4 +183,4 @@ def _to_our_layout(raw: dict[str, LazyTensor], path: Path) -> dict[str, LazyTens
 def _zero_centred(name: str) -> bool:
     if name.startswith("mtp."):  # the MTP block is full attention: every norm in it is (1 + w)
         return name.endswith("norm.weight") or name.endswith(("norm_embedding.weight", "norm_hidden.weight"))
-    return name.endswith(_ZERO_CENTRED)
+    return name.endswith(ZERO_CENTRED_NORMS)

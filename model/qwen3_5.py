@@ -322,20 +322,26 @@ class Model(nn.Module):
         return lm.lm_head(x)
 
 
-_ZERO_CENTRED_NORMS = (
+ZERO_CENTRED_NORMS = (  # stored as w in HF checkpoints, applied as (1 + w): we hold 1 + w
     ".input_layernorm.weight",
     ".post_attention_layernorm.weight",
     "model.norm.weight",
     ".q_norm.weight",
     ".k_norm.weight",
 )
-_DROPPED_PREFIXES = ("mtp.", "model.mtp.", "model.visual.", "visual.", "vision_tower.", "model.vision_tower.")
+_VISION_PREFIXES = ("model.visual.", "visual.", "vision_tower.", "model.vision_tower.", "model.multi_modal_projector.")
+_MTP_PREFIXES = ("mtp.", "model.mtp.")
 _FLOAT32_PARAMS = ("A_log", "dt_bias", "norm.weight", "layernorm.weight")
 
 
-def _canonical(key: str) -> str | None:
-    if key.startswith(_DROPPED_PREFIXES):
+def canonical_key(key: str, keep_mtp: bool = False) -> str | None:
+    """Our module path for a checkpoint key (raw HF, published or mlx-lm layout). None for weights
+    we do not load: vision, and the MTP block unless keep_mtp (then named mtp.*, as the converter
+    writes it for speculative decoding later)."""
+    if key.startswith(_VISION_PREFIXES):
         return None
+    if key.startswith(_MTP_PREFIXES):
+        return key.removeprefix("model.") if keep_mtp else None
     if key.startswith("model.language_model."):
         return "language_model.model." + key[len("model.language_model.") :]
     if key.startswith("language_model."):
@@ -356,7 +362,7 @@ def sanitize(weights: dict, config: ModelConfig) -> tuple[dict, dict]:
     """
     out, sources = {}, {}
     for key, value in weights.items():
-        new = _canonical(key)
+        new = canonical_key(key)
         if new is not None:
             out[new], sources[new] = value, [key]
     raw = any(k.endswith("conv1d.weight") and v.shape[-1] != 1 for k, v in out.items())
@@ -389,7 +395,7 @@ def sanitize(weights: dict, config: ModelConfig) -> tuple[dict, dict]:
             value = out[key]
             if key.endswith("conv1d.weight") and value.ndim == 3 and value.shape[-1] != 1:
                 out[key] = value.swapaxes(1, 2)  # [C, 1, K] -> [C, K, 1]
-            elif key.endswith(_ZERO_CENTRED_NORMS) and value.ndim == 1:
+            elif key.endswith(ZERO_CENTRED_NORMS) and value.ndim == 1:
                 out[key] = value.astype(mx.float32) + 1.0
     if config.tie_word_embeddings:
         out.pop("language_model.lm_head.weight", None)
