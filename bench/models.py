@@ -121,7 +121,8 @@ def get(name: str) -> Path:
     if name == "demo":  # keyed by the GGUF, which a rebuild replaces
         from model.demo import DEMO_GGUF
 
-        path = CACHE / f"demo-{DEMO_GGUF.stat().st_size}-{DEMO_GGUF.stat().st_mtime_ns}"
+        stat = DEMO_GGUF.stat()
+        path = CACHE / f"demo-{stat.st_size}-{stat.st_mtime_ns}"
     if not path.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         {"wide": build_wide, "tiny": build_tiny, "demo": build_demo}[name](path)

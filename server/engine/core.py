@@ -115,12 +115,12 @@ class EngineCore:
             if self.runner.pending is not None:  # launched last step, already fed
                 chosen, logits = self.runner.take_pending()
             else:
-                _, logits = self.runner.decode({r.id: r.output_ids[-1] for r in reqs})
+                logits = self.runner.decode(mx.array([r.output_ids[-1] for r in reqs]))
                 chosen = self.sampler.choose(logits, reqs)
                 for req in reqs:
                     req.num_computed += 1
             if self._can_decode_ahead(plan, reqs):
-                ahead = self.runner.decode_ahead(chosen)
+                ahead = self.runner.decode(chosen)
                 self.runner.pending = (self.sampler.choose(ahead, reqs), ahead)
                 mx.async_eval(*self.runner.pending)
                 for req in reqs:

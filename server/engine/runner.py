@@ -57,14 +57,9 @@ class Runner:
         self.rows.append(request_id)
 
     # ---- decode ----
-    def decode(self, last_tokens: dict[str, int]) -> tuple[list[str], mx.array]:
-        """One token for every batch row; returns (request ids in row order, logits [B, vocab])."""
-        tokens = mx.array([last_tokens[r] for r in self.rows])[:, None]
-        out = self.model(tokens, self.batch)
-        return list(self.rows), out[:, -1]
-
-    def decode_ahead(self, tokens: mx.array) -> mx.array:
-        """Feed chosen tokens [B] (device array, not yet read) for every row; returns logits [B, vocab]."""
+    def decode(self, tokens: mx.array) -> mx.array:
+        """Feed one token [B] per batch row (in row order; may be a not-yet-evaluated device array);
+        returns logits [B, vocab]."""
         return self.model(tokens[:, None], self.batch)[:, -1]
 
     def take_pending(self) -> tuple[mx.array, mx.array]:
