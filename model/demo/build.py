@@ -17,11 +17,9 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
-from . import corpus
+from . import DEMO_GGUF, corpus
 from .train import ModelShape, TrainConfig
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_GGUF = HERE / "deltaserve-demo.gguf"
 MODEL_NAME = "deltaserve-demo"
 VOCAB_SIZE = 4087  # learned tokens; + 9 added tokens = 4096
 TRAIN_SAMPLES_SLACK = 1.05
@@ -99,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shape, cfg = ModelShape(), TrainConfig()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_GGUF)
+    p.add_argument("--out", type=Path, default=DEMO_GGUF)
     p.add_argument("--work", type=Path, default=Path(".cache/demo-build"))
     p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
     for name, value in [*asdict(cfg).items(), *asdict(shape).items()]:

@@ -27,11 +27,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import corpus
+from . import DEMO_GGUF, corpus
 from .corpus import NO_TOOL_KINDS, TOOL_KINDS, Sample
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_GGUF = HERE / "deltaserve-demo.gguf"
 MAX_TOKENS = 256
 
 
@@ -393,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = corpus.generate("heldout", args.n)
     results = {}
     if args.via == "server":
-        model = args.model or DEFAULT_GGUF
+        model = args.model or DEMO_GGUF
         args.work.mkdir(parents=True, exist_ok=True)
         backend = ServerBackend(model, log_path=args.work / "server.log")
         results["model"] = str(model)
@@ -420,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.hf:
             p.error("--quant needs --hf DIR (the imatrix is computed with transformers)")
         imatrix_samples = corpus.generate("train", args.quant_n, seed=corpus.SEEDS["train"] + 1)
-        results["quantisation"] = quant_report(args.model or DEFAULT_GGUF, args.hf, ppl_samples, imatrix_samples,
+        results["quantisation"] = quant_report(args.model or DEMO_GGUF, args.hf, ppl_samples, imatrix_samples,
                                                args.work / "quant")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
