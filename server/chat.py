@@ -89,6 +89,28 @@ def render_prompt(tokenizer, messages: list[Message], tools: list[Tool] | None,
         raise BadRequest(f"the chat template rejected the messages: {e}", param="messages") from None
 
 
+def history_end(tokenizer, messages: list[Message], tools: list[Tool] | None, template_kwargs: dict | None,
+                prompt: str, ids: list[int]) -> int | None:
+    """The token offset in `ids` (the encoded `prompt`) where the rendered history ends and the
+    generation prompt begins, or None where the template does not split that way.
+
+    The next turn of this chat shares its tokens up to here and no further: templates like
+    Qwen3.5's render a finished assistant turn differently from the generation prompt and the
+    generated text (its reasoning dropped), so a snapshot here is what the next turn resumes from."""
+    try:
+        history = tokenizer.apply_chat_template(
+            template_messages(messages), tools=template_tools(tools),
+            add_generation_prompt=False, tokenize=False, **dict(template_kwargs or {}),
+        )
+    except jinja2.TemplateError:
+        return None
+    if not history or not prompt.startswith(history) or len(history) == len(prompt):
+        return None
+    tail = encode_prompt(tokenizer, prompt[len(history):])
+    start = len(ids) - len(tail)
+    return start if 0 < start and ids[start:] == tail else None
+
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """The rendered template already holds every special token; add none."""
     return list(tokenizer.encode(prompt, add_special_tokens=False))

@@ -10,7 +10,7 @@ from typing import AsyncIterator, Callable, Optional
 
 from server.engine import Delta, EngineStopped, PromptTooLong, QueueFull, SamplingParams, TokenLogprob
 
-from .chat import encode_prompt, render_prompt
+from .chat import encode_prompt, history_end, render_prompt
 from .constrained import GrammarCompiler, LogitBias
 from .errors import APIError, BadRequest, TooManyRequests, Unavailable
 from .metrics import Metrics, RequestTimer
@@ -60,6 +60,7 @@ class Job:
     make_parser: Optional[Callable[[], ChatOutputParser]] = None
     echo_text: str = ""
     id: str = ""
+    snapshot_at: tuple[int, ...] = ()  # where the prefix cache should keep the state (see chat.history_end)
     created: int = field(default_factory=now)
 
 
@@ -106,6 +107,7 @@ async def chat_job(state: ServerState, req: ChatCompletionRequest) -> Job:
     kwargs = {**state.settings.chat_template_kwargs, **(req.chat_template_kwargs or {})}
     prompt = await asyncio.to_thread(render_prompt, state.tokenizer, req.messages, tools, kwargs)
     ids = await asyncio.to_thread(encode_prompt, state.tokenizer, prompt)
+    cut = await asyncio.to_thread(history_end, state.tokenizer, req.messages, tools, kwargs, prompt, ids)
     max_tokens = _max_tokens(state, req.max_completion_tokens or req.max_tokens, len(ids))
     open_reasoning = prompt_opens_reasoning(prompt)
     tool_dicts = [t.model_dump(exclude_none=True) for t in tools or []]
@@ -131,7 +133,7 @@ async def chat_job(state: ServerState, req: ChatCompletionRequest) -> Job:
     params = sampling_params(req, max_tokens, req.logprobs, req.top_logprobs or 0, processors)
     return Job("chat", ids, params, req.model or state.settings.model_name, req.stream,
                bool(req.stream_options and req.stream_options.include_usage), make_parser,
-               id=new_id("chatcmpl"))
+               id=new_id("chatcmpl"), snapshot_at=(cut,) if cut else ())
 
 
 async def completion_job(state: ServerState, req: CompletionRequest) -> Job:
@@ -166,7 +168,7 @@ class Generation:
         self.job = job
         self.timer = RequestTimer(state.metrics, job.endpoint)
         try:
-            self.stream = state.engine.submit(job.prompt_ids, job.params)
+            self.stream = state.engine.submit(job.prompt_ids, job.params, snapshot_at=job.snapshot_at)
         except PromptTooLong as e:
             raise BadRequest(str(e), param="messages", code="context_length_exceeded") from None
         except QueueFull as e:

@@ -111,6 +111,23 @@ def test_chat_next_turn_hits_previous_turn(lm):
     assert tokens(out3) == tokens(run(lm, [(turn2b, params)])[0][0])
 
 
+def test_snapshot_where_the_history_ends(lm):
+    """A prompt's requested snapshot point (where a chat template's generation prompt begins) is
+    what a next turn that re-renders everything after it resumes from."""
+    model, tok = lm
+    params = SamplingParams(**GREEDY, ignore_eos=True)
+    history = prompts(1, seed=9, lo=70, hi=71)[0]  # not a multiple of the block size
+    turn1 = history + [21, 22, 23]  # + the generation prompt
+    core = EngineCore(model, tok, EngineConfig(prefix_cache_bytes=1 << 28, block_size=32, memory_budget_bytes=1 << 30,
+                                               prefill_tokens_per_step=48))
+    core.add(turn1, params, snapshot_at=(len(history),))
+    run(lm, [], core=core)
+    turn2 = history + [21, 30, 31, 32]  # the previous answer rendered differently, then the next question
+    (out,), _ = run(lm, [(turn2, params)], core=core)
+    assert out[-1].usage.cached_tokens == len(history)
+    assert tokens(out) == tokens(run(lm, [(turn2, params)])[0][0])
+
+
 def test_seeded_sampling_independent_of_batch(lm):
     ps = prompts(4, seed=2)
     seeded = SamplingParams(temperature=8.0, top_p=0.99, top_k=2000, max_tokens=10, seed=1234, ignore_eos=True)

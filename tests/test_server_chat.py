@@ -205,6 +205,21 @@ def test_prefix_cache_serves_a_repeated_prompt(client):
     assert second.usage.prompt_tokens_details.cached_tokens >= 64
 
 
+def test_next_chat_turn_resumes_where_the_history_ended(client):
+    """The template renders a finished assistant turn unlike the generation prompt it was answered
+    after, so the next turn shares the previous prompt only up to where its history ended: the
+    server has the prefix cache keep a snapshot exactly there."""
+    _, tok = tiny_model()
+    messages = [{"role": "user", "content": "Plan a trip through " + "mountains and lakes " * 25}]
+    history = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=False,
+                                                 enable_thinking=False), add_special_tokens=False)
+    first = chat(client, messages, max_tokens=6, extra_body={"ignore_eos": True, **NO_THINK})
+    messages += [{"role": "assistant", "content": first.choices[0].message.content or "ok"},
+                 {"role": "user", "content": "And after that?"}]
+    second = chat(client, messages, max_tokens=2, extra_body=NO_THINK)
+    assert second.usage.prompt_tokens_details.cached_tokens == len(history)
+
+
 def test_models_health_and_metrics(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     health = json.loads(urllib.request.urlopen(server.base_url + "/health").read())

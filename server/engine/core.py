@@ -86,9 +86,11 @@ class EngineCore:
         self.steps = 0
 
     # ---- requests ----
-    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+            snapshot_at: tuple[int, ...] = ()) -> Request:
         params.validate()
-        req = Request(request_id or uuid.uuid4().hex, list(prompt_ids), params)
+        req = Request(request_id or uuid.uuid4().hex, list(prompt_ids), params,
+                      snapshot_at=tuple(sorted(p for p in set(snapshot_at) if 0 < p < len(prompt_ids))))
         if req.id in self.requests:
             raise ValueError(f"request id {req.id!r} is already in use")
         self.scheduler.add(req)  # raises QueueFull / PromptTooLong
@@ -141,8 +143,8 @@ class EngineCore:
             logits = self.runner.prefill(req.id, req.prompt_ids[start : start + n])
             req.num_computed += n
             done = not req.prefilling
-            at_block = req.num_computed % self.prefix_cache.block_size == 0
-            if self.prefix_cache.enabled and (done or at_block):
+            at_cut = req.num_computed % self.prefix_cache.block_size == 0 or req.num_computed in req.snapshot_at
+            if self.prefix_cache.enabled and (done or at_cut):
                 self._remember(req, req.prompt_ids[: req.num_computed], logits if done else None)
             if done:
                 new_tokens.append(self._first_token(req, logits))

@@ -88,12 +88,14 @@ class Engine:
     def vocab_size(self) -> int:
         return self.core.model.config.vocab_size
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Stream:
-        """Raises ValueError, QueueFull or PromptTooLong at once if the request cannot run."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+               snapshot_at: tuple[int, ...] = ()) -> Stream:
+        """Raises ValueError, QueueFull or PromptTooLong at once if the request cannot run.
+        snapshot_at: prompt offsets worth a prefix-cache snapshot (where a chat's history ends)."""
         if self._stop or self._error:
             raise EngineStopped(self._error or "the engine is shutting down")
         with self._lock:
-            req = self.core.add(prompt_ids, params, request_id)
+            req = self.core.add(prompt_ids, params, request_id, snapshot_at)
             stream = Stream(self, req.id)
             self._streams[req.id] = stream
         self._wake.set()

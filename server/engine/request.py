@@ -112,6 +112,9 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose state the request's cache holds
     num_cached: int = 0  # prompt tokens restored from the prefix cache
+    # prompt offsets, besides block boundaries, where the prefix cache should get a snapshot: a chat
+    # prompt's history ends where its generation prompt begins, and the next turn resumes from there
+    snapshot_at: tuple[int, ...] = ()
     reserved_bytes: int = 0
     finish_reason: Optional[str] = None
     arrival_time: float = field(default_factory=time.monotonic)

@@ -72,8 +72,13 @@ class Scheduler:
     def _chunk(self, req: Request, budget: int) -> int:
         remaining = req.num_prompt - req.num_computed
         n = min(remaining, budget)
-        if 0 < n < remaining and self.prefix_cache.enabled:
-            # end chunks on block boundaries so a snapshot can be taken there
+        if not self.prefix_cache.enabled:
+            return n
+        # end chunks where a snapshot is wanted: at a requested point, else on a block boundary
+        cut = next((p for p in req.snapshot_at if req.num_computed < p < req.num_computed + n), None)
+        if cut is not None:
+            return cut - req.num_computed
+        if 0 < n < remaining:
             block = self.prefix_cache.block_size
             aligned = (req.num_computed + n) // block * block
             if aligned > req.num_computed:
