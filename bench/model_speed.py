@@ -57,19 +57,20 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     results = []
 
-    def best(fn, model, prompt, n):
-        runs = [fn(model, prompt, n, args.chunk) for _ in range(args.repeats)]
-        return min(r[0] for r in runs), min(r[1] for r in runs)
+    def best(prompt, n):
+        """The fastest of `repeats` runs of each engine, the two alternating (so that drift in the
+        machine's speed hits both alike): ((ttft, s/token) ours, (ttft, s/token) mlx-lm)."""
+        runs = [(ours_generate(ours, prompt, n, args.chunk), mlx_lm_generate(theirs, prompt, n, args.chunk))
+                for _ in range(args.repeats)]
+        return tuple((min(r[k][0] for r in runs), min(r[k][1] for r in runs)) for k in (0, 1))
 
     prompt = rng.integers(0, vocab, size=args.prompt).tolist()
-    best(ours_generate, ours, prompt, 4), best(mlx_lm_generate, theirs, prompt, 4)  # warm up
-    _, o = best(ours_generate, ours, prompt, args.decode)
-    _, t = best(mlx_lm_generate, theirs, prompt, args.decode)
+    best(prompt, 4)  # warm up
+    (_, o), (_, t) = best(prompt, args.decode)
     results.append({"bench": "decode_b1", "ours_tok_s": 1 / o, "mlx_lm_tok_s": 1 / t, "ratio": t / o})
     for n in [int(x) for x in args.prefill.split(",") if x]:
         prompt = rng.integers(0, vocab, size=n).tolist()
-        o, _ = best(ours_generate, ours, prompt, 1)
-        t, _ = best(mlx_lm_generate, theirs, prompt, 1)
+        (o, _), (t, _) = best(prompt, 1)
         results.append({"bench": f"prefill_{n}", "ours_tok_s": n / o, "mlx_lm_tok_s": n / t, "ratio": t / o})
 
     return finish(results, {"model": args.model, "backend": backend(), "dtype": str(ours.compute_dtype)}, args.out)

@@ -97,7 +97,7 @@ def main(argv=None):
             results += model_speed.main(["--model", m])
             results += engine_speed.main(["--model", m])
         else:
-            results += model_speed.main(["--model", m, "--decode", "64", "--prefill", "512,2048", "--repeats", "1"])
+            results += model_speed.main(["--model", m, "--decode", "64", "--prefill", "512,2048", "--repeats", "3"])
             results += engine_speed.main(["--model", m, "--streams", "1,4,16", "--tokens", "32",
                                           "--ttft-prompt", "1024"])
         results += memory.main(["--model", m, "--tokens", "1024,4096"])

@@ -75,6 +75,35 @@ def test_batch_of_eight_arriving_at_different_steps_equals_solo(lm):
     assert core.runner.batch is None and core.scheduler.reserved_bytes == 0
 
 
+class ModelSpy:
+    """The model, recording the token shape of every forward."""
+
+    def __init__(self, model):
+        self.model, self.shapes = model, []
+
+    def __call__(self, tokens, *args, **kwargs):
+        self.shapes.append(tuple(tokens.shape))
+        return self.model(tokens, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def test_new_prompts_prefilled_together_equal_solo(lm):
+    model, tok = lm
+    ps = prompts(6, seed=4, lo=20, hi=40) + prompts(2, seed=6, lo=90, hi=100)
+    params = SamplingParams(**GREEDY, ignore_eos=True)
+    solo = [tokens(run(lm, [(p, params)])[0][0]) for p in ps]
+    core = EngineCore(model, tok, EngineConfig(prefix_cache_bytes=1 << 28, block_size=32, memory_budget_bytes=1 << 30,
+                                               prefill_tokens_per_step=4096))
+    core.runner.model = spy = ModelSpy(model)
+    out, _ = run(lm, [(p, params) for p in ps], core=core)
+    assert [tokens(d) for d in out] == solo
+    batched = [s for s in spy.shapes if s[0] > 1 and s[1] > 1]
+    assert batched, "the new prompts were prefilled one by one"
+    assert sum(s[0] for s in batched) >= 6
+
+
 @pytest.mark.parametrize("cache_bytes", [1 << 28, 200_000])  # roomy, and small enough to evict
 def test_prefix_cache_gives_cold_results(lm, cache_bytes):
     ps = prompts(4, seed=1, lo=40, hi=200)

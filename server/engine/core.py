@@ -136,11 +136,10 @@ class EngineCore:
             if not req.prefilling:  # full hit: the entry carries the next-token logits
                 new_tokens.append(self._first_token(req, entry.logits))
 
-        for req, n in plan.prefill:
-            if n <= 0:
-                continue
-            start = req.num_computed
-            logits = self.runner.prefill(req.id, req.prompt_ids[start : start + n])
+        chunks = [(req, n) for req, n in plan.prefill if n > 0]
+        outs = self.runner.prefill([(req.id, req.prompt_ids[req.num_computed : req.num_computed + n])
+                                    for req, n in chunks])
+        for (req, n), logits in zip(chunks, outs):
             req.num_computed += n
             done = not req.prefilling
             at_cut = req.num_computed % self.prefix_cache.block_size == 0 or req.num_computed in req.snapshot_at

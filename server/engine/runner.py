@@ -38,10 +38,32 @@ class Runner:
         """Begin a request from scratch or from a prefix-cache snapshot (which stays untouched)."""
         self.prefilling[request_id] = Cache.concat([snapshot]) if snapshot is not None else self.model.make_cache(1)
 
-    def prefill(self, request_id: str, tokens: list[int]) -> mx.array:
-        """Feed prompt tokens; returns the logits after the last one [vocab]."""
-        out = self.model(mx.array(tokens)[None], self.prefilling[request_id], last_only=True)
-        return out[0, -1]
+    def prefill(self, chunks: list[tuple[str, list[int]]]) -> list[mx.array]:
+        """Feed prompt chunks [(request id, tokens)]; returns each one's logits after its last token
+        [vocab]. Requests that start from nothing run together as right-padded batches of similar
+        lengths (a burst of new short prompts is one forward, not one each); the others run alone,
+        since batching them would copy the KV they already hold."""
+        logits: dict[str, mx.array] = {}
+        fresh = sorted((c for c in chunks if self.prefilling[c[0]].offsets[0] == 0), key=lambda c: len(c[1]))
+        groups = []
+        for c in fresh:  # grow a group while padding stays under a quarter of its tokens
+            g = groups[-1] if groups else None
+            if g and 4 * len(c[1]) * (len(g) + 1) <= 5 * (sum(len(t) for _, t in g) + len(c[1])):
+                g.append(c)
+            else:
+                groups.append([c])
+        alone = [[c] for c in chunks if self.prefilling[c[0]].offsets[0] != 0]
+        for group in [g for g in groups if len(g) > 1]:
+            width = max(len(t) for _, t in group)
+            tokens = mx.array([t + [0] * (width - len(t)) for _, t in group])
+            cache = self.model.make_cache(len(group))
+            out = self.model(tokens, cache, lengths=[len(t) for _, t in group], last_only=True)
+            for i, (rid, _) in enumerate(group):
+                self.prefilling[rid] = cache.select([i])
+                logits[rid] = out[i, -1]
+        for [(rid, t)] in alone + [g for g in groups if len(g) == 1]:
+            logits[rid] = self.model(mx.array(t)[None], self.prefilling[rid], last_only=True)[0, -1]
+        return [logits[rid] for rid, _ in chunks]
 
     def snapshot(self, request_id: str) -> Cache:
         if request_id in self.prefilling:
