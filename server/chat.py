@@ -81,12 +81,16 @@ def render_prompt(tokenizer, messages: list[Message], tools: list[Tool] | None,
     if getattr(tokenizer, "chat_template", None) is None:
         raise BadRequest("this model has no chat template; use /v1/completions")
     try:
-        return tokenizer.apply_chat_template(
-            template_messages(messages), tools=template_tools(tools),
-            add_generation_prompt=True, tokenize=False, **kwargs,
-        )
+        return _apply_template(tokenizer, messages, tools, kwargs, add_generation_prompt=True)
     except jinja2.TemplateError as e:
         raise BadRequest(f"the chat template rejected the messages: {e}", param="messages") from None
+
+
+def _apply_template(tokenizer, messages: list[Message], tools: list[Tool] | None, kwargs: dict | None,
+                    add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(template_messages(messages), tools=template_tools(tools),
+                                         add_generation_prompt=add_generation_prompt, tokenize=False,
+                                         **dict(kwargs or {}))
 
 
 def history_end(tokenizer, messages: list[Message], tools: list[Tool] | None, template_kwargs: dict | None,
@@ -98,10 +102,7 @@ def history_end(tokenizer, messages: list[Message], tools: list[Tool] | None, te
     Qwen3.5's render a finished assistant turn differently from the generation prompt and the
     generated text (its reasoning dropped), so a snapshot here is what the next turn resumes from."""
     try:
-        history = tokenizer.apply_chat_template(
-            template_messages(messages), tools=template_tools(tools),
-            add_generation_prompt=False, tokenize=False, **dict(template_kwargs or {}),
-        )
+        history = _apply_template(tokenizer, messages, tools, template_kwargs, add_generation_prompt=False)
     except jinja2.TemplateError:
         return None
     if not history or not prompt.startswith(history) or len(history) == len(prompt):

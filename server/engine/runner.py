@@ -44,16 +44,20 @@ class Runner:
         lengths (a burst of new short prompts is one forward, not one each); the others run alone,
         since batching them would copy the KV they already hold."""
         logits: dict[str, mx.array] = {}
-        fresh = sorted((c for c in chunks if self.prefilling[c[0]].offsets[0] == 0), key=lambda c: len(c[1]))
+        fresh, alone = [], []
+        for c in chunks:
+            (fresh if self.prefilling[c[0]].offsets[0] == 0 else alone).append(c)
         groups = []
-        for c in fresh:  # grow a group while padding stays under a quarter of its tokens
+        for c in sorted(fresh, key=lambda c: len(c[1])):  # grow a group while padding stays under a quarter
             g = groups[-1] if groups else None
             if g and 4 * len(c[1]) * (len(g) + 1) <= 5 * (sum(len(t) for _, t in g) + len(c[1])):
                 g.append(c)
             else:
                 groups.append([c])
-        alone = [[c] for c in chunks if self.prefilling[c[0]].offsets[0] != 0]
-        for group in [g for g in groups if len(g) > 1]:
+        for group in groups:
+            if len(group) == 1:
+                alone += group
+                continue
             width = max(len(t) for _, t in group)
             tokens = mx.array([t + [0] * (width - len(t)) for _, t in group])
             cache = self.model.make_cache(len(group))
@@ -61,7 +65,7 @@ class Runner:
             for i, (rid, _) in enumerate(group):
                 self.prefilling[rid] = cache.select([i])
                 logits[rid] = out[i, -1]
-        for [(rid, t)] in alone + [g for g in groups if len(g) == 1]:
+        for rid, t in alone:
             logits[rid] = self.model(mx.array(t)[None], self.prefilling[rid], last_only=True)[0, -1]
         return [logits[rid] for rid, _ in chunks]
 
