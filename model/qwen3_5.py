@@ -16,6 +16,7 @@ import mlx.nn as nn
 from .cache import Cache, KVLayer, LinearLayer
 from .config import ModelConfig, ModelLoadError
 from .gated_delta import gated_delta, l2norm
+from .quantized import Linear
 from .switch import SwitchGLU, swiglu
 
 
@@ -105,15 +106,15 @@ class GatedDeltaNet(nn.Module):
         self.key_dim, self.value_dim = self.Hk * self.Dk, self.Hv * self.Dv
         self.conv_dim = 2 * self.key_dim + self.value_dim
         self.kernel = c.linear_conv_kernel_dim
-        self.in_proj_qkv = nn.Linear(c.hidden_size, self.conv_dim, bias=False)
-        self.in_proj_z = nn.Linear(c.hidden_size, self.value_dim, bias=False)
-        self.in_proj_b = nn.Linear(c.hidden_size, self.Hv, bias=False)
-        self.in_proj_a = nn.Linear(c.hidden_size, self.Hv, bias=False)
+        self.in_proj_qkv = Linear(c.hidden_size, self.conv_dim, bias=False)
+        self.in_proj_z = Linear(c.hidden_size, self.value_dim, bias=False)
+        self.in_proj_b = Linear(c.hidden_size, self.Hv, bias=False)
+        self.in_proj_a = Linear(c.hidden_size, self.Hv, bias=False)
         self.conv1d = DepthwiseConv(self.conv_dim, self.kernel)
         self.dt_bias = mx.ones((self.Hv,))
         self.A_log = mx.zeros((self.Hv,))
         self.norm = GatedNorm(self.Dv, c.rms_norm_eps)
-        self.out_proj = nn.Linear(self.value_dim, c.hidden_size, bias=False)
+        self.out_proj = Linear(self.value_dim, c.hidden_size, bias=False)
 
     def empty_state(self, batch: int, dtype) -> LinearLayer:
         return LinearLayer(
@@ -161,10 +162,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.scale = c.head_dim**-0.5
         self.rotary_dims, self.rope_theta = c.rotary_dims, c.rope_theta
-        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim * 2, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
+        self.q_proj = Linear(c.hidden_size, self.n_heads * self.head_dim * 2, bias=False)
+        self.k_proj = Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = Linear(c.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
 
@@ -194,9 +195,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def __call__(self, x):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -206,10 +207,10 @@ class SparseMoE(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.top_k = c.num_experts_per_tok
-        self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False)
+        self.gate = Linear(c.hidden_size, c.num_experts, bias=False)
         self.switch_mlp = SwitchGLU(c.hidden_size, c.moe_intermediate_size, c.num_experts)
         self.shared_expert = MLP(c.hidden_size, c.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(c.hidden_size, 1, bias=False)
+        self.shared_expert_gate = Linear(c.hidden_size, 1, bias=False)
 
     def __call__(self, x):
         shape = x.shape
@@ -259,7 +260,7 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.model = TextModel(c)
         if not c.tie_word_embeddings:
-            self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+            self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
 
 
 def _attention_mask(batch: Batch):

@@ -1,0 +1,81 @@
+"""Quantised matmuls, and the CPU backend's faster way to run them over many rows.
+
+MLX's quantised kernels are the fast path on Metal and CUDA. On the CPU backend they run at about
+1 GMAC/s on one thread, while dequantising a weight costs ~13 ns per weight and the BLAS (OpenBLAS,
+see _blas.py) multiplies floats at 30+ GMAC/s. So on the CPU, when at least `DEQUANT_MIN_ROWS` rows
+meet one weight (prefill, or a large decode batch), we dequantise the weight, in slices of at most
+`DEQUANT_SLICE_BYTES`, and use a float matmul: the same products (the dequantised weights are exactly
+what the kernel multiplies by), summed in another order. `python -m bench.cpu_qmm` measures the
+crossover; everywhere else the quantised kernel runs unchanged.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+DEQUANT_MIN_ROWS = 16  # measured crossover on x86 (bench/cpu_qmm.py): ~12 rows
+DEQUANT_SLICE_BYTES = 64 << 20  # bounds the transient float copy of a weight
+
+
+def dequantize_pays(rows: int) -> bool:
+    return rows >= DEQUANT_MIN_ROWS and mx.default_device() == mx.cpu
+
+
+def quantized_matmul(x, w, scales, biases, group_size: int, bits: int, mode: str = "affine"):
+    """x [..., in] @ W.T for the quantised W [out, in] held as (w, scales, biases)."""
+    if not dequantize_pays(x.size // x.shape[-1]):
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
+    out_dims, in_dims = scales.shape[0], scales.shape[-1] * group_size
+    step = max(1, DEQUANT_SLICE_BYTES // (in_dims * x.dtype.size))
+    parts = []
+    for start in range(0, out_dims, step):
+        end = min(out_dims, start + step)
+        part = mx.dequantize(w[start:end], scales[start:end], None if biases is None else biases[start:end],
+                             group_size=group_size, bits=bits, mode=mode)
+        parts.append(x @ part.astype(x.dtype).T)
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
+def sorted_expert_matmul(x, w, scales, biases, indices, group_size: int, bits: int, mode: str = "affine"):
+    """x [R, 1, in] with sorted expert `indices` [R] -> [R, 1, out] on the CPU backend: experts with at
+    least DEQUANT_MIN_ROWS rows go through a dequantised float matmul each, runs of the others through
+    one gather_qmm. Reads the indices on the host (one synchronisation per call)."""
+    counts = np.bincount(np.asarray(indices), minlength=w.shape[0])
+    rich = counts >= DEQUANT_MIN_ROWS
+    flat = x.reshape(-1, x.shape[-1])
+    outs, row, expert = [], 0, 0
+    while expert < len(counts):
+        if rich[expert]:
+            n = int(counts[expert])
+            sel = (w[expert], scales[expert], None if biases is None else biases[expert])
+            outs.append(quantized_matmul(flat[row:row + n], *sel, group_size, bits, mode))
+            row, expert = row + n, expert + 1
+            continue
+        end = expert
+        while end < len(counts) and not rich[end]:
+            end += 1
+        n = int(counts[expert:end].sum())
+        if n:
+            y = mx.gather_qmm(x[row:row + n], w, scales, biases, rhs_indices=indices[row:row + n], transpose=True,
+                              group_size=group_size, bits=bits, mode=mode, sorted_indices=True)
+            outs.append(y.reshape(n, -1))
+        row, expert = row + n, end
+    return mx.concatenate(outs).reshape(*x.shape[:-1], -1)
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    def __call__(self, x):
+        y = quantized_matmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
+                             self.mode)
+        return y + self["bias"] if "bias" in self else y
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose quantised form is our QuantizedLinear."""
+
+    def to_quantized(self, group_size=None, bits=None, mode="affine", quantize_input=False):
+        if quantize_input:
+            return super().to_quantized(group_size, bits, mode, quantize_input)
+        return QuantizedLinear.from_linear(self, group_size, bits, mode)

@@ -1,0 +1,62 @@
+"""The CPU backend's dequantise-then-BLAS path agrees with MLX's quantised kernels (its twin)."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from model import quantized
+from model.switch import QuantizedSwitchLinear, SwitchLinear
+
+
+def _quantised(shape, bits, seed):
+    w = mx.random.normal(shape, key=mx.random.key(seed)) * 0.05
+    return mx.quantize(w, group_size=64, bits=bits)
+
+
+def _close(a, b):
+    a, b = np.array(a), np.array(b)
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("slice_bytes", [64 << 20, 40 * 128 * 4])  # one slice; uneven slices of 40 rows
+def test_dense_dequantised_path_equals_the_kernel(monkeypatch, bits, slice_bytes):
+    monkeypatch.setattr(quantized, "DEQUANT_SLICE_BYTES", slice_bytes)
+    w, s, b = _quantised((200, 128), bits, 0)
+    x = mx.random.normal((2, 24, 128), key=mx.random.key(1))
+    assert quantized.dequantize_pays(48)
+    got = quantized.quantized_matmul(x, w, s, b, 64, bits)
+    want = mx.quantized_matmul(x, w, s, b, transpose=True, group_size=64, bits=bits)
+    _close(got, want)
+
+
+def test_quantized_linear_takes_the_dequantised_path_for_many_rows_only(monkeypatch):
+    layer = quantized.Linear(128, 96, bias=True).to_quantized(group_size=64, bits=4)
+    assert isinstance(layer, quantized.QuantizedLinear) and isinstance(layer, nn.QuantizedLinear)
+    calls = []
+    real = mx.dequantize
+    monkeypatch.setattr(quantized.mx, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for rows in (1, quantized.DEQUANT_MIN_ROWS - 1, quantized.DEQUANT_MIN_ROWS, 100):
+        calls.clear()
+        x = mx.random.normal((rows, 128), key=mx.random.key(rows))
+        want = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True, group_size=64,
+                                   bits=4) + layer.bias
+        _close(layer(x), want)
+        assert bool(calls) == (rows >= quantized.DEQUANT_MIN_ROWS)
+
+
+def test_sorted_experts_mix_dequantised_and_kernel_rows():
+    E, n_in, n_out = 8, 128, 64
+    layer = QuantizedSwitchLinear.from_switch(SwitchLinear(n_in, n_out, E), 64, 4, "affine")
+    layer.weight, layer.scales, layer.biases = _quantised((E, n_out, n_in), 4, 2)
+    # rich experts (>= DEQUANT_MIN_ROWS rows) next to runs of poor and empty ones, at both ends
+    counts = [20, 0, 3, 1, 40, 16, 0, 5]
+    idx = mx.array(np.repeat(np.arange(E), counts).astype(np.uint32))
+    x = mx.random.normal((int(sum(counts)), 1, n_in), key=mx.random.key(3))
+    want = mx.gather_qmm(x, layer.weight, layer.scales, layer.biases, rhs_indices=idx, transpose=True,
+                         group_size=64, bits=4, sorted_indices=True)
+    got = quantized.sorted_expert_matmul(x, layer.weight, layer.scales, layer.biases, idx, 64, 4)
+    _close(got, want)
+    _close(layer(x, idx, sorted_indices=True), want)  # enough rows: the layer takes this path itself
