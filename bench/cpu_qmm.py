@@ -45,7 +45,7 @@ def main(argv=None):
         x = mx.random.normal((rows, in_dims))
         kernel = best(lambda: mx.quantized_matmul(x, w, s, b, transpose=True, **q))
         mx.eval(x)
-        deq = best(lambda: x @ mx.dequantize(w, s, b, **q).T)
+        deq = best(lambda: x @ quantized.dequantize(w, s, b, 64, args.bits).T)
         print(f"dense {out_dims}x{in_dims}, {rows:5d} rows: quantized_matmul {kernel * 1e3:8.1f} ms, "
               f"dequantise + matmul {deq * 1e3:8.1f} ms ({kernel / deq:.2f}x)", flush=True)
 

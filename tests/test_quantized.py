@@ -20,6 +20,14 @@ def _close(a, b):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("shape", [(200, 128), (3, 40, 256)])
+def test_dequantize_is_mlxs_bit_for_bit(bits, shape):
+    w, s, b = _quantised(shape, bits, bits)
+    want = mx.dequantize(w, s, b, group_size=64, bits=bits)
+    assert mx.array_equal(quantized.dequantize(w, s, b, 64, bits), want).item()
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("slice_bytes", [64 << 20, 40 * 128 * 4])  # one slice; uneven slices of 40 rows
 def test_dense_dequantised_path_equals_the_kernel(monkeypatch, bits, slice_bytes):
@@ -36,8 +44,8 @@ def test_quantized_linear_takes_the_dequantised_path_for_many_rows_only(monkeypa
     layer = quantized.Linear(128, 96, bias=True).to_quantized(group_size=64, bits=4)
     assert isinstance(layer, quantized.QuantizedLinear) and isinstance(layer, nn.QuantizedLinear)
     calls = []
-    real = mx.dequantize
-    monkeypatch.setattr(quantized.mx, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = quantized.dequantize
+    monkeypatch.setattr(quantized, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
     for rows in (1, quantized.DEQUANT_MIN_ROWS - 1, quantized.DEQUANT_MIN_ROWS, 100):
         calls.clear()
         x = mx.random.normal((rows, 128), key=mx.random.key(rows))
