@@ -33,6 +33,18 @@ TARGETS = {
 }
 
 
+# arguments of each benchmark: the sizes, and per model what this 2-core CPU machine finishes in
+# well under an hour (mlx-lm prefills the wide model at ~4 tokens/s here)
+FULL_SIZES = {"model_speed": [], "engine_speed": [], "memory": ["--tokens", "1024,4096"]}
+CPU_SIZES = {
+    "demo": {"model_speed": ["--decode", "64", "--prefill", "512,2048", "--repeats", "3"],
+             "engine_speed": ["--streams", "1,4,16", "--tokens", "32", "--ttft-prompt", "1024"],
+             "memory": ["--tokens", "1024,4096"]},
+    "wide": {"model_speed": ["--decode", "16", "--prefill", "512,2048", "--repeats", "1"],
+             "engine_speed": ["--streams", "1,4,16", "--prompt", "32", "--tokens", "16", "--ttft-prompt", "512"],
+             "memory": ["--tokens", "1024"]},
+}
+
 # what profiling showed behind a missed target, per benchmark (shown under the table when missed)
 CAUSES = {
     "decode_b1": "a batch-1 decode step of this model is a few ms of the same MLX kernels in both engines on the "
@@ -85,24 +97,20 @@ def main(argv=None):
     args = ap.parse_args(argv)
     models = args.models.split(",")
     out = REPO / "bench" / "results.jsonl"
-    kept = []
-    if args.keep and out.exists():
-        kept = [r for r in map(json.loads, out.read_text().splitlines()) if r["model"] not in models]
     results = []
     if args.table_only:
-        kept, models = [json.loads(x) for x in out.read_text().splitlines()], []
+        models = []
     for m in models:
-        if args.full:
-            results += model_speed.main(["--model", m])
-            results += engine_speed.main(["--model", m])
-        else:
-            results += model_speed.main(["--model", m, "--decode", "64", "--prefill", "512,2048", "--repeats", "3"])
-            results += engine_speed.main(["--model", m, "--streams", "1,4,16", "--tokens", "32",
-                                          "--ttft-prompt", "1024"])
-        results += memory.main(["--model", m, "--tokens", "1024,4096"])
+        sizes = FULL_SIZES if args.full else CPU_SIZES.get(m, CPU_SIZES["demo"])
+        results += model_speed.main(["--model", m, *sizes["model_speed"]])
+        results += engine_speed.main(["--model", m, *sizes["engine_speed"]])
+        results += memory.main(["--model", m, *sizes["memory"]])
     server_model = args.server_model or (models[0] if models else "none")
     if server_model != "none":
         results += server_speed.main(["--model", server_model, "--streams", "1,4,16" if not args.full else "1,4,16,32"])
+    # read after the runs, so that runs of different models can go side by side
+    rows = [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
+    kept = rows if args.table_only else [r for r in rows if r["model"] not in models] if args.keep else []
     stamp = time.strftime("%Y-%m-%d")
     for r in results:
         r["date"] = stamp
