@@ -32,12 +32,13 @@ TARGETS = {
     "http_ttft_turn6": ("below mlx-lm's", lambda r: r >= 1.0),
 }
 
+NEXT_TURN_OF_COLD = 0.2  # next-turn TTFT target, as a fraction of our own cold TTFT
 
 # arguments of each benchmark: the issue's sizes, and per model what this 2-core CPU machine finishes in
 # well under an hour (mlx-lm prefills the wide model at ~4 tokens/s here)
 FULL_SIZES = {"model_speed": [], "engine_speed": [], "memory": ["--tokens", "1024,4096"]}
 CPU_SIZES = {
-    "demo": {"model_speed": ["--decode", "64", "--prefill", "512,2048", "--repeats", "3"],
+    "demo": {"model_speed": ["--decode", "128", "--prefill", "512,2048", "--repeats", "5"],
              "engine_speed": ["--streams", "1,4,16", "--tokens", "32", "--ttft-prompt", "1024"],
              "memory": ["--tokens", "1024,4096"]},
     "wide": {"model_speed": ["--decode", "16", "--prefill", "512,2048", "--repeats", "1"],
@@ -47,21 +48,23 @@ CPU_SIZES = {
 
 # what profiling showed behind a missed target, per benchmark (shown under the table when missed)
 CAUSES = {
-    "decode_b1": "a batch-1 decode step of this model is a few ms of the same MLX kernels in both engines on the "
-                 "CPU backend; runs on this 2-core machine vary by ±15% (0.87-1.06× over four runs), more than "
-                 "the difference. Decode-ahead hides our host work only where the device runs asynchronously (GPU)",
-    "streams_16": "a 16-row decode forward measured the same in both engines (89 vs 87 ms on the demo model, CPU) "
-                  "and the prompts' prefill is the same quantised matmuls (ours batched since 2026-11-27); on the "
-                  "CPU backend there is no host-side cost left to remove: the gap to 1.5× needs a GPU run, where "
-                  "decode-ahead overlaps the host with the device",
-    "http_streams_16": "as streams_16, plus both servers' HTTP/SSE overhead per token",
-    "prefill_2048": "on the CPU backend both engines' prefill is the same quantised matmuls (~2 GMAC/s); the chunked "
-                    "GatedDeltaNet removes only the recurrence's share, small next to them",
-    "prefill_8192": "as prefill_2048",
-    "ttft_turn6": "each turn prefills its ~60 new tokens, and on the CPU backend our prefill of the wide model is "
-                  "slower than mlx-lm's (prefill_512 0.80×, not yet analysed: suspects are the sorted-expert prefill "
-                  "path and the chunked GatedDeltaNet at 32 heads of 128)",
+    "decode_b1": "a batch-1 decode step runs the same MLX kernels in both engines on the CPU backend (our dequantised "
+                 "path needs 16+ rows), and ours builds its graph through the engine's scheduler and sampler; with "
+                 "the bench pinned to one core the host cannot overlap the CPU stream, so decode-ahead gains "
+                 "nothing. Demo-model runs on 2026-11-27: 0.84×, 0.92×, 1.06× (this shared box varies ±15% run to "
+                 "run); the wide model's row is a single run",
+    "ttft_turn6": "each turn's ~60 new tokens meet each of the 256 experts about twice, below the 16 rows where "
+                  "dequantising pays, so they run through MLX's quantised CPU kernel (~1 GMAC/s), while the cold "
+                  "512-token prefill mostly runs through the BLAS (bench/cpu_qmm.py: experts at 128 tokens 1.2 s "
+                  "either way, at 2048 tokens 20.7 s vs 1.7 s); a GPU runs both through the same kernel",
 }
+
+
+def met(r: dict) -> bool | None:
+    """Whether the row's targets are met (None: the row has none)."""
+    if r["bench"] not in TARGETS:
+        return None
+    return TARGETS[r["bench"]][1](r["ratio"]) and r.get("ours_vs_cold", 0) <= NEXT_TURN_OF_COLD
 
 
 def fmt(r: dict) -> str:
@@ -69,7 +72,8 @@ def fmt(r: dict) -> str:
     target, ok = TARGETS.get(r["bench"], ("", None))
     note = f"{target} {'met' if ok(r['ratio']) else 'not met'}" if ok else ""
     if "ours_vs_cold" in r:
-        note = f"{r['ours_vs_cold']:.2f}× of our cold (target ≤ 0.2×); {note}"
+        cold_ok = "met" if r["ours_vs_cold"] <= NEXT_TURN_OF_COLD else "not met"
+        note = f"{r['ours_vs_cold']:.3f}× of our cold (≤ {NEXT_TURN_OF_COLD}× {cold_ok}); {note}"
     return f"| {r['model']} | {r['bench']} | {a} | {b} | {r['ratio']:.2f}× | {note} |"
 
 
@@ -77,7 +81,7 @@ def table(results: list[dict], header: str) -> str:
     lines = [header, "", "| model | benchmark | deltaserve | mlx-lm | ratio (higher = deltaserve better) | target |",
              "|---|---|---|---|---|---|"]
     lines += [fmt(r) for r in results]
-    missed = [r for r in results if r["bench"] in TARGETS and not TARGETS[r["bench"]][1](r["ratio"])]
+    missed = [r for r in results if met(r) is False]
     if missed:
         lines += ["", "Targets not met, and why:"]
         lines += [f"- {r['model']} {r['bench']} ({r['ratio']:.2f}×): {CAUSES.get(r['bench'], 'not yet analysed')}"
