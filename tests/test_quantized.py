@@ -9,9 +9,9 @@ from model import quantized
 from model.switch import QuantizedSwitchLinear, SwitchLinear
 
 
-def _quantised(shape, bits, seed):
+def _quantised(shape, bits, seed, dtype=mx.float32):
     w = mx.random.normal(shape, key=mx.random.key(seed)) * 0.05
-    return mx.quantize(w, group_size=64, bits=bits)
+    return mx.quantize(w.astype(dtype), group_size=64, bits=bits)  # scales and biases in `dtype`
 
 
 def _close(a, b):
@@ -22,17 +22,20 @@ def _close(a, b):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("shape", [(200, 128), (3, 40, 256)])
-def test_dequantize_is_mlxs_bit_for_bit(bits, shape):
-    w, s, b = _quantised(shape, bits, bits)
-    want = mx.dequantize(w, s, b, group_size=64, bits=bits)
-    assert mx.array_equal(quantized.dequantize(w, s, b, 64, bits), want).item()
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_dequantize_is_mlxs_in_float32_bit_for_bit(bits, shape, dtype):
+    w, s, b = _quantised(shape, bits, bits, dtype)
+    want = mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=64, bits=bits)
+    got = quantized.dequantize(w, s, b, 64, bits)
+    assert got.dtype == mx.float32 and mx.array_equal(got, want).item()
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 8])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])  # bf16 scales: as mlx-lm's checkpoints store them
 @pytest.mark.parametrize("slice_bytes", [64 << 20, 40 * 128 * 4])  # one slice; uneven slices of 40 rows
-def test_dense_dequantised_path_equals_the_kernel(monkeypatch, bits, slice_bytes):
+def test_dense_dequantised_path_equals_the_kernel(monkeypatch, bits, dtype, slice_bytes):
     monkeypatch.setattr(quantized, "DEQUANT_SLICE_BYTES", slice_bytes)
-    w, s, b = _quantised((200, 128), bits, 0)
+    w, s, b = _quantised((200, 128), bits, 0, dtype)
     x = mx.random.normal((2, 24, 128), key=mx.random.key(1))
     assert quantized.dequantize_pays(48)
     got = quantized.quantized_matmul(x, w, s, b, 64, bits)
@@ -58,7 +61,7 @@ def test_quantized_linear_takes_the_dequantised_path_for_many_rows_only(monkeypa
 def test_sorted_experts_mix_dequantised_and_kernel_rows():
     E, n_in, n_out = 8, 128, 64
     layer = QuantizedSwitchLinear.from_switch(SwitchLinear(n_in, n_out, E), 64, 4, "affine")
-    layer.weight, layer.scales, layer.biases = _quantised((E, n_out, n_in), 4, 2)
+    layer.weight, layer.scales, layer.biases = _quantised((E, n_out, n_in), 4, 2, mx.bfloat16)
     # rich experts (>= DEQUANT_MIN_ROWS rows) next to runs of poor and empty ones, at both ends
     counts = [20, 0, 3, 1, 40, 16, 0, 5]
     idx = mx.array(np.repeat(np.arange(E), counts).astype(np.uint32))
