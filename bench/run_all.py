@@ -60,11 +60,15 @@ CAUSES = {
 }
 
 
+def cold_met(r: dict) -> bool:
+    return r.get("ours_vs_cold", 0) <= NEXT_TURN_OF_COLD
+
+
 def met(r: dict) -> bool | None:
     """Whether the row's targets are met (None: the row has none)."""
     if r["bench"] not in TARGETS:
         return None
-    return TARGETS[r["bench"]][1](r["ratio"]) and r.get("ours_vs_cold", 0) <= NEXT_TURN_OF_COLD
+    return TARGETS[r["bench"]][1](r["ratio"]) and cold_met(r)
 
 
 def fmt(r: dict) -> str:
@@ -72,7 +76,7 @@ def fmt(r: dict) -> str:
     target, ok = TARGETS.get(r["bench"], ("", None))
     note = f"{target} {'met' if ok(r['ratio']) else 'not met'}" if ok else ""
     if "ours_vs_cold" in r:
-        cold_ok = "met" if r["ours_vs_cold"] <= NEXT_TURN_OF_COLD else "not met"
+        cold_ok = "met" if cold_met(r) else "not met"
         note = f"{r['ours_vs_cold']:.3f}× of our cold (≤ {NEXT_TURN_OF_COLD}× {cold_ok}); {note}"
     return f"| {r['model']} | {r['bench']} | {a} | {b} | {r['ratio']:.2f}× | {note} |"
 

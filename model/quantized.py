@@ -11,6 +11,8 @@ crossover; everywhere else the quantised kernel runs unchanged.
 
 from __future__ import annotations
 
+from itertools import groupby
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -44,16 +46,20 @@ def dequantize(w, scales, biases, group_size: int, bits: int, mode: str = "affin
     return _UNPACKERS[bits, group_size](w, scales, biases)
 
 
+def on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
 def dequantize_pays(rows: int) -> bool:
-    return rows >= DEQUANT_MIN_ROWS and mx.default_device() == mx.cpu
+    return rows >= DEQUANT_MIN_ROWS and on_cpu()
 
 
 def quantized_matmul(x, w, scales, biases, group_size: int, bits: int, mode: str = "affine"):
     """x [..., in] @ W.T for the quantised W [out, in] held as (w, scales, biases)."""
     if not dequantize_pays(x.size // x.shape[-1]):
         return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
-    out_dims, in_dims = scales.shape[0], scales.shape[-1] * group_size
-    step = max(1, DEQUANT_SLICE_BYTES // (in_dims * 4))  # float32 slices
+    out_dims = scales.shape[0]
+    step = max(1, DEQUANT_SLICE_BYTES // (x.shape[-1] * 4))  # float32 slices
     parts = []
     for start in range(0, out_dims, step):
         end = min(out_dims, start + step)
@@ -68,25 +74,21 @@ def sorted_expert_matmul(x, w, scales, biases, indices, group_size: int, bits: i
     least DEQUANT_MIN_ROWS rows go through a dequantised float matmul each, runs of the others through
     one gather_qmm. Reads the indices on the host (one synchronisation per call)."""
     counts = np.bincount(np.asarray(indices), minlength=w.shape[0])
-    rich = counts >= DEQUANT_MIN_ROWS
     flat = x.reshape(-1, x.shape[-1])
-    outs, row, expert = [], 0, 0
-    while expert < len(counts):
-        if rich[expert]:
-            n = int(counts[expert])
-            sel = (w[expert], scales[expert], None if biases is None else biases[expert])
-            outs.append(quantized_matmul(flat[row:row + n], *sel, group_size, bits, mode))
-            row, expert = row + n, expert + 1
-            continue
-        end = expert
-        while end < len(counts) and not rich[end]:
-            end += 1
-        n = int(counts[expert:end].sum())
-        if n:
+    outs, row = [], 0
+    for rich, run in groupby(range(len(counts)), key=lambda e: counts[e] >= DEQUANT_MIN_ROWS):
+        run = list(run)
+        if rich:
+            for e in run:
+                n = int(counts[e])
+                sel = (w[e], scales[e], None if biases is None else biases[e])
+                outs.append(quantized_matmul(flat[row:row + n], *sel, group_size, bits, mode))
+                row += n
+        elif n := int(counts[run].sum()):
             y = mx.gather_qmm(x[row:row + n], w, scales, biases, rhs_indices=indices[row:row + n], transpose=True,
                               group_size=group_size, bits=bits, mode=mode, sorted_indices=True)
             outs.append(y.reshape(n, -1))
-        row, expert = row + n, end
+            row += n
     return mx.concatenate(outs).reshape(*x.shape[:-1], -1)
 
 

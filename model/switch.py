@@ -7,16 +7,12 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
-from .quantized import dequantize_pays, sorted_expert_matmul
+from .quantized import dequantize_pays, on_cpu, sorted_expert_matmul
 
 
 @partial(mx.compile, shapeless=True)
 def swiglu(gate, up):
     return nn.silu(gate) * up
-
-
-def _on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
 
 
 class SwitchLinear(nn.Module):
@@ -29,7 +25,7 @@ class SwitchLinear(nn.Module):
     def __call__(self, x, indices, sorted_indices=False):
         w = self.weight
         dtype = x.dtype
-        if _on_cpu() and (dtype != mx.float32 or w.dtype != mx.float32):
+        if on_cpu() and (dtype != mx.float32 or w.dtype != mx.float32):
             # MLX's CPU gather_mm only supports float32.
             x, w = x.astype(mx.float32), w.astype(mx.float32)
         y = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
