@@ -63,3 +63,37 @@ def test_resume_gives_the_same_weights(setup, tmp_path):
     assert result["steps"] == CFG.steps
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_recall_init_reads_back_what_followed_the_token(monkeypatch, seed):
+    """After recall_init, transformers' own GatedDeltaNet (first linear layer) answers a repeated token
+    with the value of the token that followed its earlier occurrence: the induction step."""
+    from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as qwen
+
+    from model.demo.train import recall_init
+
+    from dataclasses import replace
+
+    config = model_config(replace(SHAPE, linear_key_head_dim=32, linear_value_head_dim=32), 256, 0, 1)
+    torch.manual_seed(seed)
+    model = qwen.Qwen3_5MoeForCausalLM(config).float().eval()
+    assert recall_init(model, 1, -6.0) == [0]
+    seen = []
+    rule = qwen.torch_chunk_gated_delta_rule
+
+    def capture(query, key, value, **kw):
+        out = rule(query, key, value, **kw)
+        seen.append((value[0], out[0][0]))  # [T, heads, dim] each
+        return out
+
+    monkeypatch.setattr(qwen, "torch_chunk_gated_delta_rule", capture)
+    ids = torch.randperm(config.vocab_size, generator=torch.Generator().manual_seed(seed))[:10]
+    ids = torch.cat([ids, ids[3:4]])  # ..., a3, a4, ..., a9, a3 -> should read back a4
+    with torch.no_grad():
+        model(input_ids=ids[None], use_cache=False)
+    value, out = seen[0]
+    for head in range(value.shape[1]):
+        v = torch.nn.functional.normalize(value[:-1, head] - value[:-1, head].mean(0), dim=-1)
+        sim = v @ torch.nn.functional.normalize(out[-1, head], dim=-1)
+        assert int(sim.argmax()) == 4, sim
