@@ -97,3 +97,39 @@ def test_recall_init_reads_back_what_followed_the_token(monkeypatch, seed):
         v = torch.nn.functional.normalize(value[:-1, head] - value[:-1, head].mean(0), dim=-1)
         sim = v @ torch.nn.functional.normalize(out[-1, head], dim=-1)
         assert int(sim.argmax()) == 4, sim
+
+
+def test_copy_drills_repeat_a_run_of_corpus_tokens():
+    import numpy as np
+
+    from model.demo.train import IGNORE, copy_drills
+
+    counts = np.zeros(50, dtype=np.int64)
+    counts[10:20] = np.arange(1, 11)
+    counts[7] = 1000  # the separator: the most common token
+    for seed in range(5):
+        ids, labels = copy_drills(counts, 4, np.random.default_rng(seed))
+        assert ids.shape == labels.shape and ids.shape[0] == 4
+        copied = int((labels[0] != IGNORE).sum())
+        sep = ids.shape[1] - copied - 1
+        assert (ids[:, sep] == 7).all()
+        assert 12 <= copied <= 36 and 0 <= sep - copied <= 16
+        assert (ids[:, sep + 1:] == ids[:, sep - copied:sep]).all()
+        assert (labels[:, sep + 1:] == ids[:, sep + 1:]).all() and (labels[:, :sep + 1] == IGNORE).all()
+        assert set(np.unique(ids)) <= set(range(10, 20)) | {7}  # never a token the corpus does not use
+
+
+def test_tied_recall_layer_keeps_key_equal_to_query(setup):
+    from dataclasses import replace
+
+    torch.set_num_threads(1)
+    _, rows, config, pad = setup
+    model = _model(config)
+    from model.demo.train import recall_init
+
+    recall_init(model, 1, -6.0)
+    train(model, rows, replace(CFG, recall_layers=1, recall_tied=1, copy_rows=2), pad, log=lambda _: None)
+    w = model.model.layers[0].linear_attn.in_proj_qkv.weight
+    kd = model.model.layers[0].linear_attn.key_dim
+    assert torch.equal(w[:kd], w[kd:2 * kd])
+    assert not torch.equal(w[:kd], model.model.layers[0].linear_attn.in_proj_qkv.weight.new_zeros(w[:kd].shape))

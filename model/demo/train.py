@@ -69,6 +69,8 @@ class TrainConfig:
     log_every: int = 10
     recall_layers: int = 1  # the first N GatedDeltaNet layers start as associative recall (0: plain init)
     recall_log_decay: float = -6.0  # their A_log: a decay of ~0.997 per token, a memory of hundreds of tokens
+    recall_tied: int = 0  # 1: keep those layers' key projection equal to the query projection all through
+    copy_rows: int = 0  # copy drills per step (random runs of corpus tokens repeated at a varied offset; 0: none)
 
 
 def model_config(shape: ModelShape, vocab_size: int, eos_id: int, pad_id: int, router_aux_loss_coef: float = 0.0):
@@ -116,6 +118,20 @@ def recall_init(model, layers: int, log_decay: float) -> list[int]:
     return done
 
 
+def tie_recall(model, layers: list[int]) -> None:
+    """Set the key projection of these GatedDeltaNet layers to the mean of key and query projections, and
+    the query projection to the same: a projected-gradient step that keeps them an associative memory."""
+    import torch
+
+    with torch.no_grad():
+        for i in layers:
+            gdn = model.model.layers[i].linear_attn
+            w, kd = gdn.in_proj_qkv.weight, gdn.key_dim
+            mean = (w[:kd] + w[kd:2 * kd]) / 2
+            w[:kd] = mean
+            w[kd:2 * kd] = mean
+
+
 def encode(tok, text: str) -> tuple[list[int], list[int]]:
     """Token ids and labels (IGNORE outside the assistant turns). tok: a tokenizers.Tokenizer."""
     enc = tok.encode(text, add_special_tokens=False)
@@ -161,6 +177,21 @@ def lm_loss(logits, ids, labels, pad_id: int, prompt_weight: float):
     return (ce * weight.flatten()).sum() / weight.sum()
 
 
+def copy_drills(counts: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """[n, T] ids and labels of copy drills: a random prefix (0-16 tokens), a run A (12-36 tokens), a
+    separator, A again; tokens drawn by corpus frequency^0.7, one shape per call. Labels only on the copy."""
+    probs = counts.astype(np.float64) ** 0.7  # tokens the corpus never uses stay out
+    probs /= probs.sum()
+    length, prefix = int(rng.integers(12, 37)), int(rng.integers(0, 17))
+    body = rng.choice(len(probs), size=(n, prefix + length + 1), p=probs)
+    sep = int(np.argmax(counts))  # the corpus' most common token stands between the run and its copy
+    body[:, prefix + length] = sep
+    ids = np.concatenate([body, body[:, prefix:prefix + length]], axis=1)
+    labels = np.full_like(ids, IGNORE)
+    labels[:, prefix + length + 1:] = ids[:, prefix + length + 1:]
+    return ids, labels
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -190,6 +221,10 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
         opt.load_state_dict(state["optimizer"])
         step, tokens, history, done_s = state["step"], state["tokens"], state["history"], state["seconds"]
         log(f"resuming at step {step} from {state_path}")
+    tied = [i for i, layer in enumerate(model.model.layers) if getattr(layer, "linear_attn", None) is not None]
+    tied = tied[:cfg.recall_layers] if cfg.recall_tied else []
+    counts = np.bincount(np.concatenate([np.asarray(r[0]) for r in rows]), minlength=model.config.vocab_size)
+    counts[[pad_id, model.config.eos_token_id]] = 0
     model.train()
     t0 = time.perf_counter() - done_s
     seen = 0
@@ -206,12 +241,18 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
             x = torch.from_numpy(ids)
             out = model(input_ids=x, use_cache=False)
             loss = lm_loss(out.logits, x, torch.from_numpy(labels), pad_id, cfg.prompt_loss_weight)
+            if cfg.copy_rows:
+                d_ids, d_labels = copy_drills(counts, cfg.copy_rows, np.random.default_rng([cfg.seed, step]))
+                d = torch.from_numpy(d_ids)
+                loss = loss + lm_loss(model(input_ids=d, use_cache=False).logits, d, torch.from_numpy(d_labels),
+                                      pad_id, 0.0)
             aux = getattr(out, "aux_loss", None)
             if aux is not None:
                 loss = loss + cfg.router_aux_loss_coef * aux
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            tie_recall(model, tied)
             opt.zero_grad(set_to_none=True)
             tokens += ids.size
             step += 1
