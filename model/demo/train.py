@@ -10,8 +10,12 @@ last token cannot change that row's logits) and drawn from length buckets to was
 Copying (argument values from the request, result values into the answer) is what a model this
 small learns last: an induction circuit forms only after a long plateau, longer than this training
 budget (a 2-layer Llama of the same width does not learn to copy a random run at a varied offset in
-2000 steps). So the first `recall_layers` GatedDeltaNet layers start as associative recall
-(`recall_init`), and training takes it from there.
+2000 steps). Three options shorten it, all off in the defaults (which rebuild the committed model):
+`recall_layers` starts the first GatedDeltaNet layers as associative recall (`recall_init`),
+`recall_tied` keeps them so (`tie_recall`), and `copy_rows` trains on copy drills beside each batch
+(`copy_drills`). Measured together (900 steps): held-out chat echo 1.4% -> 50%, final-answer key
+tokens 31% -> 52% teacher-forced, yet fewer right tool choices end to end (12% vs 42%): the drills
+take steps and loss from the conversations; see the README's demo-model section.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1  # on a shared 2-core machine a second thread mostly spins (30% system time)
     log_every: int = 10
-    recall_layers: int = 1  # the first N GatedDeltaNet layers start as associative recall (0: plain init)
+    recall_layers: int = 0  # the first N GatedDeltaNet layers start as associative recall (0: plain init)
     recall_log_decay: float = -6.0  # their A_log: a decay of ~0.997 per token, a memory of hundreds of tokens
     recall_tied: int = 0  # 1: keep those layers' key projection equal to the query projection all through
     copy_rows: int = 0  # copy drills per step (random runs of corpus tokens repeated at a varied offset; 0: none)
