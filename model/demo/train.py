@@ -95,6 +95,11 @@ def model_config(shape: ModelShape, vocab_size: int, eos_id: int, pad_id: int, r
         bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id, **s)
 
 
+def recall_layers(model, n: int) -> list[int]:
+    """Indices of the first n GatedDeltaNet (linear-attention) layers."""
+    return [i for i, layer in enumerate(model.model.layers) if hasattr(layer, "linear_attn")][:n]
+
+
 def recall_init(model, layers: int, log_decay: float) -> list[int]:
     """Initialise the first `layers` GatedDeltaNet layers as an associative memory of "what followed
     this token": the causal conv feeds the key from the previous token and the query and value from
@@ -104,12 +109,10 @@ def recall_init(model, layers: int, log_decay: float) -> list[int]:
     a plateau. Everything stays trainable. Returns the layer indices it initialised."""
     import torch
 
-    done = []
+    done = recall_layers(model, layers)
     with torch.no_grad():
-        for i, layer in enumerate(model.model.layers):
-            gdn = getattr(layer, "linear_attn", None)
-            if gdn is None or len(done) >= layers:
-                continue
+        for i in done:
+            gdn = model.model.layers[i].linear_attn
             kd, k = gdn.key_dim, gdn.conv_kernel_size
             w = torch.zeros_like(gdn.conv1d.weight)  # [channels, 1, kernel]; tap k-1 is the current token
             w[:kd, 0, k - 1] = 1.0  # query: this token
@@ -118,7 +121,6 @@ def recall_init(model, layers: int, log_decay: float) -> list[int]:
             gdn.conv1d.weight.copy_(w)
             gdn.in_proj_qkv.weight[kd:2 * kd] = gdn.in_proj_qkv.weight[:kd]
             gdn.A_log.fill_(log_decay)
-            done.append(i)
     return done
 
 
@@ -225,8 +227,7 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
         opt.load_state_dict(state["optimizer"])
         step, tokens, history, done_s = state["step"], state["tokens"], state["history"], state["seconds"]
         log(f"resuming at step {step} from {state_path}")
-    tied = [i for i, layer in enumerate(model.model.layers) if getattr(layer, "linear_attn", None) is not None]
-    tied = tied[:cfg.recall_layers] if cfg.recall_tied else []
+    tied = recall_layers(model, cfg.recall_layers) if cfg.recall_tied else []
     counts = np.bincount(np.concatenate([np.asarray(r[0]) for r in rows]), minlength=model.config.vocab_size)
     counts[[pad_id, model.config.eos_token_id]] = 0
     model.train()
