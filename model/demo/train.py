@@ -228,8 +228,9 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
         step, tokens, history, done_s = state["step"], state["tokens"], state["history"], state["seconds"]
         log(f"resuming at step {step} from {state_path}")
     tied = recall_layers(model, cfg.recall_layers) if cfg.recall_tied else []
-    counts = np.bincount(np.concatenate([np.asarray(r[0]) for r in rows]), minlength=model.config.vocab_size)
-    counts[[pad_id, model.config.eos_token_id]] = 0
+    if cfg.copy_rows:  # the drills draw their tokens by corpus frequency
+        counts = np.bincount(np.concatenate([np.asarray(r[0]) for r in rows]), minlength=model.config.vocab_size)
+        counts[[pad_id, model.config.eos_token_id]] = 0
     model.train()
     t0 = time.perf_counter() - done_s
     seen = 0
