@@ -10,8 +10,8 @@ import pytest
 
 from model.demo import corpus
 from model.demo.tokenizer import train_bpe
-from model.demo.train import (IGNORE, ModelShape, TrainConfig, copy_drills, encode, model_config, recall_init,
-                              token_ids, train)
+from model.demo.train import (IGNORE, ModelShape, TrainConfig, copy_drills, encode, induction_init, model_config,
+                              recall_init, token_ids, train)
 
 torch = pytest.importorskip("torch")
 
@@ -97,6 +97,27 @@ def test_recall_init_reads_back_what_followed_the_token(monkeypatch, seed):
         v = torch.nn.functional.normalize(value[:-1, head] - value[:-1, head].mean(0), dim=-1)
         sim = v @ torch.nn.functional.normalize(out[-1, head], dim=-1)
         assert int(sim.argmax()) == 4, sim
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("built", [True, False])
+def test_induction_init_copies_a_repeated_run(seed, built):
+    """With induction_init, transformers' own model (the demo shape, untrained) continues the second copy
+    of a run of tokens as the first one went, after a long unrelated prefix; a plain init does not."""
+    from transformers import Qwen3_5MoeForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen3_5MoeForCausalLM(model_config(ModelShape(), 1024, 0, 1)).float().eval()
+    if built:
+        assert induction_init(model) == [0, 2]
+    perm = torch.randperm(1024, generator=torch.Generator().manual_seed(seed))
+    prefix, run = perm[:200], perm[200:230]
+    ids = torch.cat([prefix, run, perm[230:231], run])[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[0]
+    start = len(prefix) + len(run) + 1  # the second run's first token
+    hits = (logits[start:-1].argmax(-1) == ids[0, start + 1:]).float().mean().item()
+    assert hits >= 0.75 if built else hits <= 0.1, hits
 
 
 def test_copy_drills_repeat_a_run_of_corpus_tokens():

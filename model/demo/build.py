@@ -32,7 +32,7 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     from convert.gguf_writer import write_gguf
 
     from .tokenizer import save_hf_tokenizer, train_bpe
-    from .train import encode, model_config, recall_init, save_checkpoint, token_ids, train
+    from .train import encode, induction_init, model_config, recall_init, save_checkpoint, token_ids, train
 
     timings = {}
     t = time.perf_counter()
@@ -63,6 +63,8 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     config = model_config(shape, tok.get_vocab_size(), eos_id, pad_id, cfg.router_aux_loss_coef)
     torch.manual_seed(cfg.seed)
     model = Qwen3_5MoeForCausalLM(config).float()
+    if cfg.induction:
+        log(f"induction init: layers {induction_init(model)}")
     if cfg.recall_layers:
         log(f"recall init: layers {recall_init(model, cfg.recall_layers, cfg.recall_log_decay)}")
     config.to_json_file(work / "config.json")

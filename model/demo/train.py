@@ -75,6 +75,8 @@ class TrainConfig:
     recall_log_decay: float = -6.0  # their A_log: a decay of ~0.997 per token, a memory of hundreds of tokens
     recall_tied: int = 0  # 1: keep those layers' key projection equal to the query projection all through
     copy_rows: int = 0  # copy drills per step (random runs of corpus tokens repeated at a varied offset; 0: none)
+    induction: int = 0  # 1: start with a built induction circuit (induction_init; 0: plain init)
+    induction_lr: float = 1.0  # learning-rate factor for the two layers induction_init builds
 
 
 def model_config(shape: ModelShape, vocab_size: int, eos_id: int, pad_id: int, router_aux_loss_coef: float = 0.0):
@@ -122,6 +124,86 @@ def recall_init(model, layers: int, log_decay: float) -> list[int]:
             gdn.in_proj_qkv.weight[kd:2 * kd] = gdn.in_proj_qkv.weight[:kd]
             gdn.A_log.fill_(log_decay)
     return done
+
+
+def induction_init(model, token_dims: int = 64, gate: float = 0.5, log_decay: float = 2.0, qk_scale: float = 3.0,
+                   ov_scale: float = 8.0, readout_scale: float = 10.0) -> list[int]:
+    """Start the model with a working induction circuit (copy what followed the current token's last occurrence),
+    built from two layers, instead of waiting for one to form after a plateau longer than the training budget.
+
+    The residual stream is laid out in three parts: the token embedding in the first `token_dims` dimensions,
+    the previous token in the rest but one, a constant in the last. The first GatedDeltaNet layer writes the
+    previous token: its conv feeds the value from the previous position and query and key (equal projections)
+    from the current one, its decay forgets everything at once, so its output is the previous token's value,
+    gated by the constant. The first full-attention layer matches: each query reads the current token (a random
+    projection of its embedding, on the dimensions RoPE leaves alone), each key reads the previous-token part,
+    its projection solved by least squares so a key equals the query the same token makes; the values copy the
+    matched position's token embedding back into the token part, which the LM head (started as the embedding)
+    reads as that token. Every other layer starts with a zero output projection (an identity block), so the
+    residual holds nothing else at step 0. Everything stays trainable. Returns the two layer indices."""
+    import torch
+    import torch.nn.functional as F
+
+    cfg = model.config
+    hidden = cfg.hidden_size
+    tok, prev = slice(0, token_dims), slice(token_dims, hidden - 1)
+    layers = model.model.layers
+    writer = recall_layers(model, 1)[0]
+    reader = next(i for i, layer in enumerate(layers) if hasattr(layer, "self_attn") and i > writer)
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb.zero_()
+        emb[:, tok] = torch.randn(emb.shape[0], token_dims) / token_dims ** 0.5
+        emb[:, -1] = 1.0
+        for layer in layers:
+            block = layer.linear_attn.out_proj if hasattr(layer, "linear_attn") else layer.self_attn.o_proj
+            block.weight.zero_()
+            for name, p in layer.mlp.named_parameters():
+                if "down_proj" in name:
+                    p.zero_()
+
+        gdn = layers[writer].linear_attn
+        kd, k = gdn.key_dim, gdn.conv_kernel_size
+        w = torch.zeros_like(gdn.conv1d.weight)  # [channels, 1, kernel]; tap k-1 is the current token
+        w[:2 * kd, 0, k - 1] = 1.0
+        w[2 * kd:, 0, k - 2] = 1.0
+        gdn.conv1d.weight.copy_(w)
+        gdn.in_proj_qkv.weight[:, token_dims:] = 0
+        gdn.in_proj_qkv.weight[kd:2 * kd] = gdn.in_proj_qkv.weight[:kd]
+        gdn.in_proj_a.weight.zero_()
+        gdn.A_log.fill_(log_decay)
+        gdn.in_proj_z.weight.zero_()
+        gdn.in_proj_z.weight[:, -1] = gate
+        gdn.out_proj.weight[prev] = torch.linalg.qr(torch.randn(gdn.value_dim, hidden - 1 - token_dims))[0].T
+        # what the writer puts in the residual for each token as the previous one (beta and q.k are per-head
+        # scalars there, which the gated norm removes)
+        x = layers[writer].input_layernorm(emb)
+        n = emb.shape[0]
+        v = F.silu(x @ gdn.in_proj_qkv.weight[2 * kd:].T).view(n, -1, gdn.head_v_dim)
+        z = (x @ gdn.in_proj_z.weight.T).view(n, -1, gdn.head_v_dim)
+        written = gdn.out_proj(gdn.norm(v, z).reshape(n, -1))[:, prev]
+
+        att = layers[reader].self_attn
+        hd, heads, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        rot = int(hd * cfg.rope_parameters.get("partial_rotary_factor", 1.0))
+        group, vdim = heads // kv, min(hd, token_dims // kv)
+        for p in (att.q_proj.weight, att.k_proj.weight, att.v_proj.weight):
+            p.zero_()  # the gate half of q_proj too: sigmoid(0) passes half of every head
+        basis = torch.linalg.qr(torch.randn(token_dims, token_dims))[0]
+        gram = written.T @ written + 1e-3 * torch.eye(written.shape[1])
+        for h in range(kv):
+            a = torch.randn(hd - rot, token_dims) / token_dims ** 0.5
+            att.k_proj.weight[h * hd + rot:(h + 1) * hd, prev] = torch.linalg.solve(gram, written.T @ (emb[:, tok] @ a.T)).T
+            b = basis[:, h * vdim:(h + 1) * vdim].T
+            att.v_proj.weight[h * hd:h * hd + vdim, tok] = b
+            for j in range(h * group, (h + 1) * group):
+                att.q_proj.weight[2 * j * hd + rot:(2 * j + 1) * hd, tok] = a
+                att.o_proj.weight[tok, j * hd:j * hd + vdim] = b.T * ov_scale / group
+        att.q_norm.weight.fill_(qk_scale - 1)
+        att.k_norm.weight.fill_(qk_scale - 1)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[:, tok] = emb[:, tok] * readout_scale
+    return [writer, reader]
 
 
 def tie_recall(model, layers: list[int]) -> None:
@@ -213,10 +295,19 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
     import torch
 
     rng = random.Random(cfg.seed)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    built = set()
+    if cfg.induction:  # the writer and reader layers induction_init built
+        writer = recall_layers(model, 1)[0]
+        reader = next(i for i, layer in enumerate(model.model.layers) if hasattr(layer, "self_attn") and i > writer)
+        built = {f"model.layers.{writer}.linear_attn.", f"model.layers.{reader}.self_attn."}
+    groups = {}
+    for n, p in model.named_parameters():
+        decays = p.ndim >= 2 and "embed" not in n
+        factor = cfg.induction_lr if any(n.startswith(b) for b in built) else 1.0
+        groups.setdefault((decays, factor), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0, "lr_factor": factor}
+                             for (decays, factor), ps in sorted(groups.items())],
+                            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     step, tokens, history, done_s = 0, 0, [], 0.0
     if state_path is not None and Path(state_path).is_file():
         state = torch.load(state_path, weights_only=False)
@@ -243,7 +334,7 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
             if seen <= step:
                 continue  # replaying the batch order up to a resumed step
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
+                group["lr"] = lr_at(step, cfg) * group["lr_factor"]
             x = torch.from_numpy(ids)
             out = model(input_ids=x, use_cache=False)
             loss = lm_loss(out.logits, x, torch.from_numpy(labels), pad_id, cfg.prompt_loss_weight)
