@@ -100,7 +100,7 @@ def test_recall_init_reads_back_what_followed_the_token(monkeypatch, seed):
 
 
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("built", [True, False])
+@pytest.mark.parametrize("built", [None, 0, 1])  # None: plain init; else induction_init's kv_heads
 def test_induction_init_copies_a_repeated_run(seed, built):
     """With induction_init, transformers' own model (the demo shape, untrained) continues the second copy
     of a run of tokens as the first one went, after a long unrelated prefix; a plain init does not."""
@@ -108,8 +108,10 @@ def test_induction_init_copies_a_repeated_run(seed, built):
 
     torch.manual_seed(seed)
     model = Qwen3_5MoeForCausalLM(model_config(ModelShape(), 1024, 0, 1)).float().eval()
-    if built:
-        assert induction_init(model) == [0, 2]
+    if built is not None:
+        free = model.model.layers[2].self_attn.k_proj.weight[32:].clone()  # the second key/value head
+        assert induction_init(model, kv_heads=built) == [0, 2]
+        assert torch.equal(model.model.layers[2].self_attn.k_proj.weight[32:], free) == (built == 1)
     perm = torch.randperm(1024, generator=torch.Generator().manual_seed(seed))
     prefix, run = perm[:200], perm[200:230]
     ids = torch.cat([prefix, run, perm[230:231], run])[None]
@@ -117,7 +119,7 @@ def test_induction_init_copies_a_repeated_run(seed, built):
         logits = model(input_ids=ids, use_cache=False).logits[0]
     start = len(prefix) + len(run) + 1  # the second run's first token
     hits = (logits[start:-1].argmax(-1) == ids[0, start + 1:]).float().mean().item()
-    assert hits >= 0.75 if built else hits <= 0.1, hits
+    assert hits >= 0.75 if built is not None else hits <= 0.1, hits
 
 
 def test_copy_drills_repeat_a_run_of_corpus_tokens():

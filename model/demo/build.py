@@ -64,7 +64,7 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     torch.manual_seed(cfg.seed)
     model = Qwen3_5MoeForCausalLM(config).float()
     if cfg.induction:
-        log(f"induction init: layers {induction_init(model)}")
+        log(f"induction init: layers {induction_init(model, kv_heads=cfg.induction_heads)}")
     if cfg.recall_layers:
         log(f"recall init: layers {recall_init(model, cfg.recall_layers, cfg.recall_log_decay)}")
     config.to_json_file(work / "config.json")

@@ -77,6 +77,7 @@ class TrainConfig:
     copy_rows: int = 0  # copy drills per step (random runs of corpus tokens repeated at a varied offset; 0: none)
     induction: int = 0  # 1: start with a built induction circuit (induction_init; 0: plain init)
     induction_lr: float = 1.0  # learning-rate factor for the two layers induction_init builds
+    induction_heads: int = 0  # key/value heads of the attention layer induction_init builds (0: all)
 
 
 def model_config(shape: ModelShape, vocab_size: int, eos_id: int, pad_id: int, router_aux_loss_coef: float = 0.0):
@@ -127,7 +128,7 @@ def recall_init(model, layers: int, log_decay: float) -> list[int]:
 
 
 def induction_init(model, token_dims: int = 64, gate: float = 0.5, log_decay: float = 2.0, qk_scale: float = 3.0,
-                   ov_scale: float = 8.0, readout_scale: float = 10.0) -> list[int]:
+                   ov_scale: float = 8.0, readout_scale: float = 10.0, kv_heads: int = 0) -> list[int]:
     """Start the model with a working induction circuit (copy what followed the current token's last occurrence),
     built from two layers, instead of waiting for one to form after a plateau longer than the training budget.
 
@@ -140,7 +141,9 @@ def induction_init(model, token_dims: int = 64, gate: float = 0.5, log_decay: fl
     its projection solved by least squares so a key equals the query the same token makes; the values copy the
     matched position's token embedding back into the token part, which the LM head (started as the embedding)
     reads as that token. Every other layer starts with a zero output projection (an identity block), so the
-    residual holds nothing else at step 0. Everything stays trainable. Returns the two layer indices."""
+    residual holds nothing else at step 0. `kv_heads` builds only the first key/value heads of the attention
+    layer (their query heads with them) and leaves the others as initialised. Everything stays trainable.
+    Returns the two layer indices."""
     import torch
     import torch.nn.functional as F
 
@@ -186,19 +189,21 @@ def induction_init(model, token_dims: int = 64, gate: float = 0.5, log_decay: fl
         att = layers[reader].self_attn
         hd, heads, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         rot = int(hd * cfg.rope_parameters.get("partial_rotary_factor", 1.0))
-        group, vdim = heads // kv, min(hd, token_dims // kv)
-        for p in (att.q_proj.weight, att.k_proj.weight, att.v_proj.weight):
-            p.zero_()  # the gate half of q_proj too: sigmoid(0) passes half of every head
+        built = kv_heads or kv  # the other key/value heads (and their query heads) keep their random init
+        group, vdim = heads // kv, min(hd, token_dims // built)
+        att.k_proj.weight[:built * hd] = 0
+        att.v_proj.weight[:built * hd] = 0
+        att.q_proj.weight[:built * group * 2 * hd] = 0  # the gate half too: sigmoid(0) passes half of every head
         basis = torch.linalg.qr(torch.randn(token_dims, token_dims))[0]
         gram = written.T @ written + 1e-3 * torch.eye(written.shape[1])
-        for h in range(kv):
+        for h in range(built):
             a = torch.randn(hd - rot, token_dims) / token_dims ** 0.5
             att.k_proj.weight[h * hd + rot:(h + 1) * hd, prev] = torch.linalg.solve(gram, written.T @ (emb[:, tok] @ a.T)).T
             b = basis[:, h * vdim:(h + 1) * vdim].T
             att.v_proj.weight[h * hd:h * hd + vdim, tok] = b
             for j in range(h * group, (h + 1) * group):
                 att.q_proj.weight[2 * j * hd + rot:(2 * j + 1) * hd, tok] = a
-                att.o_proj.weight[tok, j * hd:j * hd + vdim] = b.T * ov_scale / group
+                att.o_proj.weight[tok, j * hd:j * hd + vdim] = b.T * ov_scale * kv / (built * group)
         att.q_norm.weight.fill_(qk_scale - 1)
         att.k_norm.weight.fill_(qk_scale - 1)
         model.lm_head.weight.zero_()
