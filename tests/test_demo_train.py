@@ -148,3 +148,15 @@ def test_tied_recall_layer_keeps_key_equal_to_query(setup):
     kd = model.model.layers[0].linear_attn.key_dim
     assert torch.equal(w[:kd], w[kd:2 * kd])
     assert w[:kd].any()
+
+
+def test_induction_lr_scales_only_the_built_layers(setup):
+    """induction_lr 0: the two layers induction_init builds keep their weights through training; the rest learns."""
+    torch.set_num_threads(1)
+    _, rows, config, pad = setup
+    model = _model(config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, rows, replace(CFG, induction=1, induction_lr=0.0), pad, log=lambda _: None)
+    for n, p in model.named_parameters():
+        built = n.startswith(("model.layers.0.linear_attn.", "model.layers.1.self_attn."))
+        assert torch.equal(p, before[n]) == built, n

@@ -127,6 +127,12 @@ def recall_init(model, layers: int, log_decay: float) -> list[int]:
     return done
 
 
+def induction_layers(model) -> tuple[int, int]:
+    """(writer, reader) of induction_init: the first GatedDeltaNet layer and the first full-attention layer after it."""
+    writer = recall_layers(model, 1)[0]
+    return writer, next(i for i, layer in enumerate(model.model.layers) if hasattr(layer, "self_attn") and i > writer)
+
+
 def induction_init(model, token_dims: int = 64, gate: float = 0.5, log_decay: float = 2.0, qk_scale: float = 3.0,
                    ov_scale: float = 8.0, readout_scale: float = 10.0, kv_heads: int = 0) -> list[int]:
     """Start the model with a working induction circuit (copy what followed the current token's last occurrence),
@@ -151,8 +157,7 @@ def induction_init(model, token_dims: int = 64, gate: float = 0.5, log_decay: fl
     hidden = cfg.hidden_size
     tok, prev = slice(0, token_dims), slice(token_dims, hidden - 1)
     layers = model.model.layers
-    writer = recall_layers(model, 1)[0]
-    reader = next(i for i, layer in enumerate(layers) if hasattr(layer, "self_attn") and i > writer)
+    writer, reader = induction_layers(model)
     with torch.no_grad():
         emb = model.model.embed_tokens.weight
         emb.zero_()
@@ -301,9 +306,8 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
 
     rng = random.Random(cfg.seed)
     built = set()
-    if cfg.induction:  # the writer and reader layers induction_init built
-        writer = recall_layers(model, 1)[0]
-        reader = next(i for i, layer in enumerate(model.model.layers) if hasattr(layer, "self_attn") and i > writer)
+    if cfg.induction:  # the layers induction_init built
+        writer, reader = induction_layers(model)
         built = {f"model.layers.{writer}.linear_attn.", f"model.layers.{reader}.self_attn."}
     groups = {}
     for n, p in model.named_parameters():
