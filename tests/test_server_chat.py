@@ -4,6 +4,7 @@ json_schema, metrics. References: transformers (the fixture's greedy ids and the
 tokenized by the tokenizer itself) and jsonschema."""
 
 import json
+import time
 import urllib.request
 
 import jsonschema
@@ -243,18 +244,12 @@ def test_constrained_and_free_requests_share_the_batch(client, server):
     jobs += [dict(tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, seed=13, temperature=1.0),
              dict(temperature=0, extra_body={"ignore_eos": True})]
     peak = []
-
-    def watch():
-        import time
-        for _ in range(200):
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(chat, client, max_tokens=60, **{"extra_body": NO_THINK, **j}) for j in jobs]
+        while not all(f.done() for f in futures):  # watch the whole time they run, however slow the machine
             peak.append(server.engine.stats()["running"])
             time.sleep(0.005)
-
-    with ThreadPoolExecutor(5) as pool:
-        watcher = pool.submit(watch)
-        futures = [pool.submit(chat, client, max_tokens=60, **{"extra_body": NO_THINK, **j}) for j in jobs]
         results = [f.result() for f in futures]
-        watcher.result()
     assert max(peak) >= 2  # they ran together
     for r in results[:2]:
         jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
