@@ -115,16 +115,24 @@ def recall_init(model, layers: int, log_decay: float) -> list[int]:
     done = recall_layers(model, layers)
     with torch.no_grad():
         for i in done:
-            gdn = model.model.layers[i].linear_attn
-            kd, k = gdn.key_dim, gdn.conv_kernel_size
-            w = torch.zeros_like(gdn.conv1d.weight)  # [channels, 1, kernel]; tap k-1 is the current token
-            w[:kd, 0, k - 1] = 1.0  # query: this token
-            w[kd:2 * kd, 0, k - 2] = 1.0  # key: the previous token
-            w[2 * kd:, 0, k - 1] = 1.0  # value: this token
-            gdn.conv1d.weight.copy_(w)
-            gdn.in_proj_qkv.weight[kd:2 * kd] = gdn.in_proj_qkv.weight[:kd]
-            gdn.A_log.fill_(log_decay)
+            _gdn_taps(model.model.layers[i].linear_attn, query=0, key=1, value=0, log_decay=log_decay)
     return done
+
+
+def _gdn_taps(gdn, query: int, key: int, value: int, log_decay: float) -> None:
+    """Feed a GatedDeltaNet's query, key and value from one position each (0: this token, 1: the previous
+    one) through its causal conv, start its key projection equal to its query projection, set its decay.
+    Call under torch.no_grad()."""
+    import torch
+
+    kd, k = gdn.key_dim, gdn.conv_kernel_size
+    w = torch.zeros_like(gdn.conv1d.weight)  # [channels, 1, kernel]; tap k-1 is the current token
+    w[:kd, 0, k - 1 - query] = 1.0
+    w[kd:2 * kd, 0, k - 1 - key] = 1.0
+    w[2 * kd:, 0, k - 1 - value] = 1.0
+    gdn.conv1d.weight.copy_(w)
+    gdn.in_proj_qkv.weight[kd:2 * kd] = gdn.in_proj_qkv.weight[:kd]
+    gdn.A_log.fill_(log_decay)
 
 
 def induction_layers(model) -> tuple[int, int]:
@@ -171,15 +179,10 @@ def induction_init(model, token_dims: int = 64, gate: float = 0.5, log_decay: fl
                     p.zero_()
 
         gdn = layers[writer].linear_attn
-        kd, k = gdn.key_dim, gdn.conv_kernel_size
-        w = torch.zeros_like(gdn.conv1d.weight)  # [channels, 1, kernel]; tap k-1 is the current token
-        w[:2 * kd, 0, k - 1] = 1.0
-        w[2 * kd:, 0, k - 2] = 1.0
-        gdn.conv1d.weight.copy_(w)
+        kd = gdn.key_dim
         gdn.in_proj_qkv.weight[:, token_dims:] = 0
-        gdn.in_proj_qkv.weight[kd:2 * kd] = gdn.in_proj_qkv.weight[:kd]
+        _gdn_taps(gdn, query=0, key=0, value=1, log_decay=log_decay)
         gdn.in_proj_a.weight.zero_()
-        gdn.A_log.fill_(log_decay)
         gdn.in_proj_z.weight.zero_()
         gdn.in_proj_z.weight[:, -1] = gate
         gdn.out_proj.weight[prev] = torch.linalg.qr(torch.randn(gdn.value_dim, hidden - 1 - token_dims))[0].T
