@@ -68,8 +68,40 @@ def test_transformers_loads_it_identically(tok, texts, tmp_path):
 
 def test_labels_cover_exactly_the_assistant_turns(tok, texts):
     for text in texts[:20]:
-        ids, labels = encode(tok, text)
+        ids, labels, _ = encode(tok, text)
         kept = [t for t, y in zip(ids, labels) if y != IGNORE]
         assert [y for y in labels if y != IGNORE] == kept
         expected = "".join(m.group(1) for m in ASSISTANT_SPAN.finditer(text))
         assert tok.decode(kept, skip_special_tokens=False) == expected
+
+
+def test_focus_marks_the_decisions_in_assistant_turns(tok):
+    """Focus flags: only on assistant tokens; on <tool_call>, the called functions' snake_case names
+    (a one-word name such as calculate is not marked) and every argument value (as the template writes
+    it), and not on the plain answer text."""
+    import json
+
+    checked = 0
+    for s in corpus.generate("train", 60):
+        text = corpus.render_sample(s)
+        ids, labels, focus = encode(tok, text)
+        assert all(y != IGNORE for y, f in zip(labels, focus) if f), "focus outside an assistant turn"
+        if not s.expected_calls:
+            continue
+        flagged = tok.decode([t for t, f in zip(ids, focus) if f], skip_special_tokens=False)
+        assert "<tool_call>" in flagged
+        for call in s.expected_calls:
+            if "_" in call["name"]:
+                assert call["name"].replace("_", "") in flagged.replace("_", "")
+            for value in call["arguments"].values():
+                if isinstance(value, (str, bool)):
+                    shown = str(value)  # the template writes a boolean as Python does
+                else:
+                    shown = json.dumps(value, ensure_ascii=False)
+                assert shown.replace(" ", "") in flagged.replace(" ", "")
+        answer = s.messages[-1]["content"]
+        first_word = answer.split()[0]
+        kept = tok.decode([t for t, y, f in zip(ids, labels, focus) if y != IGNORE and not f], skip_special_tokens=False)
+        assert first_word in kept
+        checked += 1
+    assert checked >= 20

@@ -10,8 +10,8 @@ import pytest
 
 from model.demo import corpus
 from model.demo.tokenizer import train_bpe
-from model.demo.train import (IGNORE, ModelShape, TrainConfig, copy_drills, encode, induction_init, model_config,
-                              recall_init, token_ids, train)
+from model.demo.train import (IGNORE, ModelShape, TrainConfig, copy_drills, encode, induction_init, lm_loss,
+                              model_config, recall_init, token_ids, train)
 
 torch = pytest.importorskip("torch")
 
@@ -31,7 +31,7 @@ def setup():
     texts = [corpus.render_sample(s) for s in corpus.generate("train", 12)]
     tok = train_bpe(texts, 400)
     eos, pad = token_ids(tok)
-    rows = [(ids[:96], labels[:96]) for ids, labels in (encode(tok, t) for t in texts)]
+    rows = [(ids[:96], labels[:96], focus[:96]) for ids, labels, focus in (encode(tok, t) for t in texts)]
     return tok, rows, model_config(SHAPE, tok.get_vocab_size(), eos, pad, 0.01), pad
 
 
@@ -160,3 +160,23 @@ def test_induction_lr_scales_only_the_built_layers(setup):
     for n, p in model.named_parameters():
         built = n.startswith(("model.layers.0.linear_attn.", "model.layers.1.self_attn."))
         assert torch.equal(p, before[n]) == built, n
+
+
+def test_lm_loss_weights_focus_prompt_and_padding():
+    """The weighted mean of per-token cross-entropies, worked out with numpy: weight 1 on assistant
+    tokens, focus_weight on the flagged ones, prompt_weight on the rest, 0 on padding."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(1, 6, 5)).astype(np.float32)
+    ids = np.array([[1, 2, 3, 4, 0, 0]])  # pad id 0
+    labels = np.array([[IGNORE, IGNORE, 3, 4, IGNORE, IGNORE]])
+    focus = np.array([[0, 0, 0, 1, 0, 0]], dtype=np.float32)
+    logp = logits[0, :-1] - np.log(np.exp(logits[0, :-1]).sum(-1, keepdims=True))
+    ce = -logp[np.arange(5), ids[0, 1:]]
+    weights = np.array([0.25, 1.0, 3.0, 0.0, 0.0])  # predicts 2 (prompt), 3, 4 (focus), pad, pad
+    expected = (ce * weights).sum() / weights.sum()
+    got = lm_loss(torch.from_numpy(logits), torch.from_numpy(ids), torch.from_numpy(labels), 0, 0.25,
+                  torch.from_numpy(focus), 3.0)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    plain = lm_loss(torch.from_numpy(logits), torch.from_numpy(ids), torch.from_numpy(labels), 0, 0.25)
+    weights[2] = 1.0
+    assert plain.item() == pytest.approx((ce * weights).sum() / weights.sum(), rel=1e-5)

@@ -279,7 +279,7 @@ def heldout_rows(tokenizer, samples: list[Sample]) -> list[tuple[list[int], list
     from .train import encode
 
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-    return [encode(backend, corpus.render_sample(s)) for s in samples]
+    return [encode(backend, corpus.render_sample(s))[:2] for s in samples]
 
 
 def mlx_logprobs(model_dir: Path, rows, dtype: str = "float32"):

@@ -33,6 +33,9 @@ import numpy as np
 from .tokenizer import EOS_TOKEN, PAD_TOKEN
 
 ASSISTANT_SPAN = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.S)
+# the decisions inside an assistant turn: to call (<tool_call>), which function and parameters (snake_case
+# names, in the reasoning and the call) and each argument's value
+FOCUS_SPAN = re.compile(r"<tool_call>|\b[a-z]+(?:_[a-z]+)+\b|(?<=<parameter=)[^>]+|(?<=>\n)[^<]*?(?=\n</parameter>)")
 IGNORE = -100
 
 
@@ -67,6 +70,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     router_aux_loss_coef: float = 0.01
     prompt_loss_weight: float = 0.5  # weight of non-assistant tokens in the loss (assistant tokens: 1)
+    focus_weight: float = 1.0  # weight of the assistant's decision tokens (FOCUS_SPAN: call, names, values)
     bucket: int = 64  # samples sorted by length within groups of this many
     seed: int = 0
     threads: int = 1  # on a shared 2-core machine a second thread mostly spins (30% system time)
@@ -233,21 +237,26 @@ def tie_recall(model, layers: list[int]) -> None:
             w[kd:2 * kd] = mean
 
 
-def encode(tok, text: str) -> tuple[list[int], list[int]]:
-    """Token ids and labels (IGNORE outside the assistant turns). tok: a tokenizers.Tokenizer."""
+def encode(tok, text: str) -> tuple[list[int], list[int], list[int]]:
+    """Token ids, labels (IGNORE outside the assistant turns) and a focus flag (1 on the assistant
+    tokens FOCUS_SPAN marks, 0 elsewhere). tok: a tokenizers.Tokenizer."""
     enc = tok.encode(text, add_special_tokens=False)
     spans = [m.span(1) for m in ASSISTANT_SPAN.finditer(text)]
-    labels, j = [], 0
+    focus_spans = [m.span() for a, b in spans for m in FOCUS_SPAN.finditer(text, a, b)]
+    labels, focus, j, k = [], [], 0, 0
     for tid, (start, _) in zip(enc.ids, enc.offsets):
         while j < len(spans) and start >= spans[j][1]:
             j += 1
+        while k < len(focus_spans) and start >= focus_spans[k][1]:
+            k += 1
         inside = j < len(spans) and spans[j][0] <= start < spans[j][1]
         labels.append(tid if inside else IGNORE)
-    return enc.ids, labels
+        focus.append(int(inside and k < len(focus_spans) and focus_spans[k][0] <= start))
+    return enc.ids, labels, focus
 
 
-def batches(rows: list[tuple[list[int], list[int]]], cfg: TrainConfig, pad_id: int, rng: random.Random):
-    """[B, T] input ids and labels: rows bucketed by length, buckets and batches shuffled."""
+def batches(rows: list[tuple[list[int], list[int], list[int]]], cfg: TrainConfig, pad_id: int, rng: random.Random):
+    """[B, T] input ids, labels and focus flags: rows bucketed by length, buckets and batches shuffled."""
     order = list(range(len(rows)))
     rng.shuffle(order)
     out = []
@@ -260,20 +269,25 @@ def batches(rows: list[tuple[list[int], list[int]]], cfg: TrainConfig, pad_id: i
         width = max(len(rows[i][0]) for i in idx)
         ids = np.full((len(idx), width), pad_id, dtype=np.int64)
         labels = np.full((len(idx), width), IGNORE, dtype=np.int64)
+        focus = np.zeros((len(idx), width), dtype=np.float32)
         for r, i in enumerate(idx):
-            x, y = rows[i]
+            x, y, f = rows[i]
             ids[r, :len(x)] = x
             labels[r, :len(y)] = y
-        yield ids, labels
+            focus[r, :len(f)] = f
+        yield ids, labels, focus
 
 
-def lm_loss(logits, ids, labels, pad_id: int, prompt_weight: float):
-    """Next-token cross-entropy, weight 1 on assistant tokens (labels >= 0), `prompt_weight` on the
-    other real tokens, 0 on padding; normalised by the total weight."""
+def lm_loss(logits, ids, labels, pad_id: int, prompt_weight: float, focus=None, focus_weight: float = 1.0):
+    """Next-token cross-entropy, weight 1 on assistant tokens (labels >= 0), `focus_weight` on those
+    of them `focus` flags, `prompt_weight` on the other real tokens, 0 on padding; normalised by the
+    total weight."""
     import torch
 
     target = ids[:, 1:]
     weight = torch.where(labels[:, 1:] >= 0, 1.0, prompt_weight * (target != pad_id).float())
+    if focus is not None and focus_weight != 1.0:
+        weight = torch.where(focus[:, 1:] > 0, focus_weight, weight)
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), reduction="none")
     return (ce * weight.flatten()).sum() / weight.sum()
 
@@ -339,7 +353,7 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
     seen = 0
     last = cfg.stop_after or cfg.steps
     while step < last:
-        for ids, labels in batches(rows, cfg, pad_id, rng):
+        for ids, labels, focus in batches(rows, cfg, pad_id, rng):
             if step >= last:
                 break
             seen += 1
@@ -349,7 +363,8 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
                 group["lr"] = lr_at(step, cfg) * group["lr_factor"]
             x = torch.from_numpy(ids)
             out = model(input_ids=x, use_cache=False)
-            loss = lm_loss(out.logits, x, torch.from_numpy(labels), pad_id, cfg.prompt_loss_weight)
+            loss = lm_loss(out.logits, x, torch.from_numpy(labels), pad_id, cfg.prompt_loss_weight,
+                           torch.from_numpy(focus), cfg.focus_weight)
             if cfg.copy_rows:
                 d_ids, d_labels = copy_drills(counts, cfg.copy_rows, np.random.default_rng([cfg.seed, step]))
                 d = torch.from_numpy(d_ids)
