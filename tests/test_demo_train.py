@@ -11,7 +11,7 @@ import pytest
 from model.demo import corpus
 from model.demo.tokenizer import train_bpe
 from model.demo.train import (IGNORE, ModelShape, TrainConfig, copy_drills, encode, induction_init, lm_loss,
-                              model_config, recall_init, token_ids, train)
+                              model_config, recall_init, token_ids, train, train_parallel)
 
 torch = pytest.importorskip("torch")
 
@@ -180,3 +180,21 @@ def test_lm_loss_weights_focus_prompt_and_padding():
     plain = lm_loss(torch.from_numpy(logits), torch.from_numpy(ids), torch.from_numpy(labels), 0, 0.25)
     weights[2] = 1.0
     assert plain.item() == pytest.approx((ce * weights).sum() / weights.sum(), rel=1e-5)
+
+
+def test_two_processes_give_the_weights_of_one(setup, tmp_path):
+    """procs=2: two processes, a batch each per step, gradients summed over gloo, end with the weights one
+    process gets running both batches of every step itself; and those differ from a one-batch-per-step run."""
+    _, rows, config, pad = setup
+    cfg = replace(CFG, procs=2, steps=3)
+    alone = _model(config)
+    result = train(alone, rows, cfg, pad, log=lambda _: None)
+    spawned = _model(config)
+    parallel = train_parallel(spawned, rows, cfg, pad, tmp_path / "state.pt", log=lambda _: None)
+    assert parallel["steps"] == 3 and parallel["tokens"] == result["tokens"]
+    assert [h["loss"] for h in parallel["history"]] == pytest.approx([h["loss"] for h in result["history"]], abs=2e-4)
+    for (name, a), b in zip(alone.named_parameters(), spawned.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    single = _model(config)
+    train(single, rows, replace(cfg, procs=1), pad, log=lambda _: None)
+    assert not all(torch.allclose(a, b) for a, b in zip(alone.parameters(), single.parameters()))

@@ -32,7 +32,7 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     from convert.gguf_writer import write_gguf
 
     from .tokenizer import save_hf_tokenizer, train_bpe
-    from .train import encode, induction_init, model_config, recall_init, save_checkpoint, token_ids, train
+    from .train import encode, induction_init, model_config, recall_init, save_checkpoint, token_ids, train_parallel
 
     timings = {}
     t = time.perf_counter()
@@ -40,7 +40,7 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     torch.set_num_threads(cfg.threads)
     work.mkdir(parents=True, exist_ok=True)
 
-    n_samples = int(cfg.steps * cfg.batch_size * TRAIN_SAMPLES_SLACK) + cfg.bucket
+    n_samples = int(cfg.steps * cfg.procs * cfg.batch_size * TRAIN_SAMPLES_SLACK) + cfg.bucket
     samples = corpus.generate("train", n_samples)
     template = corpus.chat_template()
     texts = [corpus.render_sample(s, template) for s in samples]
@@ -71,7 +71,7 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters")
     t = time.perf_counter()
-    result = train(model, rows, cfg, pad_id, log=log, state_path=work / "train_state.pt")
+    result = train_parallel(model, rows, cfg, pad_id, work / "train_state.pt", log=log)
     timings["train_s"] = round(time.perf_counter() - t, 1)
 
     t = time.perf_counter()
@@ -90,7 +90,7 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
         "tokens_trained": result["tokens"], "loss_history": result["history"],
         "software": {d: metadata.version(d) for d in ("torch", "transformers", "tokenizers", "gguf")}
         | {"python": platform.python_version()},
-        "machine": {"cpu_threads": cfg.threads, "platform": platform.platform()},
+        "machine": {"cpu_threads": cfg.threads, "processes": cfg.procs, "platform": platform.platform()},
     }
     (out.parent / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info

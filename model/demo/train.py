@@ -74,6 +74,7 @@ class TrainConfig:
     bucket: int = 64  # samples sorted by length within groups of this many
     seed: int = 0
     threads: int = 1  # on a shared 2-core machine a second thread mostly spins (30% system time)
+    procs: int = 1  # batches per step, one per training process (train_parallel); 1 process gives the same weights
     log_every: int = 10
     recall_layers: int = 0  # the first N GatedDeltaNet layers start as associative recall (0: plain init)
     recall_log_decay: float = -6.0  # their A_log: a decay of ~0.997 per token, a memory of hundreds of tokens
@@ -318,8 +319,11 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
           save_every: int = 25) -> dict:
     """AdamW with warmup and cosine decay for cfg.steps steps. With state_path, the model, optimiser
     and progress are saved every `save_every` steps and a rerun resumes from there, giving the same
-    weights as an uninterrupted run (the batch order is replayed from the seed)."""
+    weights as an uninterrupted run (the batch order is replayed from the seed). Each step takes cfg.procs
+    batches; in a process group (train_parallel) each process runs its share of them and their gradients
+    are summed across processes, alone it runs them all."""
     import torch
+    import torch.distributed as dist
 
     rng = random.Random(cfg.seed)
     built = set()
@@ -348,12 +352,16 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
     if cfg.copy_rows:  # the drills draw their tokens by corpus frequency
         counts = np.bincount(np.concatenate([np.asarray(r[0]) for r in rows]), minlength=model.config.vocab_size)
         counts[[pad_id, model.config.eos_token_id]] = 0
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    if cfg.procs % world:
+        raise ValueError(f"procs={cfg.procs} batches per step cannot be split over {world} processes")
     model.train()
     t0 = time.perf_counter() - done_s
     seen = 0
     last = cfg.stop_after or cfg.steps
     while step < last:
-        for ids, labels, focus in batches(rows, cfg, pad_id, rng):
+        stream = batches(rows, cfg, pad_id, rng)
+        for chunk in zip(*[stream] * cfg.procs):  # cfg.procs consecutive batches make one step
             if step >= last:
                 break
             seen += 1
@@ -361,33 +369,39 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
                 continue  # replaying the batch order up to a resumed step
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg) * group["lr_factor"]
-            x = torch.from_numpy(ids)
-            out = model(input_ids=x, use_cache=False)
-            loss = lm_loss(out.logits, x, torch.from_numpy(labels), pad_id, cfg.prompt_loss_weight,
-                           torch.from_numpy(focus), cfg.focus_weight)
-            if cfg.copy_rows:
-                d_ids, d_labels = copy_drills(counts, cfg.copy_rows, np.random.default_rng([cfg.seed, step]))
-                d = torch.from_numpy(d_ids)
-                loss = loss + lm_loss(model(input_ids=d, use_cache=False).logits, d, torch.from_numpy(d_labels),
-                                      pad_id, 0.0)
-            aux = getattr(out, "aux_loss", None)
-            if aux is not None:
-                loss = loss + cfg.router_aux_loss_coef * aux
-            loss.backward()
+            sums = np.zeros(3)  # this process' share of: loss, aux loss, tokens
+            for ids, labels, focus in chunk[rank::world]:
+                x = torch.from_numpy(ids)
+                out = model(input_ids=x, use_cache=False)
+                loss = lm_loss(out.logits, x, torch.from_numpy(labels), pad_id, cfg.prompt_loss_weight,
+                               torch.from_numpy(focus), cfg.focus_weight)
+                if cfg.copy_rows:
+                    d_ids, d_labels = copy_drills(counts, cfg.copy_rows, np.random.default_rng([cfg.seed, step]))
+                    d = torch.from_numpy(d_ids)
+                    loss = loss + lm_loss(model(input_ids=d, use_cache=False).logits, d, torch.from_numpy(d_labels),
+                                          pad_id, 0.0)
+                aux = getattr(out, "aux_loss", None)
+                if aux is not None:
+                    loss = loss + cfg.router_aux_loss_coef * aux
+                (loss / cfg.procs).backward()
+                sums += [loss.item(), 0.0 if aux is None else aux.item(), ids.size]
+            if world > 1:
+                sums = _sum_over_processes(model, sums)
+            loss_mean, aux_mean = sums[0] / cfg.procs, (None if aux is None else sums[1] / cfg.procs)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             tie_recall(model, tied)
             opt.zero_grad(set_to_none=True)
-            tokens += ids.size
+            tokens += int(sums[2])
             step += 1
             if step % cfg.log_every == 0 or step == last:
                 elapsed = time.perf_counter() - t0
-                entry = {"step": step, "loss": round(loss.item(), 4), "lr": round(lr_at(step - 1, cfg), 6),
-                         "aux": None if aux is None else round(aux.item(), 4),
+                entry = {"step": step, "loss": round(loss_mean, 4), "lr": round(lr_at(step - 1, cfg), 6),
+                         "aux": None if aux_mean is None else round(aux_mean, 4),
                          "tokens": tokens, "elapsed_s": round(elapsed, 1), "tok_per_s": round(tokens / elapsed)}
                 history.append(entry)
                 log(json.dumps(entry))
-            if state_path is not None and (step % save_every == 0 or step == last):
+            if rank == 0 and state_path is not None and (step % save_every == 0 or step == last):
                 tmp = Path(f"{state_path}.tmp")
                 torch.save({"config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
                             "step": step, "tokens": tokens, "history": history,
@@ -395,6 +409,63 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
                 tmp.replace(state_path)
     model.eval()
     return {"steps": step, "tokens": tokens, "seconds": round(time.perf_counter() - t0, 1), "history": history}
+
+
+def _sum_over_processes(model, sums: np.ndarray) -> np.ndarray:
+    """Sum every parameter's gradient (zeros where this process' batches left it unused, such as an
+    expert no token chose) and the logged sums over the process group, in one all-reduce."""
+    import torch
+    import torch.distributed as dist
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten() for p in params] + [torch.tensor(sums, dtype=torch.float64).float()])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return flat[offset:].double().numpy()
+
+
+def _train_process(rank: int, port: int, config, weights: dict, rows, cfg: TrainConfig, pad_id: int, state_path: Path,
+                   save_every: int):
+    import os
+
+    import torch
+    import torch.distributed as dist
+    from transformers import Qwen3_5MoeForCausalLM
+
+    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= cfg.procs:
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank]})  # one core each
+    torch.set_num_threads(cfg.threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.procs)
+    try:
+        model = Qwen3_5MoeForCausalLM(config).float()  # a model of its own (a copied one loses its router-logit hooks)
+        model.load_state_dict(weights)
+        train(model, rows, cfg, pad_id, log=print if rank == 0 else (lambda _: None), state_path=state_path,
+              save_every=save_every)
+    finally:
+        dist.destroy_process_group()
+
+
+def train_parallel(model, rows, cfg: TrainConfig, pad_id: int, state_path: Path, log=print, save_every: int = 25) -> dict:
+    """train() in cfg.procs processes (one batch of each step apiece, gradients summed with gloo), the same
+    weights as one process running all of each step's batches, cfg.procs times faster on as many cores.
+    The first process saves the state; this one then loads the final weights from it."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    if cfg.procs > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_train_process, args=(port, model.config, model.state_dict(), rows, cfg, pad_id, state_path, save_every),
+                 nprocs=cfg.procs)
+    return train(model, rows, cfg, pad_id, log=log, state_path=state_path, save_every=save_every)
 
 
 def save_checkpoint(model, tokenizer_dir: Path, out_dir: Path) -> None:
