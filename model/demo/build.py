@@ -10,6 +10,7 @@ build_info.json next to the GGUF records the command, the software, the shape an
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -109,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     shape = ModelShape(**{k: getattr(args, k) for k in asdict(shape)})
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(cfg)})
+    if cfg.procs == 1 and cfg.threads == 1 and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:
+        # the weights depend, in the last bits, on how many cores the process could see when it started
+        # (even with one thread), so a one-process build restarts itself on one core to give the same ones
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        os.execv(sys.executable, [sys.executable, "-m", "model.demo.build", *(sys.argv[1:] if argv is None else argv)])
     t = time.perf_counter()
     info = build(args.out, args.work, shape, cfg, args.vocab_size)
     print(f"wrote {args.out} ({info['gguf_bytes'] / 1e6:.1f} MB) in {time.perf_counter() - t:.0f}s; "

@@ -25,6 +25,7 @@ import math
 import random
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,7 +61,7 @@ class ModelShape:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1200  # the length of the learning-rate schedule (~65 min on one core)
+    steps: int = 1500  # the length of the learning-rate schedule (~78 min on one core)
     stop_after: int = 0  # stop early at this step (0: train all `steps`)
     batch_size: int = 4
     lr: float = 4e-3
@@ -70,7 +71,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     router_aux_loss_coef: float = 0.01
     prompt_loss_weight: float = 0.5  # weight of non-assistant tokens in the loss (assistant tokens: 1)
-    focus_weight: float = 1.0  # weight of the assistant's decision tokens (FOCUS_SPAN: call, names, values)
+    focus_weight: float = 5.0  # weight of the assistant's decision tokens (FOCUS_SPAN: call, names, values)
     bucket: int = 64  # samples sorted by length within groups of this many
     seed: int = 0
     threads: int = 1  # on a shared 2-core machine a second thread mostly spins (30% system time)
@@ -257,7 +258,9 @@ def encode(tok, text: str) -> tuple[list[int], list[int], list[int]]:
 
 
 def batches(rows: list[tuple[list[int], list[int], list[int]]], cfg: TrainConfig, pad_id: int, rng: random.Random):
-    """[B, T] input ids, labels and focus flags: rows bucketed by length, buckets and batches shuffled."""
+    """[B, T] input ids, labels and focus flags: rows bucketed by length, buckets and batches shuffled;
+    each run of cfg.procs batches (one step) comes from one bucket, so the processes of a step get
+    batches of about the same length and none waits long for the others."""
     order = list(range(len(rows)))
     rng.shuffle(order)
     out = []
@@ -265,8 +268,9 @@ def batches(rows: list[tuple[list[int], list[int], list[int]]], cfg: TrainConfig
         group = sorted(order[g:g + cfg.bucket], key=lambda i: len(rows[i][0]))
         for b in range(0, len(group) - cfg.batch_size + 1, cfg.batch_size):
             out.append(group[b:b + cfg.batch_size])
-    rng.shuffle(out)
-    for idx in out:
+    steps = [out[i:i + cfg.procs] for i in range(0, len(out) - cfg.procs + 1, cfg.procs)]
+    rng.shuffle(steps)  # with procs=1 the same permutation as shuffling the batches themselves
+    for idx in (batch for step in steps for batch in step):
         width = max(len(rows[i][0]) for i in idx)
         ids = np.full((len(idx), width), pad_id, dtype=np.int64)
         labels = np.full((len(idx), width), IGNORE, dtype=np.int64)
@@ -387,7 +391,7 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
                 sums += [loss.item(), 0.0 if aux is None else aux.item(), ids.size]
             if world > 1:
                 sums = _sum_over_processes(model, sums)
-            loss_mean, aux_mean = sums[0] / cfg.procs, (None if aux is None else sums[1] / cfg.procs)
+            loss_mean, aux_mean = float(sums[0]) / cfg.procs, (None if aux is None else float(sums[1]) / cfg.procs)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             tie_recall(model, tied)
@@ -430,41 +434,73 @@ def _sum_over_processes(model, sums: np.ndarray) -> np.ndarray:
     return flat[offset:].double().numpy()
 
 
-def _train_process(rank: int, port: int, config, weights: dict, rows, cfg: TrainConfig, pad_id: int, state_path: Path,
-                   save_every: int):
+@contextmanager
+def one_core(index: int, threads: int):
+    """With one thread, run on one CPU core (where the OS lets us choose them): a training process of
+    train_parallel keeps to a core of its own."""
     import os
 
+    if threads != 1 or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {sorted(cores)[index % len(cores)]})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cores)
+
+
+def _exit_with_parent() -> None:
+    """End this process when the one that spawned it is gone (killed, not just interrupted)."""
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _train_process(rank: int, port: int, config, weights: dict, rows, cfg: TrainConfig, pad_id: int, state_path: Path,
+                   save_every: int):
     import torch
     import torch.distributed as dist
     from transformers import Qwen3_5MoeForCausalLM
 
-    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= cfg.procs:
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank]})  # one core each
+    _exit_with_parent()
     torch.set_num_threads(cfg.threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.procs)
-    try:
-        model = Qwen3_5MoeForCausalLM(config).float()  # a model of its own (a copied one loses its router-logit hooks)
-        model.load_state_dict(weights)
-        train(model, rows, cfg, pad_id, log=print if rank == 0 else (lambda _: None), state_path=state_path,
-              save_every=save_every)
-    finally:
-        dist.destroy_process_group()
+    with one_core(rank, cfg.threads):
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.procs)
+        try:
+            model = Qwen3_5MoeForCausalLM(config).float()  # a model of its own (a copied one loses its router-logit hooks)
+            model.load_state_dict(weights)
+            train(model, rows, cfg, pad_id, log=print if rank == 0 else (lambda _: None), state_path=state_path,
+                  save_every=save_every)
+        finally:
+            dist.destroy_process_group()
 
 
 def train_parallel(model, rows, cfg: TrainConfig, pad_id: int, state_path: Path, log=print, save_every: int = 25) -> dict:
     """train() in cfg.procs processes (one batch of each step apiece, gradients summed with gloo), the same
     weights as one process running all of each step's batches, cfg.procs times faster on as many cores.
-    The first process saves the state; this one then loads the final weights from it."""
+    Each process trains on one core (one_core). The first process saves the state; this one then loads the final
+    weights from it."""
     import socket
 
     import torch.multiprocessing as mp
 
-    if cfg.procs > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(_train_process, args=(port, model.config, model.state_dict(), rows, cfg, pad_id, state_path, save_every),
-                 nprocs=cfg.procs)
+    if cfg.procs == 1:
+        return train(model, rows, cfg, pad_id, log=log, state_path=state_path, save_every=save_every)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_train_process, args=(port, model.config, model.state_dict(), rows, cfg, pad_id, state_path, save_every),
+             nprocs=cfg.procs)
     return train(model, rows, cfg, pad_id, log=log, state_path=state_path, save_every=save_every)
 
 
