@@ -2,6 +2,7 @@
 
     python -m model.demo.build                      # the committed model (model/demo/deltaserve-demo.gguf)
     python -m model.demo.build --steps 20 --out /tmp/demo.gguf --work /tmp/demo-work   # a quick trial
+    python -m model.demo.build --procs 2 --steps 750 ...  # the same batches, two per step, on two cores
 
 The work directory keeps the tokenizer and the HF checkpoint (bf16) the GGUF is written from;
 build_info.json next to the GGUF records the command, the software, the shape and the timings.
