@@ -482,13 +482,12 @@ def train_parallel(model, rows, cfg: TrainConfig, pad_id: int, state_path: Path,
 
     import torch.multiprocessing as mp
 
-    if cfg.procs == 1:
-        return train(model, rows, cfg, pad_id, log=log, state_path=state_path, save_every=save_every)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_train_process, args=(port, model.config, model.state_dict(), rows, cfg, pad_id, state_path, save_every),
-             nprocs=cfg.procs)
+    if cfg.procs > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_train_process, args=(port, model.config, model.state_dict(), rows, cfg, pad_id, state_path,
+                                       save_every), nprocs=cfg.procs)
     return train(model, rows, cfg, pad_id, log=log, state_path=state_path, save_every=save_every)
 
 
