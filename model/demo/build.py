@@ -66,7 +66,8 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     torch.manual_seed(cfg.seed)
     model = Qwen3_5MoeForCausalLM(config).float()
     if cfg.induction:
-        log(f"induction init: layers {induction_init(model, kv_heads=cfg.induction_heads)}")
+        built = induction_init(model, kv_heads=cfg.induction_heads, plain_after=bool(cfg.induction_plain_after))
+        log(f"induction init: layers {built}")
     if cfg.recall_layers:
         log(f"recall init: layers {recall_init(model, cfg.recall_layers, cfg.recall_log_decay)}")
     config.to_json_file(work / "config.json")

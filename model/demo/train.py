@@ -85,6 +85,7 @@ class TrainConfig:
     induction: int = 0  # 1: start with a built induction circuit (induction_init; 0: plain init)
     induction_lr: float = 1.0  # learning-rate factor for the two layers induction_init builds
     induction_heads: int = 0  # key/value heads of the attention layer induction_init builds (0: all)
+    induction_plain_after: int = 0  # 1: the blocks after the induction circuit keep their plain init
 
 
 def model_config(shape: ModelShape, vocab_size: int, eos_id: int, pad_id: int, router_aux_loss_coef: float = 0.0):
@@ -149,7 +150,8 @@ def induction_layers(model) -> tuple[int, int]:
 
 
 def induction_init(model, token_dims: int = 64, gate: float = 0.5, log_decay: float = 2.0, qk_scale: float = 3.0,
-                   ov_scale: float = 8.0, readout_scale: float = 10.0, kv_heads: int = 0) -> list[int]:
+                   ov_scale: float = 8.0, readout_scale: float = 10.0, kv_heads: int = 0,
+                   plain_after: bool = False) -> list[int]:
     """Start the model with a working induction circuit (copy what followed the current token's last occurrence),
     built from two layers, instead of waiting for one to form after a plateau longer than the training budget.
 
@@ -163,7 +165,8 @@ def induction_init(model, token_dims: int = 64, gate: float = 0.5, log_decay: fl
     matched position's token embedding back into the token part, which the LM head (started as the embedding)
     reads as that token. Every other layer starts with a zero output projection (an identity block), so the
     residual holds nothing else at step 0. `kv_heads` builds only the first key/value heads of the attention
-    layer (their query heads with them) and leaves the others as initialised. Everything stays trainable.
+    layer (their query heads with them) and leaves the others as initialised. `plain_after` keeps the plain init
+    of the blocks after the attention layer (they do not feed the circuit). Everything stays trainable.
     Returns the two layer indices."""
     import torch
     import torch.nn.functional as F
@@ -178,7 +181,7 @@ def induction_init(model, token_dims: int = 64, gate: float = 0.5, log_decay: fl
         emb.zero_()
         emb[:, tok] = torch.randn(emb.shape[0], token_dims) / token_dims ** 0.5
         emb[:, -1] = 1.0
-        for layer in layers:
+        for layer in layers[:reader + 1] if plain_after else layers:
             block = layer.linear_attn.out_proj if hasattr(layer, "linear_attn") else layer.self_attn.o_proj
             block.weight.zero_()
             for name, p in layer.mlp.named_parameters():
