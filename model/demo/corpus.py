@@ -165,14 +165,24 @@ def _result_messages(calls: list[Call], results: list[dict]) -> list[dict]:
     return [{"role": "tool", "content": json.dumps(r, ensure_ascii=False)} for c, r in zip(calls, results)]
 
 
+def _intent(name: str) -> str:
+    """What a tool does, from its description as the tool list shows it: "get the current weather for a city"."""
+    d = TOOLS[name].description
+    return d[0].lower() + d[1:]
+
+
 def _call_reasoning(rng: random.Random, calls: list[Call]) -> str:
+    """The decision before the call, in words that do not depend on copying the request's values (a failed
+    copy there would derail the tool choice): what the request needs, as the tool list describes it, then the tool."""
     if len(calls) == 1:
         c = calls[0]
-        return pick(rng, ["The user wants {t}. I'll call {n}.", "The user is asking for {t}, so I should use {n}.",
-                          "I need {n} for {t}.", "{n} can get {t}."]).format(t=c.topic, n=c.name)
-    names = calls[0].name if calls[0].name == calls[1].name else f"{calls[0].name} and {calls[1].name}"
-    twice = " twice" if calls[0].name == calls[1].name else ""
-    return f"The user wants {calls[0].topic} and {calls[1].topic}. I'll call {names}{twice}."
+        return pick(rng, ["The user wants me to {d}. I'll call {n}.", "The user is asking me to {d}, so I should use {n}.",
+                          "I need to {d}, so I'll use {n}.", "This needs a tool that can {d}: {n}."]).format(
+            d=_intent(c.name), n=c.name)
+    if calls[0].name == calls[1].name:
+        return f"The user wants me to {_intent(calls[0].name)} twice. I'll call {calls[0].name} twice."
+    return (f"The user wants me to {_intent(calls[0].name)} and to {_intent(calls[1].name)}. "
+            f"I'll call {calls[0].name} and {calls[1].name}.")
 
 
 def _answer_reasoning(rng: random.Random, calls: list[Call]) -> str:
@@ -260,7 +270,7 @@ def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool)
         else:
             c = pick(rng, list(TOOLS.values())).scenario(rng, pools)
             request = request_for(rng, c)
-            reasoning = f"The user wants {c.topic}, but I have no tools in this conversation."
+            reasoning = f"The user wants me to {_intent(c.name)}, but I have no tools in this conversation."
             answer = pick(rng, ["I can't help with {t} here because I have no tools in this conversation.",
                                 "Sorry, I don't have access to any tools right now, so I can't {a}."]).format(
                 t=c.topic, a=TOOLS[c.name].capability)
@@ -277,7 +287,7 @@ def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool)
             specs = _tool_set(rng, [], exclude={missing.name})
             c = missing.scenario(rng, pools)
             request, action = request_for(rng, c), missing.capability
-            reasoning = f"The user wants {c.topic}, but none of the available tools can {action}."
+            reasoning = f"The user wants me to {_intent(c.name)}, but none of the available tools can do that."
             action = pick(rng, [action, f"help with {c.topic}"])
         answer = _decline_text(rng, action, [s.capability for s in specs])
     messages = _system(rng)
