@@ -59,6 +59,27 @@ def test_calls_follow_the_schemas_and_copy_the_request(train, heldout):
     assert {"str", "int", "bool", "dict", "list", "float"} <= set(types)
 
 
+def test_the_decision_comes_before_any_copied_value(train):
+    """The reasoning before a call or a decline says what the request needs in the tool list's own words and
+    names the tool, and repeats none of the request's values: a model that copies a value wrongly there must
+    not be led to the wrong tool."""
+    descriptions = {name: spec.description.lower() for name, spec in TOOLS.items()}
+    checked = 0
+    for s in train:
+        if not s.enable_thinking or s.kind not in corpus.TOOL_KINDS:
+            continue
+        reasoning = s.messages[s.prompt_len]["reasoning_content"]
+        if not reasoning:  # dropped, as a client may do once the final answer follows
+            continue
+        for call in s.expected_calls:
+            assert call["name"] in reasoning and descriptions[call["name"]] in reasoning.lower(), reasoning
+            for k, v in call["arguments"].items():
+                if k in COPIED:
+                    assert v not in reasoning, (v, reasoning)
+        checked += 1
+    assert checked > 100
+
+
 def test_heldout_entities_are_never_trained_on(train, heldout):
     def values(samples):
         return {str(v) for s in samples for c in s.expected_calls for k, v in c["arguments"].items()
