@@ -171,14 +171,27 @@ def _intent(name: str) -> str:
     return d[0].lower() + d[1:]
 
 
+# Reasoning before the decision: an opener, what the request needs, then the outcome. Calls and declines share
+# the openers, so choosing one decides nothing; the outcome turns on whether the tool list has the tool.
+_REASONING = [("The user wants me to {d}.", " I'll call {n}.", " None of the available tools can do that.",
+               " I have no tools in this conversation."),
+              ("The user is asking me to {d},", " so I should use {n}.", " but none of the available tools can do that.",
+               " but I have no tools in this conversation."),
+              ("I need to {d},", " so I'll use {n}.", " but none of the available tools can.", " but I have no tools here."),
+              ("This needs a tool that can {d}:", " {n}.", " none of the available tools can.", " I have no tools here.")]
+OUTCOMES = ("call", "decline", "no_tools")
+
+
+def _reasoning(rng: random.Random, need: str, outcome: str, name: str = "") -> str:
+    opener, *tails = pick(rng, _REASONING)
+    return (opener + tails[OUTCOMES.index(outcome)]).format(d=need, n=name)
+
+
 def _call_reasoning(rng: random.Random, calls: list[Call]) -> str:
     """The decision before the call, in words that do not depend on copying the request's values (a failed
     copy there would derail the tool choice): what the request needs, as the tool list describes it, then the tool."""
     if len(calls) == 1:
-        c = calls[0]
-        return pick(rng, ["The user wants me to {d}. I'll call {n}.", "The user is asking me to {d}, so I should use {n}.",
-                          "I need to {d}, so I'll use {n}.", "This needs a tool that can {d}: {n}."]).format(
-            d=_intent(c.name), n=c.name)
+        return _reasoning(rng, _intent(calls[0].name), "call", calls[0].name)
     if calls[0].name == calls[1].name:
         return f"The user wants me to {_intent(calls[0].name)} twice. I'll call {calls[0].name} twice."
     return (f"The user wants me to {_intent(calls[0].name)} and to {_intent(calls[1].name)}. "
@@ -270,7 +283,7 @@ def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool)
         else:
             c = pick(rng, list(TOOLS.values())).scenario(rng, pools)
             request = request_for(rng, c)
-            reasoning = f"The user wants me to {_intent(c.name)}, but I have no tools in this conversation."
+            reasoning = _reasoning(rng, _intent(c.name), "no_tools")
             answer = pick(rng, ["I can't help with {t} here because I have no tools in this conversation.",
                                 "Sorry, I don't have access to any tools right now, so I can't {a}."]).format(
                 t=c.topic, a=TOOLS[c.name].capability)
@@ -281,13 +294,13 @@ def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool)
         if rng.random() < 0.5:
             specs = _tool_set(rng, [])
             request, action = _unservable(rng, pools)
-            reasoning = f"The user wants me to {action}. None of the available tools can do that."
+            reasoning = _reasoning(rng, action, "decline")
         else:
             missing = pick(rng, list(TOOLS.values()))
             specs = _tool_set(rng, [], exclude={missing.name})
             c = missing.scenario(rng, pools)
             request, action = request_for(rng, c), missing.capability
-            reasoning = f"The user wants me to {_intent(c.name)}, but none of the available tools can do that."
+            reasoning = _reasoning(rng, _intent(c.name), "decline")
             action = pick(rng, [action, f"help with {c.topic}"])
         answer = _decline_text(rng, action, [s.capability for s in specs])
     messages = _system(rng)
