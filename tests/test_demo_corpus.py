@@ -59,13 +59,18 @@ def test_calls_follow_the_schemas_and_copy_the_request(train, heldout):
     assert {"str", "int", "bool", "dict", "list", "float"} <= set(types)
 
 
-def test_the_decision_comes_before_any_copied_value(train):
-    """The reasoning before a call or a decline says what the request needs in the tool list's own words and
-    names the tool, and repeats none of the request's values: a model that copies a value wrongly there must
-    not be led to the wrong tool."""
+@pytest.fixture(scope="module")
+def intent():
+    return corpus.generate("train", 600, reasoning="intent")
+
+
+def test_intent_reasoning_decides_before_any_copied_value(intent):
+    """With reasoning="intent", the reasoning before a call says what the request needs in the tool list's own
+    words and names the tool, and repeats none of the request's values: a model that copies a value wrongly
+    there must not be led to the wrong tool."""
     descriptions = {name: spec.description.lower() for name, spec in TOOLS.items()}
     checked = 0
-    for s in train:
+    for s in intent:
         if not s.enable_thinking or s.kind not in corpus.TOOL_KINDS:
             continue
         reasoning = s.messages[s.prompt_len]["reasoning_content"]
@@ -78,6 +83,20 @@ def test_the_decision_comes_before_any_copied_value(train):
                     assert v not in reasoning, (v, reasoning)
         checked += 1
     assert checked > 100
+
+
+def test_intent_reasoning_openers_do_not_decide(intent):
+    """Every opener of the intent reasoning leads to calls and to declines alike, so the outcome can only come
+    from the tool list, not from how the sentence began."""
+    outcomes = {}
+    for s in intent:
+        if not s.enable_thinking or s.kind not in ("call", "decline"):
+            continue
+        reasoning = s.messages[s.prompt_len]["reasoning_content"]
+        if reasoning:
+            opener = reasoning.split(" me to ")[0].split(" to ")[0].split(" tool ")[0]
+            outcomes.setdefault(opener, set()).add(s.kind)
+    assert len(outcomes) == 4 and all(v == {"call", "decline"} for v in outcomes.values()), outcomes
 
 
 def test_heldout_entities_are_never_trained_on(train, heldout):

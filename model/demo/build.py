@@ -43,7 +43,7 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     work.mkdir(parents=True, exist_ok=True)
 
     n_samples = int(cfg.steps * cfg.procs * cfg.batch_size * TRAIN_SAMPLES_SLACK) + cfg.bucket
-    samples = corpus.generate("train", n_samples)
+    samples = corpus.generate("train", n_samples, reasoning=cfg.reasoning)
     template = corpus.chat_template()
     texts = [corpus.render_sample(s, template) for s in samples]
     timings["corpus_s"] = round(time.perf_counter() - t, 1)

@@ -11,7 +11,7 @@ checks (the expected calls, the value a final answer must repeat). Kinds:
   decline  no offered tool can serve the request (an action no tool does, or a missing tool)
   chat     no tools at all: small talk answered, tool-type requests declined
 
-CLI: python -m model.demo.corpus [--split heldout] [-n 3] [--seed 0]  (prints rendered samples)
+CLI: python -m model.demo.corpus [--split heldout] [-n 3] [--seed 0] [--reasoning intent]  (prints rendered samples)
 """
 
 from __future__ import annotations
@@ -171,31 +171,42 @@ def _intent(name: str) -> str:
     return d[0].lower() + d[1:]
 
 
-# Reasoning before the decision: an opener, what the request needs, then the outcome. Calls and declines share
-# the openers, so choosing one decides nothing; the outcome turns on whether the tool list has the tool.
-_REASONING = [("The user wants me to {d}.", " I'll call {n}.", " None of the available tools can do that.",
-               " I have no tools in this conversation."),
-              ("The user is asking me to {d},", " so I should use {n}.", " but none of the available tools can do that.",
-               " but I have no tools in this conversation."),
-              ("I need to {d},", " so I'll use {n}.", " but none of the available tools can.", " but I have no tools here."),
-              ("This needs a tool that can {d}:", " {n}.", " none of the available tools can.", " I have no tools here.")]
+# How the reasoning before a call or a decline is written (`generate(reasoning=...)`):
+#   "topic"   the request restated with its values, then the decision ("The user wants the weather in Oslo.
+#             I'll call get_weather."); the committed demo model was trained on this
+#   "intent"  what the request needs in the tool list's own words, then the decision; no values, so a failed
+#             copy cannot derail the tool choice, and calls and declines share the openers, so choosing one
+#             decides nothing: the outcome turns on whether the tool list has the tool
+REASONING = ("topic", "intent")
+_INTENT = [("The user wants me to {d}.", " I'll call {n}.", " None of the available tools can do that.",
+            " I have no tools in this conversation."),
+           ("The user is asking me to {d},", " so I should use {n}.", " but none of the available tools can do that.",
+            " but I have no tools in this conversation."),
+           ("I need to {d},", " so I'll use {n}.", " but none of the available tools can.", " but I have no tools here."),
+           ("This needs a tool that can {d}:", " {n}.", " none of the available tools can.", " I have no tools here.")]
 OUTCOMES = ("call", "decline", "no_tools")
 
 
-def _reasoning(rng: random.Random, need: str, outcome: str, name: str = "") -> str:
-    opener, *tails = pick(rng, _REASONING)
+def _intent_reasoning(rng: random.Random, need: str, outcome: str, name: str = "") -> str:
+    opener, *tails = pick(rng, _INTENT)
     return (opener + tails[OUTCOMES.index(outcome)]).format(d=need, n=name)
 
 
-def _call_reasoning(rng: random.Random, calls: list[Call]) -> str:
-    """The decision before the call, in words that do not depend on copying the request's values (a failed
-    copy there would derail the tool choice): what the request needs, as the tool list describes it, then the tool."""
+def _call_reasoning(rng: random.Random, calls: list[Call], style: str) -> str:
+    if style == "intent" and len(calls) == 1:
+        return _intent_reasoning(rng, _intent(calls[0].name), "call", calls[0].name)
+    if style == "intent":
+        if calls[0].name == calls[1].name:
+            return f"The user wants me to {_intent(calls[0].name)} twice. I'll call {calls[0].name} twice."
+        return (f"The user wants me to {_intent(calls[0].name)} and to {_intent(calls[1].name)}. "
+                f"I'll call {calls[0].name} and {calls[1].name}.")
     if len(calls) == 1:
-        return _reasoning(rng, _intent(calls[0].name), "call", calls[0].name)
-    if calls[0].name == calls[1].name:
-        return f"The user wants me to {_intent(calls[0].name)} twice. I'll call {calls[0].name} twice."
-    return (f"The user wants me to {_intent(calls[0].name)} and to {_intent(calls[1].name)}. "
-            f"I'll call {calls[0].name} and {calls[1].name}.")
+        c = calls[0]
+        return pick(rng, ["The user wants {t}. I'll call {n}.", "The user is asking for {t}, so I should use {n}.",
+                          "I need {n} for {t}.", "{n} can get {t}."]).format(t=c.topic, n=c.name)
+    names = calls[0].name if calls[0].name == calls[1].name else f"{calls[0].name} and {calls[1].name}"
+    twice = " twice" if calls[0].name == calls[1].name else ""
+    return f"The user wants {calls[0].topic} and {calls[1].topic}. I'll call {names}{twice}."
 
 
 def _answer_reasoning(rng: random.Random, calls: list[Call]) -> str:
@@ -231,7 +242,7 @@ def _history(rng: random.Random, pools: Pools, specs: list[ToolSpec]) -> list[di
     return messages
 
 
-def _tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool) -> Sample:
+def _tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool, style: str) -> Sample:
     if kind == "multi":
         first = pick(rng, list(TOOLS.values()))
         if first.pair is not None and rng.random() < 0.5:
@@ -261,7 +272,7 @@ def _tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool) ->
         messages += _history(rng, pools, specs)
     messages.append({"role": "user", "content": request})
     prompt_len = len(messages)
-    reasoning = _call_reasoning(rng, calls) if thinking else ""
+    reasoning = _call_reasoning(rng, calls, style) if thinking else ""
     if thinking and rng.random() > P_KEEP_REASONING:
         reasoning_sent_back = ""
     else:
@@ -275,7 +286,7 @@ def _tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool) ->
                   [{"name": c.name, "arguments": c.arguments} for c in calls], result_len, keys)
 
 
-def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool) -> Sample:
+def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool, style: str) -> Sample:
     specs: list[ToolSpec] = []
     if kind == "chat":
         if rng.random() < 0.6:
@@ -283,7 +294,8 @@ def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool)
         else:
             c = pick(rng, list(TOOLS.values())).scenario(rng, pools)
             request = request_for(rng, c)
-            reasoning = _reasoning(rng, _intent(c.name), "no_tools")
+            reasoning = (_intent_reasoning(rng, _intent(c.name), "no_tools") if style == "intent" else
+                         f"The user wants {c.topic}, but I have no tools in this conversation.")
             answer = pick(rng, ["I can't help with {t} here because I have no tools in this conversation.",
                                 "Sorry, I don't have access to any tools right now, so I can't {a}."]).format(
                 t=c.topic, a=TOOLS[c.name].capability)
@@ -294,13 +306,15 @@ def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool)
         if rng.random() < 0.5:
             specs = _tool_set(rng, [])
             request, action = _unservable(rng, pools)
-            reasoning = _reasoning(rng, action, "decline")
+            reasoning = (_intent_reasoning(rng, action, "decline") if style == "intent" else
+                         f"The user wants me to {action}. None of the available tools can do that.")
         else:
             missing = pick(rng, list(TOOLS.values()))
             specs = _tool_set(rng, [], exclude={missing.name})
             c = missing.scenario(rng, pools)
             request, action = request_for(rng, c), missing.capability
-            reasoning = _reasoning(rng, _intent(c.name), "decline")
+            reasoning = (_intent_reasoning(rng, _intent(c.name), "decline") if style == "intent" else
+                         f"The user wants {c.topic}, but none of the available tools can {action}.")
             action = pick(rng, [action, f"help with {c.topic}"])
         answer = _decline_text(rng, action, [s.capability for s in specs])
     messages = _system(rng)
@@ -312,19 +326,21 @@ def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool)
     return Sample(kind, messages, [s.definition() for s in specs] or None, thinking, prompt_len)
 
 
-def sample(rng: random.Random, pools: Pools, kind: str | None = None) -> Sample:
+def sample(rng: random.Random, pools: Pools, kind: str | None = None, reasoning: str = "topic") -> Sample:
     kind = kind or rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
     thinking = rng.random() >= P_NO_THINKING
     if kind in TOOL_KINDS:
-        return _tool_sample(kind, rng, pools, thinking)
-    return _no_tool_sample(kind, rng, pools, thinking)
+        return _tool_sample(kind, rng, pools, thinking, reasoning)
+    return _no_tool_sample(kind, rng, pools, thinking, reasoning)
 
 
-def generate(split: str, n: int, seed: int | None = None) -> list[Sample]:
-    """n samples of one split; the same (split, n, seed) always gives the same samples."""
+def generate(split: str, n: int, seed: int | None = None, reasoning: str = "topic") -> list[Sample]:
+    """n samples of one split; the same (split, n, seed, reasoning) always gives the same samples."""
+    if reasoning not in REASONING:
+        raise ValueError(f"reasoning must be one of {REASONING}, not {reasoning!r}")
     rng = random.Random(SEEDS[split] if seed is None else seed)
     pools = Pools(split)
-    return [sample(rng, pools) for _ in range(n)]
+    return [sample(rng, pools, reasoning=reasoning) for _ in range(n)]
 
 
 # ---------------------------------------------------------------- rendering
@@ -366,12 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", type=int, default=3)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stats", type=int, default=0, help="also count kinds and tools over this many samples")
+    parser.add_argument("--reasoning", default="topic", choices=REASONING)
     args = parser.parse_args(argv)
-    for s in generate(args.split, args.n, args.seed):
+    for s in generate(args.split, args.n, args.seed, args.reasoning):
         print(f"===== {s.kind} thinking={s.enable_thinking} keys={s.keys}")
         print(render_sample(s))
     if args.stats:
-        samples = generate(args.split, args.stats, args.seed)
+        samples = generate(args.split, args.stats, args.seed, args.reasoning)
         print(Counter(s.kind for s in samples))
         print(Counter(c["name"] for s in samples for c in s.expected_calls))
     return 0

@@ -387,9 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path(".cache/demo-eval"))
     p.add_argument("--json", type=Path, help="write all results here")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reasoning", choices=corpus.REASONING, default="topic",
+                   help="how the held-out conversations write the reasoning (as the model was trained)")
     args = p.parse_args(argv)
 
-    samples = corpus.generate("heldout", args.n)
+    samples = corpus.generate("heldout", args.n, reasoning=args.reasoning)
     results = {}
     if args.via == "server":
         model = args.model or DEMO_GGUF
@@ -409,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind, items in results["quality"]["failures"].items():
         for item in items:
             print(f"  failure ({kind}): {json.dumps(item, ensure_ascii=False)[:400]}")
-    ppl_samples = corpus.generate("heldout", args.quant_n, seed=corpus.SEEDS["heldout"] + 1)
+    ppl_samples = corpus.generate("heldout", args.quant_n, seed=corpus.SEEDS["heldout"] + 1,
+                                  reasoning=args.reasoning)
     if args.ppl:
         if not args.hf:
             p.error("--ppl needs --hf DIR")
@@ -418,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quant:
         if not args.hf:
             p.error("--quant needs --hf DIR (the imatrix is computed with transformers)")
-        imatrix_samples = corpus.generate("train", args.quant_n, seed=corpus.SEEDS["train"] + 1)
+        imatrix_samples = corpus.generate("train", args.quant_n, seed=corpus.SEEDS["train"] + 1,
+                                          reasoning=args.reasoning)
         results["quantisation"] = quant_report(args.model or DEMO_GGUF, args.hf, ppl_samples, imatrix_samples,
                                                args.work / "quant")
     if args.json:

@@ -86,6 +86,7 @@ class TrainConfig:
     induction_lr: float = 1.0  # learning-rate factor for the two layers induction_init builds
     induction_heads: int = 0  # key/value heads of the attention layer induction_init builds (0: all)
     induction_plain_after: int = 0  # 1: the blocks after the induction circuit keep their plain init
+    reasoning: str = "topic"  # how the corpus writes the reasoning before a decision (corpus.REASONING)
 
 
 def model_config(shape: ModelShape, vocab_size: int, eos_id: int, pad_id: int, router_aux_loss_coef: float = 0.0):
