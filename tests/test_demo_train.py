@@ -100,18 +100,23 @@ def test_recall_init_reads_back_what_followed_the_token(monkeypatch, seed):
 
 
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("built", [None, 0, 1])  # None: plain init; else induction_init's kv_heads
+@pytest.mark.parametrize("built", [None, (0, False), (1, False), (0, True)])  # plain init; (kv_heads, plain_after)
 def test_induction_init_copies_a_repeated_run(seed, built):
     """With induction_init, transformers' own model (the demo shape, untrained) continues the second copy
-    of a run of tokens as the first one went, after a long unrelated prefix; a plain init does not."""
+    of a run of tokens as the first one went, after a long unrelated prefix; a plain init does not. With
+    plain_after the blocks after the circuit keep their plain init and it still copies."""
     from transformers import Qwen3_5MoeForCausalLM
 
     torch.manual_seed(seed)
     model = Qwen3_5MoeForCausalLM(model_config(ModelShape(), 1024, 0, 1)).float().eval()
     if built is not None:
+        kv_heads, plain_after = built
         free = model.model.layers[2].self_attn.k_proj.weight[32:].clone()  # the second key/value head
-        assert induction_init(model, kv_heads=built) == [0, 2]
-        assert torch.equal(model.model.layers[2].self_attn.k_proj.weight[32:], free) == (built == 1)
+        later = [p.clone() for p in model.model.layers[3:].parameters()]
+        assert induction_init(model, kv_heads=kv_heads, plain_after=plain_after) == [0, 2]
+        assert torch.equal(model.model.layers[2].self_attn.k_proj.weight[32:], free) == (kv_heads == 1)
+        kept = all(torch.equal(a, b) for a, b in zip(later, model.model.layers[3:].parameters()))
+        assert kept == plain_after
     perm = torch.randperm(1024, generator=torch.Generator().manual_seed(seed))
     prefix, run = perm[:200], perm[200:230]
     ids = torch.cat([prefix, run, perm[230:231], run])[None]
