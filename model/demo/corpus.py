@@ -193,9 +193,9 @@ def _intent_reasoning(rng: random.Random, need: str, outcome: str, name: str = "
 
 
 def _call_reasoning(rng: random.Random, calls: list[Call], style: str) -> str:
-    if style == "intent" and len(calls) == 1:
-        return _intent_reasoning(rng, _intent(calls[0].name), "call", calls[0].name)
     if style == "intent":
+        if len(calls) == 1:
+            return _intent_reasoning(rng, _intent(calls[0].name), "call", calls[0].name)
         if calls[0].name == calls[1].name:
             return f"The user wants me to {_intent(calls[0].name)} twice. I'll call {calls[0].name} twice."
         return (f"The user wants me to {_intent(calls[0].name)} and to {_intent(calls[1].name)}. "
