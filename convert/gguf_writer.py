@@ -73,6 +73,19 @@ _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
+def _neg_exp(x: np.ndarray) -> np.ndarray:
+    """-exp(x) in float32, computed the way llama.cpp's converter computes ssm_a (torch, float32) when
+    torch is installed: torch's vectorised exp is not correctly rounded, and which values it rounds the
+    other way depends on the CPU, so only the same arithmetic gives the same bits. Without torch,
+    correctly rounded (through float64): at most one unit in the last place from llama.cpp's."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    try:
+        import torch
+    except ImportError:
+        return -np.exp(x.astype(np.float64)).astype(np.float32)
+    return (-torch.exp(torch.from_numpy(x))).numpy()
+
+
 class GGUFWriteError(ValueError):
     """The checkpoint cannot be written as a qwen35 / qwen35moe GGUF; the message says why."""
 
@@ -159,7 +172,7 @@ class _Converter:
         name = name.replace("language_model.", "")
         x = self._reorder_v(name, x)
         if name.endswith(".A_log"):
-            x = -np.exp(x.astype(np.float64)).astype(np.float32)
+            x = _neg_exp(x)
         elif "conv1d" in name:
             x = np.squeeze(x)
         elif name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):

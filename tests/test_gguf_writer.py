@@ -100,3 +100,22 @@ def test_refuses_other_architectures(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**fx.config, "architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(GGUFWriteError, match="architectures"):
         write_gguf(tmp_path, tmp_path / "x.gguf")
+
+
+def test_ssm_a_without_torch_is_within_one_ulp_of_llama_cpp_arithmetic(monkeypatch):
+    """ssm_a = -exp(A_log): with torch, torch's float32 exp as llama.cpp computes it; without torch
+    (a Mac with only MLX), correctly rounded, which may differ from it in the last bit and no more."""
+    import sys
+
+    import torch
+
+    from convert.gguf_writer import _neg_exp
+
+    x = np.random.default_rng(0).uniform(-8, 3, 4096).astype(np.float32)
+    with_torch = _neg_exp(x)
+    assert np.array_equal(with_torch, (-torch.exp(torch.from_numpy(x))).numpy())
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    without = _neg_exp(x)
+    ulps = np.abs(with_torch.view(np.int32).astype(np.int64) - without.view(np.int32).astype(np.int64))
+    assert ulps.max() <= 1
+    assert np.array_equal(without, -np.exp(x.astype(np.float64)).astype(np.float32))
