@@ -2,11 +2,13 @@
 independent of the batch, cancellation and admission limits."""
 
 import asyncio
+import threading
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from fixtures import get_fixture
+from server_harness import wait_until
 
 from model import load
 from server.engine import Engine, EngineConfig, EngineCore, PromptTooLong, QueueFull, SamplingParams
@@ -264,6 +266,50 @@ def test_threaded_engine_async_stream_and_close_cancels(lm):
             asyncio.run(asyncio.sleep(0.01))
         assert engine.stats()["running"] == 0 and engine.stats()["reserved_bytes"] == 0
     finally:
+        engine.shutdown()
+
+
+def test_submit_cancel_and_stats_never_wait_for_a_step(lm):
+    """The HTTP event loop calls submit, cancel and stats: a long step must not block them. The
+    step is held open here until the test lets it go, so the old lock-for-a-step design hangs."""
+    model, tok = lm
+    engine = Engine(model, tok, EngineConfig(prefix_cache_bytes=0, memory_budget_bytes=1 << 30, max_queue=3))
+    inside, release = threading.Event(), threading.Event()
+    step = engine.core.step
+
+    def held_step():
+        inside.set()
+        release.wait(60)
+        step()
+
+    engine.core.step = held_step
+    try:
+        p = prompts(3, seed=6)
+        first = engine.submit(p[0], SamplingParams(**GREEDY, ignore_eos=True))
+        assert inside.wait(30)
+        outcome = {}
+
+        def caller():
+            second = engine.submit(p[1], SamplingParams(**GREEDY, ignore_eos=True))
+            third = engine.submit(p[2], SamplingParams(**GREEDY, ignore_eos=True))
+            try:  # the first waits in the scheduler, two more in the inbox: the queue of 3 is full
+                engine.submit(p[0], SamplingParams(**GREEDY))
+            except QueueFull:
+                outcome["full"] = True
+            engine.cancel(third.request_id)
+            outcome.update(stats=engine.stats(), second=second)
+
+        t = threading.Thread(target=caller, daemon=True)
+        t.start()
+        t.join(10)
+        assert outcome.get("stats") is not None, "submit, cancel or stats waited for the step in progress"
+        assert outcome["full"] and outcome["stats"]["steps"] == 0
+        release.set()
+        assert tokens(list(first)) == direct_greedy(model, p[0], 12)
+        assert tokens(list(outcome["second"])) == direct_greedy(model, p[1], 12)
+        assert wait_until(lambda: engine.stats()["running"] + engine.stats()["waiting"] == 0)
+    finally:
+        release.set()
         engine.shutdown()
 
 

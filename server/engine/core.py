@@ -86,16 +86,27 @@ class EngineCore:
         self.steps = 0
 
     # ---- requests ----
-    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-            snapshot_at: tuple[int, ...] = ()) -> Request:
+    def new_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    snapshot_at: tuple[int, ...] = ()) -> Request:
+        """A checked request, not yet queued (raises ValueError / PromptTooLong). Reads only the
+        configuration, so any thread may call it."""
         params.validate()
         req = Request(request_id or uuid.uuid4().hex, list(prompt_ids), params,
                       snapshot_at=tuple(sorted(p for p in set(snapshot_at) if 0 < p < len(prompt_ids))))
+        self.scheduler.check(req)
+        return req
+
+    def enqueue(self, req: Request) -> None:
         if req.id in self.requests:
             raise ValueError(f"request id {req.id!r} is already in use")
-        self.scheduler.add(req)  # raises QueueFull / PromptTooLong
+        self.scheduler.add(req)  # raises QueueFull
         self.requests[req.id] = req
-        self._outputs[req.id] = _Output(self.tokenizer, self._hidden_ids, params.stop)
+        self._outputs[req.id] = _Output(self.tokenizer, self._hidden_ids, req.params.stop)
+
+    def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+            snapshot_at: tuple[int, ...] = ()) -> Request:
+        req = self.new_request(prompt_ids, params, request_id, snapshot_at)
+        self.enqueue(req)
         return req
 
     def cancel(self, request_id: str) -> None:

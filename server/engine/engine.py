@@ -66,13 +66,21 @@ class Stream:
 
 
 class Engine:
+    """Owns the engine thread. Only that thread touches `core`: other threads hand it requests and
+    cancellations through an inbox and read the stats it publishes after each step, so a submit,
+    a cancel or a metrics scrape never waits for a model step (the HTTP event loop calls them)."""
+
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
         self.core = EngineCore(model, tokenizer, config, emit=self._emit)
-        self._streams: dict[str, Stream] = {}
-        self._lock = threading.Lock()
+        self._streams: dict[str, Stream] = {}  # whose readers are still listening
+        self._live: set[str] = set()  # ids submitted and not yet finished, listened to or not
+        self._inbox: list[tuple[str, object]] = []  # ("add", Request) | ("cancel", request id)
+        self._queued = 0  # adds in the inbox: they count against max_queue before they reach the scheduler
+        self._lock = threading.Lock()  # guards the four above and _closed; never held over a step
+        self._closed = False
+        self._stats = self.core.stats()
         self._wake = threading.Event()
         self._stop = False
-        self._error: str | None = None
         self._thread = threading.Thread(target=self._loop, name="deltaserve-engine", daemon=True)
         self._thread.start()
 
@@ -90,51 +98,76 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                snapshot_at: tuple[int, ...] = ()) -> Stream:
-        """Raises ValueError, QueueFull or PromptTooLong at once if the request cannot run.
+        """Raises ValueError, QueueFull, PromptTooLong or EngineStopped at once if the request cannot run.
         snapshot_at: prompt offsets worth a prefix-cache snapshot (where a chat's history ends)."""
-        if self._stop or self._error:
-            raise EngineStopped(self._error or "the engine is shutting down")
+        req = self.core.new_request(prompt_ids, params, request_id, snapshot_at)
         with self._lock:
-            req = self.core.add(prompt_ids, params, request_id, snapshot_at)
+            if self._closed or self._stop:
+                raise EngineStopped("the engine is shutting down")
+            if req.id in self._live:
+                raise ValueError(f"request id {req.id!r} is already in use")
+            self.core.scheduler.check_room(self._queued)
             stream = Stream(self, req.id)
             self._streams[req.id] = stream
+            self._live.add(req.id)
+            self._inbox.append(("add", req))
+            self._queued += 1
         self._wake.set()
         return stream
 
     def cancel(self, request_id: str) -> None:
+        """Its stream gets nothing more (its reader has gone); the request ends at the next step."""
         with self._lock:
-            self.core.cancel(request_id)
+            self._streams.pop(request_id, None)
+            self._inbox.append(("cancel", request_id))
         self._wake.set()
 
     def stats(self) -> dict:
-        with self._lock:
-            return self.core.stats()
+        """As of the end of the engine's last step."""
+        return self._stats
 
-    def _emit(self, delta: Delta) -> None:
-        stream = self._streams.get(delta.request_id)
-        if stream is None:
-            return
-        if delta.finish_reason is not None:
-            del self._streams[delta.request_id]
-        stream._put(delta)
+    def _emit(self, delta: Delta) -> None:  # engine thread
+        with self._lock:
+            if delta.finish_reason is None:
+                stream = self._streams.get(delta.request_id)
+            else:
+                stream = self._streams.pop(delta.request_id, None)
+                self._live.discard(delta.request_id)
+        if stream is not None:
+            stream._put(delta)
+
+    def _drain(self) -> None:  # engine thread
+        with self._lock:
+            inbox, self._inbox, self._queued = self._inbox, [], 0
+            for kind, item in inbox:
+                if kind == "add":
+                    self.core.enqueue(item)  # submit checked its id and the room in the queue
+                else:
+                    self.core.cancel(item)
+            self._stats = self.core.stats()
 
     def _loop(self) -> None:
         while not self._stop:
-            with self._lock:
-                busy = self.core.has_work()
-                if busy:
-                    try:
-                        self.core.step()
-                    except Exception:
-                        log.exception("engine step failed; ending the requests in flight")
-                        self.core.fail_all("internal error")
-            if not busy:
+            self._drain()
+            if self.core.has_work():
+                try:
+                    self.core.step()
+                except Exception:
+                    log.exception("engine step failed; ending the requests in flight")
+                    self.core.fail_all("internal error")
+                self._stats = self.core.stats()
+            else:
                 self._wake.wait(0.05)
                 self._wake.clear()
+        with self._lock:
+            self._closed = True
+        self._drain()
+        self.core.fail_all("shutdown")
+        self._stats = self.core.stats()
 
     def shutdown(self) -> None:
+        """Stops the loop; the requests in flight end (finish_reason "error") once the step in
+        progress is done."""
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
-        with self._lock:
-            self.core.fail_all("shutdown")

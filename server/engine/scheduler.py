@@ -48,7 +48,8 @@ class Scheduler:
         tokens = min(req.num_prompt + req.params.max_tokens, c.max_model_len)
         return c.state_bytes_per_seq + c.kv_bytes_per_token * tokens
 
-    def add(self, req: Request) -> None:
+    def check(self, req: Request) -> None:
+        """The limits a request must fit whatever else is queued."""
         c = self.config
         if req.num_prompt == 0:
             raise ValueError("the prompt is empty")
@@ -62,8 +63,16 @@ class Scheduler:
                 f"prompt plus max_tokens needs {self.bytes_for(req)} bytes of state, more than the "
                 f"memory budget of {c.memory_budget_bytes}; shorten the prompt or lower max_tokens"
             )
-        if len(self.waiting) >= c.max_queue:
-            raise QueueFull(f"{len(self.waiting)} requests are already waiting; try again later")
+
+    def check_room(self, arriving: int = 0) -> None:
+        """Raises QueueFull when the queue, with `arriving` requests on their way to it, is full."""
+        queued = len(self.waiting) + arriving
+        if queued >= self.config.max_queue:
+            raise QueueFull(f"{queued} requests are already waiting; try again later")
+
+    def add(self, req: Request) -> None:
+        self.check(req)
+        self.check_room()
         self.waiting.append(req)
 
     def has_work(self) -> bool:
