@@ -297,13 +297,17 @@ def test_submit_cancel_and_stats_never_wait_for_a_step(lm):
             except QueueFull:
                 outcome["full"] = True
             engine.cancel(third.request_id)
+            try:  # its reader has gone, but it has not ended yet: the id is still taken
+                engine.submit(p[2], SamplingParams(**GREEDY), request_id=third.request_id)
+            except ValueError:
+                outcome["taken"] = True
             outcome.update(stats=engine.stats(), second=second)
 
         t = threading.Thread(target=caller, daemon=True)
         t.start()
         t.join(10)
         assert outcome.get("stats") is not None, "submit, cancel or stats waited for the step in progress"
-        assert outcome["full"] and outcome["stats"]["steps"] == 0
+        assert outcome["full"] and outcome["taken"] and outcome["stats"]["steps"] == 0
         release.set()
         assert tokens(list(first)) == direct_greedy(model, p[0], 12)
         assert tokens(list(outcome["second"])) == direct_greedy(model, p[1], 12)
