@@ -97,6 +97,7 @@ class EngineCore:
         return req
 
     def enqueue(self, req: Request) -> None:
+        """Queues a request from `new_request`."""
         if req.id in self.requests:
             raise ValueError(f"request id {req.id!r} is already in use")
         self.scheduler.add(req)  # raises QueueFull

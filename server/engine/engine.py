@@ -76,8 +76,7 @@ class Engine:
         self._live: set[str] = set()  # ids submitted and not yet finished, listened to or not
         self._inbox: list[tuple[str, object]] = []  # ("add", Request) | ("cancel", request id)
         self._queued = 0  # adds in the inbox: they count against max_queue before they reach the scheduler
-        self._lock = threading.Lock()  # guards the four above and _closed; never held over a step
-        self._closed = False
+        self._lock = threading.Lock()  # guards the four above; never held over a step
         self._stats = self.core.stats()
         self._wake = threading.Event()
         self._stop = False
@@ -102,7 +101,7 @@ class Engine:
         snapshot_at: prompt offsets worth a prefix-cache snapshot (where a chat's history ends)."""
         req = self.core.new_request(prompt_ids, params, request_id, snapshot_at)
         with self._lock:
-            if self._closed or self._stop:
+            if self._stop:  # set before the loop's last drain, which takes this lock
                 raise EngineStopped("the engine is shutting down")
             if req.id in self._live:
                 raise ValueError(f"request id {req.id!r} is already in use")
@@ -136,7 +135,7 @@ class Engine:
         if stream is not None:
             stream._put(delta)
 
-    def _drain(self) -> None:  # engine thread
+    def _drain(self) -> None:  # engine thread, before each step: also publishes the last step's stats
         with self._lock:
             inbox, self._inbox, self._queued = self._inbox, [], 0
             for kind, item in inbox:
@@ -155,12 +154,9 @@ class Engine:
                 except Exception:
                     log.exception("engine step failed; ending the requests in flight")
                     self.core.fail_all("internal error")
-                self._stats = self.core.stats()
             else:
                 self._wake.wait(0.05)
                 self._wake.clear()
-        with self._lock:
-            self._closed = True
         self._drain()
         self.core.fail_all("shutdown")
         self._stats = self.core.stats()

@@ -71,7 +71,7 @@ class Scheduler:
             raise QueueFull(f"{queued} requests are already waiting; try again later")
 
     def add(self, req: Request) -> None:
-        self.check(req)
+        """Queues a request that passed `check`."""
         self.check_room()
         self.waiting.append(req)
 
