@@ -19,7 +19,7 @@ SHAPE = ModelShape(hidden_size=32, num_hidden_layers=2, full_attention_interval=
                    num_key_value_heads=1, head_dim=16, linear_num_key_heads=1, linear_num_value_heads=2,
                    linear_key_head_dim=16, linear_value_head_dim=16, num_experts=4, moe_intermediate_size=16,
                    shared_expert_intermediate_size=16)
-CFG = TrainConfig(steps=4, batch_size=2, warmup=1, bucket=4, threads=1, log_every=1)
+CFG = TrainConfig(steps=4, batch_size=2, warmup=1, bucket=4, threads=1, procs=1, log_every=1)
 
 
 class Interrupt(Exception):

@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", type=int, default=3)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stats", type=int, default=0, help="also count kinds and tools over this many samples")
-    parser.add_argument("--reasoning", default="topic", choices=REASONING)
+    parser.add_argument("--reasoning", default="intent", choices=REASONING)
     args = parser.parse_args(argv)
     for s in generate(args.split, args.n, args.seed, args.reasoning):
         print(f"===== {s.kind} thinking={s.enable_thinking} keys={s.keys}")

@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path(".cache/demo-eval"))
     p.add_argument("--json", type=Path, help="write all results here")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reasoning", choices=corpus.REASONING, default="topic",
+    p.add_argument("--reasoning", choices=corpus.REASONING, default="intent",
                    help="how the held-out conversations write the reasoning (as the model was trained)")
     args = p.parse_args(argv)
 

@@ -62,7 +62,7 @@ class ModelShape:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1500  # the length of the learning-rate schedule (~78 min on one core)
+    steps: int = 2900  # the length of the learning-rate schedule (~118 min with procs=2 on two cores)
     stop_after: int = 0  # stop early at this step (0: train all `steps`)
     batch_size: int = 4
     lr: float = 4e-3
@@ -76,7 +76,7 @@ class TrainConfig:
     bucket: int = 64  # samples sorted by length within groups of this many
     seed: int = 0
     threads: int = 1  # on a shared 2-core machine a second thread mostly spins (30% system time)
-    procs: int = 1  # batches per step, one per training process (train_parallel); 1 process gives the same weights
+    procs: int = 2  # batches per step, one per training process (train_parallel); 1 process gives the same weights
     log_every: int = 10
     recall_layers: int = 0  # the first N GatedDeltaNet layers start as associative recall (0: plain init)
     recall_log_decay: float = -6.0  # their A_log: a decay of ~0.997 per token, a memory of hundreds of tokens
@@ -86,7 +86,7 @@ class TrainConfig:
     induction_lr: float = 1.0  # learning-rate factor for the two layers induction_init builds
     induction_heads: int = 0  # key/value heads of the attention layer induction_init builds (0: all)
     induction_plain_after: int = 0  # 1: the blocks after the induction circuit keep their plain init
-    reasoning: str = "topic"  # how the corpus writes the reasoning before a decision (corpus.REASONING)
+    reasoning: str = "intent"  # how the corpus writes the reasoning before a decision (corpus.REASONING)
 
 
 def model_config(shape: ModelShape, vocab_size: int, eos_id: int, pad_id: int, router_aux_loss_coef: float = 0.0):
