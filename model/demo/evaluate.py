@@ -29,6 +29,7 @@ from pathlib import Path
 
 from . import DEMO_GGUF, corpus
 from .corpus import NO_TOOL_KINDS, TOOL_KINDS, Sample
+from .train import TrainConfig
 
 HERE = Path(__file__).resolve().parent
 MAX_TOKENS = 256
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path(".cache/demo-eval"))
     p.add_argument("--json", type=Path, help="write all results here")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reasoning", choices=corpus.REASONING, default="intent",
+    p.add_argument("--reasoning", choices=corpus.REASONING, default=TrainConfig.reasoning,
                    help="how the held-out conversations write the reasoning (as the model was trained)")
     args = p.parse_args(argv)
 
