@@ -203,3 +203,32 @@ def test_two_processes_give_the_weights_of_one(setup, tmp_path):
     single = _model(config)
     train(single, rows, replace(cfg, procs=1), pad, log=lambda _: None)
     assert not all(torch.allclose(a, b) for a, b in zip(alone.parameters(), single.parameters()))
+
+
+def test_build_extension_trains_on_from_the_first_schedule(tmp_path):
+    """extend: the first schedule as before (resumed here from its saved state, so not retrained), then more
+    steps on conversations it never saw, with its tokenizer; the GGUF holds the extended weights."""
+    from gguf import GGUFReader
+
+    from model.demo.build import build, samples_for
+
+    cfg = replace(CFG, steps=2, extend=2, extend_lr=1e-3)
+    work, lines = tmp_path / "work", []
+    first = build(tmp_path / "first.gguf", work, SHAPE, replace(cfg, extend=0), vocab_size=400, log=lines.append)
+    tokenizer = (work / "tokenizer" / "tokenizer.json").read_text()
+    lines.clear()
+    extended = build(tmp_path / "extended.gguf", work, SHAPE, cfg, vocab_size=400, log=lines.append)
+    assert any(line.startswith("resuming at step 2 ") for line in lines)
+    assert (work / "tokenizer" / "tokenizer.json").read_text() == tokenizer
+    assert extended["corpus"]["conversations"] == 2 * samples_for(2, cfg) == 2 * first["corpus"]["conversations"]
+    assert [h["step"] for h in extended["loss_history"]] == [1, 2, 3, 4]
+    assert extended["loss_history"][:2] == first["loss_history"]
+    assert extended["tokens_trained"] == extended["loss_history"][-1]["tokens"] > first["tokens_trained"]
+
+    def tensor(path, name):
+        return next(np.array(t.data) for t in GGUFReader(path).tensors if t.name == name)
+
+    assert tensor(tmp_path / "first.gguf", "token_embd.weight").shape == \
+        tensor(tmp_path / "extended.gguf", "token_embd.weight").shape
+    assert not np.array_equal(tensor(tmp_path / "first.gguf", "token_embd.weight"),
+                              tensor(tmp_path / "extended.gguf", "token_embd.weight"))

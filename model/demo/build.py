@@ -3,6 +3,10 @@
     python -m model.demo.build                      # the committed model (model/demo/deltaserve-demo.gguf)
     python -m model.demo.build --steps 20 --out /tmp/demo.gguf --work /tmp/demo-work   # a quick trial
     python -m model.demo.build --procs 2 --steps 750 ...  # the same batches, two per step, on two cores
+    python -m model.demo.build --extend 2500 ...  # then 2500 more steps on new conversations (a second schedule)
+
+With --extend, a work directory that holds a finished first schedule's state (train_state.pt) resumes
+from it, so the extension trains on from that model instead of starting over.
 
 The work directory keeps the tokenizer and the HF checkpoint (bf16) the GGUF is written from;
 build_info.json next to the GGUF records the command, the software, the shape and the timings.
@@ -27,6 +31,11 @@ VOCAB_SIZE = 4087  # learned tokens; + 9 added tokens = 4096
 TRAIN_SAMPLES_SLACK = 1.05
 
 
+def samples_for(steps: int, cfg: TrainConfig) -> int:
+    """Conversations for a schedule of `steps`: a little over one pass, so no conversation is seen twice."""
+    return int(steps * cfg.procs * cfg.batch_size * TRAIN_SAMPLES_SLACK) + cfg.bucket
+
+
 def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size: int = VOCAB_SIZE,
           log=print) -> dict:
     import torch
@@ -34,7 +43,8 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     from convert.gguf_writer import write_gguf
 
     from .tokenizer import save_hf_tokenizer, train_bpe
-    from .train import encode, induction_init, model_config, recall_init, save_checkpoint, token_ids, train_parallel
+    from .train import (encode, extension, induction_init, model_config, recall_init, save_checkpoint, token_ids,
+                        train_parallel)
 
     timings = {}
     t = time.perf_counter()
@@ -42,21 +52,24 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     torch.set_num_threads(cfg.threads)
     work.mkdir(parents=True, exist_ok=True)
 
-    n_samples = int(cfg.steps * cfg.procs * cfg.batch_size * TRAIN_SAMPLES_SLACK) + cfg.bucket
-    samples = corpus.generate("train", n_samples, reasoning=cfg.reasoning)
+    n_samples = samples_for(cfg.steps, cfg)
+    # the extension's conversations continue the same stream: the first n_samples are the same either way
+    samples = corpus.generate("train", n_samples + (samples_for(cfg.extend, cfg) if cfg.extend else 0),
+                              reasoning=cfg.reasoning)
     template = corpus.chat_template()
     texts = [corpus.render_sample(s, template) for s in samples]
     timings["corpus_s"] = round(time.perf_counter() - t, 1)
     log(f"corpus: {len(texts)} conversations, {sum(map(len, texts)) / len(texts):.0f} chars each")
 
     t = time.perf_counter()
-    tok = train_bpe(texts, vocab_size)
+    tok = train_bpe(texts[:n_samples], vocab_size)  # the first schedule's conversations only
     tok_dir = work / "tokenizer"
     save_hf_tokenizer(tok, tok_dir, template)
     rows = [encode(tok, text) for text in texts]
     timings["tokenizer_s"] = round(time.perf_counter() - t, 1)
     n_tokens = sum(len(r[0]) for r in rows)
     n_loss = sum(sum(1 for y in r[1] if y >= 0) for r in rows)
+    rows, more_rows = rows[:n_samples], rows[n_samples:]
     log(f"tokenizer: {tok.get_vocab_size()} tokens; corpus {n_tokens} tokens ({n_loss} in the loss)")
 
     from transformers import Qwen3_5MoeForCausalLM
@@ -75,6 +88,14 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     log(f"model: {n_params / 1e6:.2f}M parameters")
     t = time.perf_counter()
     result = train_parallel(model, rows, cfg, pad_id, work / "train_state.pt", log=log)
+    history, seconds = result["history"], result["seconds"]
+    if cfg.extend:
+        log(f"extension: {cfg.extend} steps on {len(more_rows)} more conversations, peak lr {cfg.extend_lr}")
+        more = train_parallel(model, more_rows, extension(cfg), pad_id, work / "train_state_extend.pt", log=log)
+        history = history + [e | {"step": e["step"] + result["steps"], "tokens": e["tokens"] + result["tokens"]}
+                             for e in more["history"]]
+        seconds += more["seconds"]
+        result = {"steps": result["steps"] + more["steps"], "tokens": result["tokens"] + more["tokens"]}
     timings["train_s"] = round(time.perf_counter() - t, 1)
 
     t = time.perf_counter()
@@ -89,8 +110,9 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
         "gguf": out.name, "gguf_bytes": out.stat().st_size, "parameters": n_params,
         "shape": asdict(shape), "train": asdict(cfg), "vocab_size": tok.get_vocab_size(),
         "corpus": {"conversations": len(texts), "tokens": n_tokens, "loss_tokens": n_loss},
-        "timings": timings, "train_seconds_total": result["seconds"], "final_loss": result["history"][-1]["loss"] if result["history"] else None,
-        "tokens_trained": result["tokens"], "loss_history": result["history"],
+        "timings": timings, "train_seconds_total": round(seconds, 1),
+        "final_loss": history[-1]["loss"] if history else None,
+        "tokens_trained": result["tokens"], "loss_history": history,
         "software": {d: metadata.version(d) for d in ("torch", "transformers", "tokenizers", "gguf")}
         | {"python": platform.python_version()},
         "machine": {"cpu_threads": cfg.threads, "processes": cfg.procs, "platform": platform.platform()},

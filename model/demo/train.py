@@ -28,7 +28,7 @@ import math
 import random
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +88,16 @@ class TrainConfig:
     induction_heads: int = 0  # key/value heads of the attention layer induction_init builds (0: all)
     induction_plain_after: int = 0  # 1: the blocks after the induction circuit keep their plain init
     reasoning: str = "intent"  # how the corpus writes the reasoning before a decision (corpus.REASONING)
+    extend: int = 0  # then this many more steps on new conversations: a second warmup and cosine (extension())
+    extend_lr: float = 2e-3  # the peak learning rate of that second schedule
+
+
+EXTENSION_FIELDS = ("extend", "extend_lr")
+
+
+def extension(cfg: TrainConfig) -> TrainConfig:
+    """The configuration of the second schedule: cfg.extend steps peaking at cfg.extend_lr, the rest as cfg."""
+    return replace(cfg, steps=cfg.extend, lr=cfg.extend_lr, stop_after=0, extend=0)
 
 
 def model_config(shape: ModelShape, vocab_size: int, eos_id: int, pad_id: int, router_aux_loss_coef: float = 0.0):
@@ -351,7 +361,7 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
     step, tokens, history, done_s = 0, 0, [], 0.0
     if state_path is not None and Path(state_path).is_file():
         state = torch.load(state_path, weights_only=False)
-        same = {k: v for k, v in asdict(cfg).items() if k not in ("stop_after", "log_every")}
+        same = {k: v for k, v in asdict(cfg).items() if k not in ("stop_after", "log_every", *EXTENSION_FIELDS)}
         if {k: v for k, v in state["config"].items() if k in same} != same:
             raise ValueError(f"{state_path} was saved by another training configuration; remove it to start over")
         model.load_state_dict(state["model"])
