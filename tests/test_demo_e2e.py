@@ -124,8 +124,6 @@ def test_weather_question_round_trip(client, stream):
     assert answer.strip()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 5 quality bar not met yet: the demo model picks the right tool and often repeats "
-                   "the tool result, but does not copy argument values exactly (see README, The embedded demo model)")
 @pytest.mark.parametrize("stream", [False, True], ids=["non-streamed", "streamed"])
 def test_weather_call_has_the_users_city_and_answer_uses_the_result(client, stream):
     (_, _, arguments), answer = _ask(client, stream)
