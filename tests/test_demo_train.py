@@ -232,3 +232,12 @@ def test_build_extension_trains_on_from_the_first_schedule(tmp_path):
         tensor(tmp_path / "extended.gguf", "token_embd.weight").shape
     assert not np.array_equal(tensor(tmp_path / "first.gguf", "token_embd.weight"),
                               tensor(tmp_path / "extended.gguf", "token_embd.weight"))
+
+
+def test_build_does_not_extend_a_stopped_first_schedule(tmp_path):
+    from model.demo.build import build
+
+    cfg = replace(CFG, steps=2, stop_after=1, extend=2)
+    info = build(tmp_path / "m.gguf", tmp_path / "work", SHAPE, cfg, vocab_size=400, log=lambda _: None)
+    assert [h["step"] for h in info["loss_history"]] == [1]
+    assert not (tmp_path / "work" / "train_state_extend.pt").exists()

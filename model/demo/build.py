@@ -89,7 +89,7 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     t = time.perf_counter()
     result = train_parallel(model, rows, cfg, pad_id, work / "train_state.pt", log=log)
     history, seconds = result["history"], result["seconds"]
-    if cfg.extend:
+    if cfg.extend and result["steps"] == cfg.steps:  # not after a --stop-after trial of the first schedule
         log(f"extension: {cfg.extend} steps on {len(more_rows)} more conversations, peak lr {cfg.extend_lr}")
         more = train_parallel(model, more_rows, extension(cfg), pad_id, work / "train_state_extend.pt", log=log)
         history = history + [e | {"step": e["step"] + result["steps"], "tokens": e["tokens"] + result["tokens"]}
