@@ -241,3 +241,12 @@ def test_build_does_not_extend_a_stopped_first_schedule(tmp_path):
     info = build(tmp_path / "m.gguf", tmp_path / "work", SHAPE, cfg, vocab_size=400, log=lambda _: None)
     assert [h["step"] for h in info["loss_history"]] == [1]
     assert not (tmp_path / "work" / "train_state_extend.pt").exists()
+
+
+@pytest.mark.parametrize("args", [["--extend", "-1"], ["--steps", "0"], ["--extend-lr", "0"]])
+def test_build_cli_rejects_counts_that_cannot_train(args, capsys):
+    from model.demo.build import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and "--extend 0 or more" in capsys.readouterr().err

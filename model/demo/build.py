@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in [*asdict(cfg).items(), *asdict(shape).items()]:
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = p.parse_args(argv)
+    if args.steps < 1 or args.extend < 0 or args.extend_lr <= 0:  # a negative count would cut the first corpus
+        p.error(f"--steps must be 1 or more, --extend 0 or more and --extend-lr positive "
+                f"(got {args.steps}, {args.extend}, {args.extend_lr})")
     shape = ModelShape(**{k: getattr(args, k) for k in asdict(shape)})
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(cfg)})
     if cfg.procs == 1 and cfg.threads == 1 and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:
