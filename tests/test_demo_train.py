@@ -212,7 +212,7 @@ def test_build_extension_trains_on_from_the_first_schedule(tmp_path):
 
     from model.demo.build import build, samples_for
 
-    cfg = replace(CFG, steps=2, extend=2, extend_lr=1e-3)
+    cfg = replace(CFG, steps=2, extend=2, extend_lr=1e-3, extensions=1)
     work, lines = tmp_path / "work", []
     first = build(tmp_path / "first.gguf", work, SHAPE, replace(cfg, extend=0), vocab_size=400, log=lines.append)
     tokenizer = (work / "tokenizer" / "tokenizer.json").read_text()
@@ -234,6 +234,26 @@ def test_build_extension_trains_on_from_the_first_schedule(tmp_path):
                               tensor(tmp_path / "extended.gguf", "token_embd.weight"))
 
 
+def test_build_adds_a_further_extension_after_the_finished_ones(tmp_path):
+    """extensions=2 on a work directory with a finished first schedule and extension: both resume, and only
+    the second extension trains, on conversations neither saw before (the stream continued once more)."""
+    from model.demo.build import build, samples_for
+
+    cfg = replace(CFG, steps=2, extend=2, extend_lr=1e-3, extensions=1)
+    work, lines = tmp_path / "work", []
+    once = build(tmp_path / "once.gguf", work, SHAPE, cfg, vocab_size=400, log=lines.append)
+    lines.clear()
+    twice = build(tmp_path / "twice.gguf", work, SHAPE, replace(cfg, extensions=2), vocab_size=400, log=lines.append)
+    assert [line.split(" from ")[0] for line in lines if line.startswith("resuming")] == \
+        ["resuming at step 2", "resuming at step 2"]
+    assert any(line.startswith("extension 2/2: 2 steps on ") for line in lines)
+    assert (work / "train_state_extend2.pt").is_file()
+    assert twice["corpus"]["conversations"] == 3 * samples_for(2, cfg)
+    assert [h["step"] for h in twice["loss_history"]] == [1, 2, 3, 4, 5, 6]
+    assert twice["loss_history"][:4] == once["loss_history"]
+    assert twice["tokens_trained"] > once["tokens_trained"]
+
+
 def test_build_does_not_extend_a_stopped_first_schedule(tmp_path):
     from model.demo.build import build
 
@@ -243,10 +263,10 @@ def test_build_does_not_extend_a_stopped_first_schedule(tmp_path):
     assert not (tmp_path / "work" / "train_state_extend.pt").exists()
 
 
-@pytest.mark.parametrize("args", [["--extend", "-1"], ["--steps", "0"], ["--extend-lr", "0"]])
+@pytest.mark.parametrize("args", [["--extend", "-1"], ["--extensions", "-1"], ["--steps", "0"], ["--extend-lr", "0"]])
 def test_build_cli_rejects_counts_that_cannot_train(args, capsys):
     from model.demo.build import main
 
     with pytest.raises(SystemExit) as exc:
         main(args)
-    assert exc.value.code == 2 and "--extend 0 or more" in capsys.readouterr().err
+    assert exc.value.code == 2 and "--extend and --extensions 0 or more" in capsys.readouterr().err

@@ -3,10 +3,10 @@
     python -m model.demo.build                      # the committed model (model/demo/deltaserve-demo.gguf)
     python -m model.demo.build --steps 20 --out /tmp/demo.gguf --work /tmp/demo-work   # a quick trial
     python -m model.demo.build --procs 2 --steps 750 ...  # the same batches, two per step, on two cores
-    python -m model.demo.build --extend 2500 ...  # then 2500 more steps on new conversations (a second schedule)
+    python -m model.demo.build --extend 2500 --extensions 2 ...  # then twice 2500 more steps, each on new conversations
 
-With --extend, a work directory that holds a finished first schedule's state (train_state.pt) resumes
-from it, so the extension trains on from that model instead of starting over.
+With --extend, a work directory that holds finished schedules' states (train_state.pt, train_state_extend*.pt)
+resumes from them, so a further extension trains on from that model instead of starting over.
 
 The work directory keeps the tokenizer and the HF checkpoint (bf16) the GGUF is written from;
 build_info.json next to the GGUF records the command, the software, the shape and the timings.
@@ -43,8 +43,8 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     from convert.gguf_writer import write_gguf
 
     from .tokenizer import save_hf_tokenizer, train_bpe
-    from .train import (encode, extension, induction_init, model_config, recall_init, save_checkpoint, token_ids,
-                        train_parallel)
+    from .train import (encode, extension, extension_state, induction_init, model_config, recall_init,
+                        save_checkpoint, token_ids, train_parallel)
 
     timings = {}
     t = time.perf_counter()
@@ -53,9 +53,9 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     work.mkdir(parents=True, exist_ok=True)
 
     n_samples = samples_for(cfg.steps, cfg)
-    # the extension's conversations continue the same stream: the first n_samples are the same either way
-    samples = corpus.generate("train", n_samples + (samples_for(cfg.extend, cfg) if cfg.extend else 0),
-                              reasoning=cfg.reasoning)
+    n_more = samples_for(cfg.extend, cfg) if cfg.extend else 0
+    # the extensions' conversations continue the same stream: the earlier ones are the same either way
+    samples = corpus.generate("train", n_samples + cfg.extensions * n_more, reasoning=cfg.reasoning)
     template = corpus.chat_template()
     texts = [corpus.render_sample(s, template) for s in samples]
     timings["corpus_s"] = round(time.perf_counter() - t, 1)
@@ -89,9 +89,12 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     t = time.perf_counter()
     result = train_parallel(model, rows, cfg, pad_id, work / "train_state.pt", log=log)
     history, seconds = result["history"], result["seconds"]
-    if cfg.extend and result["steps"] == cfg.steps:  # not after a --stop-after trial of the first schedule
-        log(f"extension: {cfg.extend} steps on {len(more_rows)} more conversations, peak lr {cfg.extend_lr}")
-        more = train_parallel(model, more_rows, extension(cfg), pad_id, work / "train_state_extend.pt", log=log)
+    for k in range(1, cfg.extensions + 1) if cfg.extend and result["steps"] == cfg.steps else ():
+        # (not after a --stop-after trial of the first schedule)
+        stage_rows = more_rows[(k - 1) * n_more:k * n_more]
+        log(f"extension {k}/{cfg.extensions}: {cfg.extend} steps on {len(stage_rows)} more conversations, "
+            f"peak lr {cfg.extend_lr}")
+        more = train_parallel(model, stage_rows, extension(cfg), pad_id, work / extension_state(k), log=log)
         history = history + [e | {"step": e["step"] + result["steps"], "tokens": e["tokens"] + result["tokens"]}
                              for e in more["history"]]
         seconds += more["seconds"]
@@ -132,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in [*asdict(cfg).items(), *asdict(shape).items()]:
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = p.parse_args(argv)
-    if args.steps < 1 or args.extend < 0 or args.extend_lr <= 0:  # a negative count would cut the first corpus
-        p.error(f"--steps must be 1 or more, --extend 0 or more and --extend-lr positive "
-                f"(got {args.steps}, {args.extend}, {args.extend_lr})")
+    if args.steps < 1 or args.extend < 0 or args.extensions < 0 or args.extend_lr <= 0:
+        # (a negative count would cut the first corpus)
+        p.error(f"--steps must be 1 or more, --extend and --extensions 0 or more and --extend-lr positive "
+                f"(got {args.steps}, {args.extend}, {args.extensions}, {args.extend_lr})")
     shape = ModelShape(**{k: getattr(args, k) for k in asdict(shape)})
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(cfg)})
     if cfg.procs == 1 and cfg.threads == 1 and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:

@@ -90,14 +90,20 @@ class TrainConfig:
     reasoning: str = "intent"  # how the corpus writes the reasoning before a decision (corpus.REASONING)
     extend: int = 2500  # then this many more (~95 min) on new conversations: a second warmup and cosine
     extend_lr: float = 2e-3  # the peak learning rate of that second schedule
+    extensions: int = 2  # how many such schedules, one after another, each on conversations no earlier one saw
 
 
-EXTENSION_FIELDS = ("extend", "extend_lr")
+EXTENSION_FIELDS = ("extend", "extend_lr", "extensions")
 
 
 def extension(cfg: TrainConfig) -> TrainConfig:
-    """The configuration of the second schedule: cfg.extend steps peaking at cfg.extend_lr, the rest as cfg."""
-    return replace(cfg, steps=cfg.extend, lr=cfg.extend_lr, stop_after=0, extend=0)
+    """The configuration of each extension schedule: cfg.extend steps peaking at cfg.extend_lr, the rest as cfg."""
+    return replace(cfg, steps=cfg.extend, lr=cfg.extend_lr, stop_after=0, extend=0, extensions=0)
+
+
+def extension_state(k: int) -> str:
+    """The file name of the k-th extension's saved state (k from 1)."""
+    return "train_state_extend.pt" if k == 1 else f"train_state_extend{k}.pt"
 
 
 def model_config(shape: ModelShape, vocab_size: int, eos_id: int, pad_id: int, router_aux_loss_coef: float = 0.0):
