@@ -88,8 +88,8 @@ class TrainConfig:
     induction_heads: int = 0  # key/value heads of the attention layer induction_init builds (0: all)
     induction_plain_after: int = 0  # 1: the blocks after the induction circuit keep their plain init
     reasoning: str = "intent"  # how the corpus writes the reasoning before a decision (corpus.REASONING)
-    extend: int = 2500  # then this many more (~95 min) on new conversations: a second warmup and cosine
-    extend_lr: float = 2e-3  # the peak learning rate of that second schedule
+    extend: int = 2500  # then schedules of this many more steps (~95 min each) on new conversations: warmup, cosine
+    extend_lr: float = 2e-3  # the peak learning rate of each extension schedule
     extensions: int = 2  # how many such schedules, one after another, each on conversations no earlier one saw
 
 
