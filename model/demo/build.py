@@ -89,8 +89,9 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     t = time.perf_counter()
     result = train_parallel(model, rows, cfg, pad_id, work / "train_state.pt", log=log)
     history, seconds = result["history"], result["seconds"]
-    for k in range(1, cfg.extensions + 1) if cfg.extend and result["steps"] == cfg.steps else ():
-        # (not after a --stop-after trial of the first schedule)
+    # no extension after a --stop-after trial of the first schedule
+    extensions = cfg.extensions if cfg.extend and result["steps"] == cfg.steps else 0
+    for k in range(1, extensions + 1):
         stage_rows = more_rows[(k - 1) * n_more:k * n_more]
         log(f"extension {k}/{cfg.extensions}: {cfg.extend} steps on {len(stage_rows)} more conversations, "
             f"peak lr {cfg.extend_lr}")
