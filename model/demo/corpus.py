@@ -11,6 +11,10 @@ checks (the expected calls, the value a final answer must repeat). Kinds:
   decline  no offered tool can serve the request (an action no tool does, or a missing tool)
   chat     no tools at all: small talk answered, tool-type requests declined
 
+`generate(..., kinds=CONTRAST_KINDS)` draws the contrast mix instead: there a tool-type request is about as
+likely to find its tool missing from the list ("missing": a decline of that kind only) as offered, so only
+the list tells a call from a decline.
+
 CLI: python -m model.demo.corpus [--split heldout] [-n 3] [--seed 0] [--reasoning intent]  (prints rendered samples)
 """
 
@@ -28,11 +32,14 @@ from .tools import TOOLS, Call, ToolSpec, pick, request_for
 KINDS = {"call": 0.45, "multi": 0.12, "error": 0.03, "direct": 0.14, "decline": 0.14, "chat": 0.12}
 TOOL_KINDS = ("call", "multi", "error")
 NO_TOOL_KINDS = ("direct", "decline", "chat")
+CONTRAST_KINDS = {"call": 0.30, "multi": 0.08, "error": 0.02, "direct": 0.07, "decline": 0.06, "missing": 0.40,
+                  "chat": 0.07}
 P_NO_THINKING = 0.2
 P_HISTORY = 0.8  # earlier exchanges: more assistant tokens per system prompt
 MAX_HISTORY = 4
 P_KEEP_REASONING = 0.7  # clients may or may not send reasoning_content back with a tool-call turn
 SEEDS = {"train": 1234, "heldout": 98765}  # different seeds and disjoint entity pools
+CONTRAST_SEED = SEEDS["train"] + 2  # the contrast schedule's stream (train pools; +1 draws the imatrix samples)
 
 SYSTEM_TEXTS = ["", "", "", "You are a helpful assistant.", "You are a concise assistant. Keep answers short.",
                 "You help users with everyday tasks.", "Be friendly and precise.", "Answer in English."]
@@ -48,6 +55,7 @@ class Sample:
     expected_calls: list[dict] = field(default_factory=list)  # [{"name", "arguments"}]
     result_len: int = 0  # messages[:result_len] ends with the tool results (0: no second step)
     keys: list[str] = field(default_factory=list)  # values the final answer must contain
+    missing: str = ""  # a decline's tool that the request needs and the list lacks ("": an unservable request)
 
     def to_json(self) -> dict:
         return self.__dict__
@@ -286,8 +294,11 @@ def _tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool, st
                   [{"name": c.name, "arguments": c.arguments} for c in calls], result_len, keys)
 
 
-def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool, style: str) -> Sample:
+def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool, style: str,
+                    missing: bool | None = None) -> Sample:
+    """missing: for a decline, whether the request needs a tool the list lacks (None: a coin flip)."""
     specs: list[ToolSpec] = []
+    lacked = ""
     if kind == "chat":
         if rng.random() < 0.6:
             request, reasoning, answer = _direct(rng, pools, [])
@@ -303,16 +314,17 @@ def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool,
         specs = _tool_set(rng, [])
         request, reasoning, answer = _direct(rng, pools, [s.capability for s in specs])
     else:  # decline
-        if rng.random() < 0.5:
+        if (rng.random() < 0.5) if missing is None else not missing:
             specs = _tool_set(rng, [])
             request, action = _unservable(rng, pools)
             reasoning = (_intent_reasoning(rng, action, "decline") if style == "intent" else
                          f"The user wants me to {action}. None of the available tools can do that.")
         else:
-            missing = pick(rng, list(TOOLS.values()))
-            specs = _tool_set(rng, [], exclude={missing.name})
-            c = missing.scenario(rng, pools)
-            request, action = request_for(rng, c), missing.capability
+            tool = pick(rng, list(TOOLS.values()))
+            lacked = tool.name
+            specs = _tool_set(rng, [], exclude={tool.name})
+            c = tool.scenario(rng, pools)
+            request, action = request_for(rng, c), tool.capability
             reasoning = (_intent_reasoning(rng, _intent(c.name), "decline") if style == "intent" else
                          f"The user wants {c.topic}, but none of the available tools can {action}.")
             action = pick(rng, [action, f"help with {c.topic}"])
@@ -323,24 +335,28 @@ def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool,
     messages.append({"role": "user", "content": request})
     prompt_len = len(messages)
     messages.append({"role": "assistant", "content": answer, "reasoning_content": reasoning if thinking else ""})
-    return Sample(kind, messages, [s.definition() for s in specs] or None, thinking, prompt_len)
+    return Sample(kind, messages, [s.definition() for s in specs] or None, thinking, prompt_len, missing=lacked)
 
 
-def sample(rng: random.Random, pools: Pools, kind: str | None = None, reasoning: str = "topic") -> Sample:
-    kind = kind or rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
+def sample(rng: random.Random, pools: Pools, kind: str | None = None, reasoning: str = "topic",
+           kinds: dict[str, float] = KINDS) -> Sample:
+    kind = kind or rng.choices(list(kinds), weights=list(kinds.values()))[0]
     thinking = rng.random() >= P_NO_THINKING
     if kind in TOOL_KINDS:
         return _tool_sample(kind, rng, pools, thinking, reasoning)
+    if kind == "missing":
+        return _no_tool_sample("decline", rng, pools, thinking, reasoning, missing=True)
     return _no_tool_sample(kind, rng, pools, thinking, reasoning)
 
 
-def generate(split: str, n: int, seed: int | None = None, reasoning: str = "topic") -> list[Sample]:
-    """n samples of one split; the same (split, n, seed, reasoning) always gives the same samples."""
+def generate(split: str, n: int, seed: int | None = None, reasoning: str = "topic",
+             kinds: dict[str, float] = KINDS) -> list[Sample]:
+    """n samples of one split; the same (split, n, seed, reasoning, kinds) always gives the same samples."""
     if reasoning not in REASONING:
         raise ValueError(f"reasoning must be one of {REASONING}, not {reasoning!r}")
     rng = random.Random(SEEDS[split] if seed is None else seed)
     pools = Pools(split)
-    return [sample(rng, pools, reasoning=reasoning) for _ in range(n)]
+    return [sample(rng, pools, reasoning=reasoning, kinds=kinds) for _ in range(n)]
 
 
 # ---------------------------------------------------------------- rendering

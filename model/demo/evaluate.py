@@ -231,7 +231,7 @@ def evaluate(backend, samples: list[Sample], log=print, examples: int = 3) -> di
                                          "expected": s.expected_calls, "got": reply.calls, "content": reply.content})
         else:
             no_call = not reply.calls
-            for k in ("all", s.kind):
+            for k in ("all", s.kind, *(["decline_missing_tool"] if s.missing else [])):
                 counts[f"no_tool:{k}"].update(n=1, answered_without_call=no_call)
             if not no_call and len(failures["no_tool"]) < examples:
                 failures["no_tool"].append({"request": s.messages[s.prompt_len - 1]["content"], "got": reply.calls})
@@ -271,6 +271,7 @@ def summary_lines(result: dict) -> list[str]:
         line(f"  {kind}: right function / exact", f"tool:{kind}", "exact_arguments")
     for kind in NO_TOOL_KINDS:
         line(f"  {kind}: without a call", f"no_tool:{kind}", "answered_without_call")
+    line("    of the declines, those whose tool is missing", "no_tool:decline_missing_tool", "answered_without_call")
     return lines
 
 
