@@ -254,40 +254,19 @@ def test_build_adds_a_further_extension_after_the_finished_ones(tmp_path):
     assert twice["tokens_trained"] > once["tokens_trained"]
 
 
-def test_build_trains_the_contrast_schedule_last_on_its_own_conversations(tmp_path):
-    """contrast=2 on a work directory with finished schedules: they resume, and only the contrast schedule
-    trains, after the extension, on its own stream (corpus.CONTRAST_KINDS); the others' conversations are the
-    same as without it."""
-    from model.demo.build import build, samples_for
-
-    cfg = replace(CFG, steps=2, extend=2, extend_lr=1e-3, extensions=1)
-    work, lines = tmp_path / "work", []
-    once = build(tmp_path / "once.gguf", work, SHAPE, cfg, vocab_size=400, log=lambda _: None)
-    info = build(tmp_path / "contrast.gguf", work, SHAPE, replace(cfg, contrast=3), vocab_size=400, log=lines.append)
-    assert [line.split(" from ")[0] for line in lines if line.startswith("resuming")] == \
-        ["resuming at step 2", "resuming at step 2"]
-    assert f"contrast: 3 steps on {samples_for(3, cfg)} more conversations, peak lr 0.001" in lines
-    assert (work / "train_state_contrast.pt").is_file()
-    assert info["corpus"]["conversations"] == 2 * samples_for(2, cfg) + samples_for(3, cfg)
-    assert [h["step"] for h in info["loss_history"]] == [1, 2, 3, 4, 5, 6, 7]
-    assert info["loss_history"][:4] == once["loss_history"]
-
-
 def test_build_does_not_extend_a_stopped_first_schedule(tmp_path):
     from model.demo.build import build
 
-    cfg = replace(CFG, steps=2, stop_after=1, extend=2, contrast=2)
+    cfg = replace(CFG, steps=2, stop_after=1, extend=2)
     info = build(tmp_path / "m.gguf", tmp_path / "work", SHAPE, cfg, vocab_size=400, log=lambda _: None)
     assert [h["step"] for h in info["loss_history"]] == [1]
     assert not (tmp_path / "work" / "train_state_extend.pt").exists()
-    assert not (tmp_path / "work" / "train_state_contrast.pt").exists()
 
 
-@pytest.mark.parametrize("args", [["--extend", "-1"], ["--extensions", "-1"], ["--contrast", "-1"], ["--steps", "0"],
-                                  ["--extend-lr", "0"]])
+@pytest.mark.parametrize("args", [["--extend", "-1"], ["--extensions", "-1"], ["--steps", "0"], ["--extend-lr", "0"]])
 def test_build_cli_rejects_counts_that_cannot_train(args, capsys):
     from model.demo.build import main
 
     with pytest.raises(SystemExit) as exc:
         main(args)
-    assert exc.value.code == 2 and "--extend, --extensions and --contrast 0 or more" in capsys.readouterr().err
+    assert exc.value.code == 2 and "--extend and --extensions 0 or more" in capsys.readouterr().err

@@ -4,10 +4,9 @@
     python -m model.demo.build --steps 20 --out /tmp/demo.gguf --work /tmp/demo-work   # a quick trial
     python -m model.demo.build --procs 2 --steps 750 ...  # the same batches, two per step, on two cores
     python -m model.demo.build --extend 2500 --extensions 2 ...  # then twice 2500 more steps, each on new conversations
-    python -m model.demo.build ... --contrast 500   # last, 500 steps where tools are missing as often as offered
 
-A work directory that holds finished schedules' states (train_state.pt, train_state_extend*.pt,
-train_state_contrast.pt) resumes from them, so a further extension trains on from that model instead of starting over.
+With --extend, a work directory that holds finished schedules' states (train_state.pt, train_state_extend*.pt)
+resumes from them, so a further extension trains on from that model instead of starting over.
 
 The work directory keeps the tokenizer and the HF checkpoint (bf16) the GGUF is written from;
 build_info.json next to the GGUF records the command, the software, the shape and the timings.
@@ -44,8 +43,8 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     from convert.gguf_writer import write_gguf
 
     from .tokenizer import save_hf_tokenizer, train_bpe
-    from .train import (CONTRAST_STATE, contrast, encode, extension, extension_state, induction_init, model_config,
-                        recall_init, save_checkpoint, token_ids, train_parallel)
+    from .train import (encode, extension, extension_state, induction_init, model_config, recall_init,
+                        save_checkpoint, token_ids, train_parallel)
 
     timings = {}
     t = time.perf_counter()
@@ -57,9 +56,6 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     n_more = samples_for(cfg.extend, cfg) if cfg.extend else 0
     # the extensions' conversations continue the same stream: the earlier ones are the same either way
     samples = corpus.generate("train", n_samples + cfg.extensions * n_more, reasoning=cfg.reasoning)
-    n_contrast = samples_for(cfg.contrast, cfg) if cfg.contrast else 0
-    samples += corpus.generate("train", n_contrast, seed=corpus.CONTRAST_SEED, reasoning=cfg.reasoning,
-                               kinds=corpus.CONTRAST_KINDS)
     template = corpus.chat_template()
     texts = [corpus.render_sample(s, template) for s in samples]
     timings["corpus_s"] = round(time.perf_counter() - t, 1)
@@ -73,7 +69,6 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     timings["tokenizer_s"] = round(time.perf_counter() - t, 1)
     n_tokens = sum(len(r[0]) for r in rows)
     n_loss = sum(sum(1 for y in r[1] if y >= 0) for r in rows)
-    rows, contrast_rows = rows[:len(rows) - n_contrast], rows[len(rows) - n_contrast:]
     rows, more_rows = rows[:n_samples], rows[n_samples:]
     log(f"tokenizer: {tok.get_vocab_size()} tokens; corpus {n_tokens} tokens ({n_loss} in the loss)")
 
@@ -94,15 +89,13 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     t = time.perf_counter()
     result = train_parallel(model, rows, cfg, pad_id, work / "train_state.pt", log=log)
     history, seconds = result["history"], result["seconds"]
-    stages = [(f"extension {k}/{cfg.extensions}", more_rows[(k - 1) * n_more:k * n_more], extension(cfg),
-               extension_state(k)) for k in range(1, (cfg.extensions if cfg.extend else 0) + 1)]
-    if cfg.contrast:
-        stages.append(("contrast", contrast_rows, contrast(cfg), CONTRAST_STATE))
-    if result["steps"] < cfg.steps:  # no further schedule after a --stop-after trial of the first
-        stages = []
-    for label, stage_rows, stage_cfg, state in stages:
-        log(f"{label}: {stage_cfg.steps} steps on {len(stage_rows)} more conversations, peak lr {stage_cfg.lr}")
-        more = train_parallel(model, stage_rows, stage_cfg, pad_id, work / state, log=log)
+    # no extension after a --stop-after trial of the first schedule
+    extensions = cfg.extensions if cfg.extend and result["steps"] == cfg.steps else 0
+    for k in range(1, extensions + 1):
+        stage_rows = more_rows[(k - 1) * n_more:k * n_more]
+        log(f"extension {k}/{cfg.extensions}: {cfg.extend} steps on {len(stage_rows)} more conversations, "
+            f"peak lr {cfg.extend_lr}")
+        more = train_parallel(model, stage_rows, extension(cfg), pad_id, work / extension_state(k), log=log)
         history = history + [e | {"step": e["step"] + result["steps"], "tokens": e["tokens"] + result["tokens"]}
                              for e in more["history"]]
         seconds += more["seconds"]
@@ -143,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in [*asdict(cfg).items(), *asdict(shape).items()]:
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = p.parse_args(argv)
-    if args.steps < 1 or min(args.extend, args.extensions, args.contrast) < 0 or args.extend_lr <= 0:
+    if args.steps < 1 or args.extend < 0 or args.extensions < 0 or args.extend_lr <= 0:
         # (a negative count would cut the first corpus)
-        p.error(f"--steps must be 1 or more, --extend, --extensions and --contrast 0 or more and --extend-lr "
-                f"positive (got {args.steps}, {args.extend}, {args.extensions}, {args.contrast}, {args.extend_lr})")
+        p.error(f"--steps must be 1 or more, --extend and --extensions 0 or more and --extend-lr positive "
+                f"(got {args.steps}, {args.extend}, {args.extensions}, {args.extend_lr})")
     shape = ModelShape(**{k: getattr(args, k) for k in asdict(shape)})
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(cfg)})
     if cfg.procs == 1 and cfg.threads == 1 and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:

@@ -11,10 +11,6 @@ checks (the expected calls, the value a final answer must repeat). Kinds:
   decline  no offered tool can serve the request (an action no tool does, or a missing tool)
   chat     no tools at all: small talk answered, tool-type requests declined
 
-`generate(..., kinds=CONTRAST_KINDS)` draws the contrast mix instead: there a tool-type request is about as
-likely to find its tool missing from the list ("missing": a decline of that kind only) as offered, so only
-the list tells a call from a decline.
-
 CLI: python -m model.demo.corpus [--split heldout] [-n 3] [--seed 0] [--reasoning intent]  (prints rendered samples)
 """
 
@@ -32,14 +28,11 @@ from .tools import TOOLS, Call, ToolSpec, pick, request_for
 KINDS = {"call": 0.45, "multi": 0.12, "error": 0.03, "direct": 0.14, "decline": 0.14, "chat": 0.12}
 TOOL_KINDS = ("call", "multi", "error")
 NO_TOOL_KINDS = ("direct", "decline", "chat")
-CONTRAST_KINDS = {"call": 0.30, "multi": 0.08, "error": 0.02, "direct": 0.07, "decline": 0.06, "missing": 0.40,
-                  "chat": 0.07}
 P_NO_THINKING = 0.2
 P_HISTORY = 0.8  # earlier exchanges: more assistant tokens per system prompt
 MAX_HISTORY = 4
 P_KEEP_REASONING = 0.7  # clients may or may not send reasoning_content back with a tool-call turn
 SEEDS = {"train": 1234, "heldout": 98765}  # different seeds and disjoint entity pools
-CONTRAST_SEED = SEEDS["train"] + 2  # the contrast schedule's stream (train pools; +1 draws the imatrix samples)
 
 SYSTEM_TEXTS = ["", "", "", "You are a helpful assistant.", "You are a concise assistant. Keep answers short.",
                 "You help users with everyday tasks.", "Be friendly and precise.", "Answer in English."]
@@ -200,6 +193,13 @@ def _intent_reasoning(rng: random.Random, need: str, outcome: str, name: str = "
     return (opener + tails[OUTCOMES.index(outcome)]).format(d=need, n=name)
 
 
+def intent_decision(rng: random.Random, name: str) -> tuple[str, str, str]:
+    """For a request that needs tool `name`, with a random opener: (the intent reasoning up to its decision,
+    how it goes on when the list offers the tool, how it goes on when the list lacks it)."""
+    opener, call, decline, _ = pick(rng, _INTENT)
+    return opener.format(d=_intent(name)), call.format(n=name), decline
+
+
 def _call_reasoning(rng: random.Random, calls: list[Call], style: str) -> str:
     if style == "intent":
         if len(calls) == 1:
@@ -294,9 +294,7 @@ def _tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool, st
                   [{"name": c.name, "arguments": c.arguments} for c in calls], result_len, keys)
 
 
-def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool, style: str,
-                    missing: bool | None = None) -> Sample:
-    """missing: for a decline, whether the request needs a tool the list lacks (None: a coin flip)."""
+def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool, style: str) -> Sample:
     specs: list[ToolSpec] = []
     lacked = ""
     if kind == "chat":
@@ -314,7 +312,7 @@ def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool,
         specs = _tool_set(rng, [])
         request, reasoning, answer = _direct(rng, pools, [s.capability for s in specs])
     else:  # decline
-        if (rng.random() < 0.5) if missing is None else not missing:
+        if rng.random() < 0.5:
             specs = _tool_set(rng, [])
             request, action = _unservable(rng, pools)
             reasoning = (_intent_reasoning(rng, action, "decline") if style == "intent" else
@@ -338,25 +336,21 @@ def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool,
     return Sample(kind, messages, [s.definition() for s in specs] or None, thinking, prompt_len, missing=lacked)
 
 
-def sample(rng: random.Random, pools: Pools, kind: str | None = None, reasoning: str = "topic",
-           kinds: dict[str, float] = KINDS) -> Sample:
-    kind = kind or rng.choices(list(kinds), weights=list(kinds.values()))[0]
+def sample(rng: random.Random, pools: Pools, kind: str | None = None, reasoning: str = "topic") -> Sample:
+    kind = kind or rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
     thinking = rng.random() >= P_NO_THINKING
     if kind in TOOL_KINDS:
         return _tool_sample(kind, rng, pools, thinking, reasoning)
-    if kind == "missing":
-        return _no_tool_sample("decline", rng, pools, thinking, reasoning, missing=True)
     return _no_tool_sample(kind, rng, pools, thinking, reasoning)
 
 
-def generate(split: str, n: int, seed: int | None = None, reasoning: str = "topic",
-             kinds: dict[str, float] = KINDS) -> list[Sample]:
-    """n samples of one split; the same (split, n, seed, reasoning, kinds) always gives the same samples."""
+def generate(split: str, n: int, seed: int | None = None, reasoning: str = "topic") -> list[Sample]:
+    """n samples of one split; the same (split, n, seed, reasoning) always gives the same samples."""
     if reasoning not in REASONING:
         raise ValueError(f"reasoning must be one of {REASONING}, not {reasoning!r}")
     rng = random.Random(SEEDS[split] if seed is None else seed)
     pools = Pools(split)
-    return [sample(rng, pools, reasoning=reasoning, kinds=kinds) for _ in range(n)]
+    return [sample(rng, pools, reasoning=reasoning) for _ in range(n)]
 
 
 # ---------------------------------------------------------------- rendering

@@ -4,6 +4,7 @@ training), greedy.
   python -m model.demo.evaluate                        # through our HTTP server (openai client)
   python -m model.demo.evaluate --via transformers --hf DIR   # in-process reference, no server
   python -m model.demo.evaluate --ppl --quant          # + perplexity and KLD of quantisation recipes
+  python -m model.demo.evaluate --lookup 40 --hf DIR   # + does the model read the tool list? (teacher-forced)
 
 Reported:
   tool requests   a parsable call to the right function(s) / with exactly the right arguments
@@ -11,6 +12,7 @@ Reported:
   final answers   after the (expected) tool results, the answer contains the result's key value
   perplexity      over the assistant tokens of held-out conversations (BF16, each recipe)
   KLD             mean KL(BF16 || recipe) of the next-token distributions at those positions
+  lookup          P(decline) at the reasoning's decision with the needed tool offered, and with it removed
 """
 
 from __future__ import annotations
@@ -110,6 +112,16 @@ class TransformersBackend:
                                       pad_token_id=self.stop[1])
         text = self.tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=False)
         return parse_reply(text, tools)
+
+    def logprob(self, prefix: str, tail: str) -> float:
+        """log P(tail | prefix), teacher-forced."""
+        a = self.tok.encode(prefix, add_special_tokens=False)
+        b = self.tok.encode(prefix + tail, add_special_tokens=False)
+        if b[:len(a)] != a:
+            raise ValueError(f"{tail!r} does not tokenize as a continuation of the prefix")
+        with self.torch.no_grad():
+            logp = self.torch.log_softmax(self.model(self.torch.tensor([b])).logits[0].float(), -1)
+        return sum(logp[i - 1, b[i]].item() for i in range(len(a), len(b)))
 
     def close(self):
         pass
@@ -275,6 +287,34 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
+def lookup_probe(logprob, samples: list[Sample], n: int = 40, seed: int = 0) -> dict:
+    """Does the model read the tool list to choose between calling and declining? For the first n single-call
+    requests, teacher-forced to the intent reasoning's decision ("The user wants me to <what the tool does>,"),
+    P(decline) = the decline's share of P(call continuation) + P(decline continuation), once with the needed
+    tool offered and once with it removed from the list (another tool in its place if it was the only one).
+    A model that reads the list declines far more often without the tool; one that decides from the request
+    alone gives both the same probability. logprob(prefix, tail) -> log P(tail | prefix)."""
+    import math
+    import random
+
+    from .tools import TOOLS
+
+    rng = random.Random(seed)
+    p_decline = {"offered": [], "removed": []}
+    for s in [s for s in samples if s.kind == "call"][:n]:
+        name = s.expected_calls[0]["name"]
+        reasoning, call, decline = corpus.intent_decision(rng, name)
+        removed = [t for t in s.tools if t["function"]["name"] != name]
+        if not removed:  # it was the only tool: another in its place
+            removed = [TOOLS[rng.choice(sorted(set(TOOLS) - {name}))].definition()]
+        for label, tools in (("offered", s.tools), ("removed", removed)):
+            prefix = corpus.render(s.messages[:s.prompt_len], tools, add_generation_prompt=True) + reasoning
+            margin = logprob(prefix, call) - logprob(prefix, decline)
+            p_decline[label].append(1 / (1 + math.exp(min(margin, 700))))
+    k = len(p_decline["offered"])
+    return {"n": k} | {f"p_decline_{label}": round(sum(v) / max(k, 1), 4) for label, v in p_decline.items()}
+
+
 # ---------------------------------------------------------------- perplexity and quantisation (MLX)
 
 def heldout_rows(tokenizer, samples: list[Sample]) -> list[tuple[list[int], list[int]]]:
@@ -382,51 +422,59 @@ def main(argv: list[str] | None = None) -> int:
                    help="what the server serves (GGUF or checkpoint dir; default: the committed GGUF)")
     p.add_argument("--via", choices=["server", "transformers"], default="server")
     p.add_argument("--hf", type=Path, help="HF checkpoint for --via transformers and the imatrix")
-    p.add_argument("-n", type=int, default=200, help="held-out conversations")
+    p.add_argument("-n", type=int, default=200, help="held-out conversations (0: skip the end-to-end evaluation)")
     p.add_argument("--ppl", action="store_true", help="perplexity of the BF16 HF checkpoint (transformers)")
     p.add_argument("--quant", action="store_true", help="perplexity and KLD of the quantisation recipes (MLX)")
     p.add_argument("--quant-n", type=int, default=100, help="held-out conversations for perplexity / KLD")
+    p.add_argument("--lookup", type=int, default=0, metavar="N",
+                   help="also probe N held-out calls: P(decline) with the needed tool offered vs removed")
     p.add_argument("--work", type=Path, default=Path(".cache/demo-eval"))
     p.add_argument("--json", type=Path, help="write all results here")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reasoning", choices=corpus.REASONING, default=TrainConfig.reasoning,
                    help="how the held-out conversations write the reasoning (as the model was trained)")
     args = p.parse_args(argv)
+    for flag, given in (("--via transformers", args.via == "transformers"), ("--ppl", args.ppl),
+                        ("--quant", args.quant), ("--lookup", args.lookup)):
+        if given and not args.hf:
+            p.error(f"{flag} needs --hf DIR (an HF checkpoint of the model, run with transformers)")
 
-    samples = corpus.generate("heldout", args.n, reasoning=args.reasoning)
     results = {}
-    if args.via == "server":
-        model = args.model or DEMO_GGUF
-        args.work.mkdir(parents=True, exist_ok=True)
-        backend = ServerBackend(model, log_path=args.work / "server.log")
-        results["model"] = str(model)
-    else:
-        if not args.hf:
-            p.error("--via transformers needs --hf DIR")
-        backend = TransformersBackend(args.hf, args.threads)
-        results["model"] = str(args.hf)
-    try:
-        results["quality"] = evaluate(backend, samples)
-    finally:
-        backend.close()
-    print("\n".join(summary_lines(results["quality"])))
-    for kind, items in results["quality"]["failures"].items():
-        for item in items:
-            print(f"  failure ({kind}): {json.dumps(item, ensure_ascii=False)[:400]}")
+    if args.n:  # -n 0: only the measurements asked for below
+        samples = corpus.generate("heldout", args.n, reasoning=args.reasoning)
+        if args.via == "server":
+            model = args.model or DEMO_GGUF
+            args.work.mkdir(parents=True, exist_ok=True)
+            backend = ServerBackend(model, log_path=args.work / "server.log")
+            results["model"] = str(model)
+        else:
+            backend = TransformersBackend(args.hf, args.threads)
+            results["model"] = str(args.hf)
+        try:
+            results["quality"] = evaluate(backend, samples)
+        finally:
+            backend.close()
+        print("\n".join(summary_lines(results["quality"])))
+        for kind, items in results["quality"]["failures"].items():
+            for item in items:
+                print(f"  failure ({kind}): {json.dumps(item, ensure_ascii=False)[:400]}")
     ppl_samples = corpus.generate("heldout", args.quant_n, seed=corpus.SEEDS["heldout"] + 1,
                                   reasoning=args.reasoning)
     if args.ppl:
-        if not args.hf:
-            p.error("--ppl needs --hf DIR")
         results["perplexity_hf_bf16"] = round(hf_perplexity(args.hf, ppl_samples), 4)
         print(f"held-out perplexity (assistant tokens, transformers, BF16 weights): {results['perplexity_hf_bf16']}")
     if args.quant:
-        if not args.hf:
-            p.error("--quant needs --hf DIR (the imatrix is computed with transformers)")
         imatrix_samples = corpus.generate("train", args.quant_n, seed=corpus.SEEDS["train"] + 1,
                                           reasoning=args.reasoning)
         results["quantisation"] = quant_report(args.model or DEMO_GGUF, args.hf, ppl_samples, imatrix_samples,
                                                args.work / "quant")
+    if args.lookup:  # the held-out draw's first calls (a draw four times as long holds enough of them)
+        lookup_samples = corpus.generate("heldout", 4 * args.lookup, reasoning=args.reasoning)
+        results["lookup"] = lookup_probe(TransformersBackend(args.hf, args.threads).logprob, lookup_samples,
+                                         args.lookup)
+        print(f"tool-list lookup over {results['lookup']['n']} calls, teacher-forced: P(decline) "
+              f"{results['lookup']['p_decline_offered']:.3f} with the tool offered, "
+              f"{results['lookup']['p_decline_removed']:.3f} with it removed")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     return 0

@@ -91,22 +91,14 @@ class TrainConfig:
     extend: int = 2500  # then schedules of this many more steps (~95 min each) on new conversations: warmup, cosine
     extend_lr: float = 2e-3  # the peak learning rate of each extension schedule
     extensions: int = 2  # how many such schedules, one after another, each on conversations no earlier one saw
-    contrast: int = 0  # then a last schedule of this many steps, peaking at extend_lr, on the contrast mix
-    #                    (corpus.CONTRAST_KINDS: a tool-type request finds its tool missing about as often as offered)
 
 
-EXTENSION_FIELDS = ("extend", "extend_lr", "extensions", "contrast")
-CONTRAST_STATE = "train_state_contrast.pt"
+EXTENSION_FIELDS = ("extend", "extend_lr", "extensions")
 
 
 def extension(cfg: TrainConfig) -> TrainConfig:
     """The configuration of each extension schedule: cfg.extend steps peaking at cfg.extend_lr, the rest as cfg."""
-    return replace(cfg, steps=cfg.extend, lr=cfg.extend_lr, stop_after=0, extend=0, extensions=0, contrast=0)
-
-
-def contrast(cfg: TrainConfig) -> TrainConfig:
-    """The configuration of the contrast schedule: cfg.contrast steps peaking at cfg.extend_lr, the rest as cfg."""
-    return replace(extension(cfg), steps=cfg.contrast)
+    return replace(cfg, steps=cfg.extend, lr=cfg.extend_lr, stop_after=0, extend=0, extensions=0)
 
 
 def extension_state(k: int) -> str:

@@ -1,0 +1,48 @@
+"""The evaluation's tool-list lookup probe, against stand-in models whose behaviour is known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from model.demo import corpus
+from model.demo.evaluate import lookup_probe
+from model.demo.tools import TOOLS
+
+
+def _needed(prefix: str) -> str:
+    reasoning = prefix.rsplit("<think>\n", 1)[1]
+    return next(name for name in TOOLS if TOOLS[name].description[1:] in reasoning)
+
+
+def _reads_the_list(prefix: str, tail: str) -> float:
+    """Declines (P 0.9) exactly when the tool the reasoning names is not among the offered ones."""
+    name = _needed(prefix)
+    offered = f'"name": "{name}"' in prefix
+    is_call = name in tail
+    return math.log(0.9 if is_call == offered else 0.1)
+
+
+def _ignores_the_list(prefix: str, tail: str) -> float:
+    """Calls with P 0.8 whatever the list offers."""
+    return math.log(0.8 if _needed(prefix) in tail else 0.2)
+
+
+def test_lookup_probe_separates_a_model_that_reads_the_list_from_one_that_does_not():
+    samples = corpus.generate("heldout", 120, reasoning="intent")
+    reads = lookup_probe(_reads_the_list, samples, n=20)
+    assert reads["n"] == 20
+    assert math.isclose(reads["p_decline_offered"], 0.1, abs_tol=1e-3)
+    assert math.isclose(reads["p_decline_removed"], 0.9, abs_tol=1e-3)
+    ignores = lookup_probe(_ignores_the_list, samples, n=20)
+    assert math.isclose(ignores["p_decline_offered"], 0.2, abs_tol=1e-3)
+    assert math.isclose(ignores["p_decline_removed"], 0.2, abs_tol=1e-3)
+
+
+def test_cli_asks_for_the_checkpoint_the_probe_needs(capsys):
+    from model.demo.evaluate import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["-n", "0", "--lookup", "5"])
+    assert exc.value.code == 2 and "--lookup needs --hf DIR" in capsys.readouterr().err
