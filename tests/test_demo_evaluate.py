@@ -40,6 +40,15 @@ def test_lookup_probe_separates_a_model_that_reads_the_list_from_one_that_does_n
     assert math.isclose(ignores["p_decline_removed"], 0.2, abs_tol=1e-3)
 
 
+@pytest.mark.parametrize("args", [["-n", "-1"], ["--lookup", "-3", "--hf", "x"], ["--quant-n", "-1"]])
+def test_cli_rejects_negative_counts(args, capsys):
+    from model.demo.evaluate import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and "must be 0 or more" in capsys.readouterr().err
+
+
 def test_cli_asks_for_the_checkpoint_the_probe_needs(capsys):
     from model.demo.evaluate import main
 

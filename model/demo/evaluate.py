@@ -434,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reasoning", choices=corpus.REASONING, default=TrainConfig.reasoning,
                    help="how the held-out conversations write the reasoning (as the model was trained)")
     args = p.parse_args(argv)
+    if min(args.n, args.lookup, args.quant_n) < 0:
+        p.error(f"-n, --lookup and --quant-n must be 0 or more (got {args.n}, {args.lookup}, {args.quant_n})")
     for flag, given in (("--via transformers", args.via == "transformers"), ("--ppl", args.ppl),
                         ("--quant", args.quant), ("--lookup", args.lookup)):
         if given and not args.hf:
