@@ -9,7 +9,8 @@ from collections import Counter
 import pytest
 
 from model.demo import corpus
-from model.demo.entities import Pools, split_of
+from model.demo.entities import (BODIES, EVENT_TITLES, GENRES, PHRASES, SONGS, SUBJECTS, TASKS, Pools, split_of,
+                                 translation)
 from model.demo.tools import TOOLS
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -44,9 +45,14 @@ def test_every_kind_and_tool_occurs(train):
     assert any(s.tools is None for s in train) and any(not s.enable_thinking for s in train)
 
 
-def test_calls_follow_the_schemas_and_copy_the_request(train, heldout):
+@pytest.fixture(scope="module")
+def open_train():
+    return corpus.generate("train", 400, reasoning="intent", open_values=1.0)
+
+
+def test_calls_follow_the_schemas_and_copy_the_request(train, heldout, open_train):
     types = Counter()
-    for s in train + heldout:
+    for s in train + heldout + open_train:
         offered = {t["function"]["name"]: t["function"]["parameters"] for t in s.tools or []}
         request = s.messages[s.prompt_len - 1]["content"]
         for call in s.expected_calls:
@@ -127,8 +133,28 @@ def test_heldout_entities_are_never_trained_on(train, heldout):
     assert set(Pools("train").cities).isdisjoint(Pools("heldout").cities)
 
 
-def test_final_answers_repeat_the_key_value(train):
-    for s in train:
+def test_open_values_are_new_training_values(open_train):
+    """With open_values=1 every free-text value is composed afresh: none of the fixed lists' values, all of them
+    in the training split, and (above) copied from the request like any other value."""
+    fixed = set(EVENT_TITLES + SUBJECTS + BODIES + TASKS + SONGS + GENRES + list(PHRASES))
+    slots = {("create_calendar_event", "title"), ("send_email", "subject"), ("send_email", "body"),
+             ("create_reminder", "text"), ("translate_text", "text")}
+    values = [c["arguments"][k] for s in open_train for c in s.expected_calls for name, k in slots if c["name"] == name]
+    assert len(values) > 50 and len(set(values)) > 0.9 * len(values)
+    assert not fixed & set(values) and all(split_of(v) == "train" for v in values)
+    with pytest.raises(ValueError, match="open_values"):
+        Pools("train", 1.5)
+
+
+def test_open_phrases_translate_word_by_word():
+    """An open phrase's made-up translation is the same for the same words, so answers quote a stable result."""
+    assert translation("good night", "French") == PHRASES["good night"]["French"]
+    a, b = translation("the kettle is rusty", "German").split(), translation("the kettle is new", "German").split()
+    assert a[:3] == b[:3] and a[3] != b[3] and translation("the kettle is rusty", "Italian").split()[1] != a[1]
+
+
+def test_final_answers_repeat_the_key_value(train, open_train):
+    for s in train + open_train:
         if s.result_len:
             answer = s.messages[-1]["content"]
             results = " ".join(m["content"] for m in s.messages[s.prompt_len:s.result_len] if m["role"] == "tool")

@@ -145,7 +145,7 @@ def _unservable(rng: random.Random, pools: Pools) -> tuple[str, str]:
     request, action = pick(rng, UNSERVABLE)
     return request.format(time=f"{rng.randint(5, 22):02d}:{pick(rng, ['00', '15', '30', '45'])}",
                           name=pools.first_name(rng), n=rng.randint(2, 30), ticker=pools.ticker(rng),
-                          body=pick(rng, pools.bodies), city=pools.city(rng)), action
+                          body=pools.body(rng), city=pools.city(rng)), action
 
 
 def _decline_text(rng: random.Random, action: str, caps: list[str]) -> str:
@@ -344,12 +344,14 @@ def sample(rng: random.Random, pools: Pools, kind: str | None = None, reasoning:
     return _no_tool_sample(kind, rng, pools, thinking, reasoning)
 
 
-def generate(split: str, n: int, seed: int | None = None, reasoning: str = "topic") -> list[Sample]:
-    """n samples of one split; the same (split, n, seed, reasoning) always gives the same samples."""
+def generate(split: str, n: int, seed: int | None = None, reasoning: str = "topic",
+             open_values: float = 0.0) -> list[Sample]:
+    """n samples of one split; the same arguments always give the same samples. open_values: the share
+    of free-text values composed afresh rather than drawn from the fixed lists (entities.Pools)."""
     if reasoning not in REASONING:
         raise ValueError(f"reasoning must be one of {REASONING}, not {reasoning!r}")
     rng = random.Random(SEEDS[split] if seed is None else seed)
-    pools = Pools(split)
+    pools = Pools(split, open_values)
     return [sample(rng, pools, reasoning=reasoning) for _ in range(n)]
 
 

@@ -172,13 +172,118 @@ NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "
                 "twelve"]
 
 
-class Pools:
-    """The entity values of one split; `pick_*` methods draw from them with the caller's rng."""
+# Words that open values are composed of (Pools(open_values=...)): titles, subjects, messages, tasks,
+# songs, search topics and phrases no fixed list holds, so a model cannot get them right by recalling a
+# list and has to copy them from the request.
+NOUNS = """budget garden river harbor lantern ticket window bridge kitchen office report meeting parcel bicycle
+ladder mirror candle blanket engine island forest valley market station library museum school theatre concert
+picnic festival workshop seminar contract invoice payment salary pension mortgage insurance license passport
+visa luggage suitcase camera laptop printer monitor keyboard battery charger cable router server database
+backup website newsletter podcast playlist album guitar violin piano drum trumpet canvas sketch poster banner
+fence roof chimney cellar attic balcony terrace hallway staircase elevator parking garage tractor trailer
+harvest orchard vineyard meadow glacier canyon desert lagoon volcano lighthouse castle chapel tower fountain
+statue compass anchor sail rudder paddle kayak tent torch backpack helmet jacket scarf glove boot sandal
+recipe dessert pastry noodle dumpling salad omelette pancake waffle smoothie lemonade espresso teapot kettle
+oven fridge freezer dishwasher blender toaster vacuum carpet curtain pillow sofa shelf drawer cabinet desk
+lamp clock calendar diary notebook pencil marker stapler envelope stamp postcard puzzle chess kite balloon
+rocket comet planet orbit satellite telescope microscope magnet crystal fossil pebble shell coral dolphin
+falcon sparrow heron otter badger beaver rabbit turtle lizard hedgehog squirrel pony goat sheep donkey""".split()
+ADJECTIVES = """quick quiet bright early late weekly monthly annual final urgent simple short long little big
+green blue red golden silver yellow purple orange wooden copper crystal frozen sunny rainy windy stormy
+cosy busy lazy happy lucky brave clever gentle fresh spicy sweet salty bitter smooth rough heavy light
+ancient modern secret hidden open private public local global central northern southern eastern western
+spare extra second third new old rusty shiny dusty noisy silent tiny giant wild calm friendly formal""".split()
+VERBS = """fix clean buy sell call book check paint water feed wash fold pack sort repair replace return renew
+cancel order print sign send collect deliver move lock open close charge update review prepare plan
+measure weigh polish sharpen sweep recycle label scan copy file archive test install tune visit""".split()
+PLACE_KINDS = ["shops", "cafés", "markets", "clubs", "parks", "tours", "classes", "studios", "fairs", "trails"]
+TRANSLATION_ENDS = {"French": ["eau", "ette", "ier", "oir", "ance"], "Spanish": ["o", "a", "ito", "ero", "ada"],
+                    "German": ["en", "ung", "er", "heit", "chen"], "Italian": ["ino", "etta", "one", "are", "ezza"]}
 
-    def __init__(self, split: str):
+
+def _words(rng: random.Random, pool: list[str], n: int) -> list[str]:
+    """n words from pool, now and then an invented one (lower case)."""
+    return [invented_word(rng, 2).lower() if rng.random() < 0.15 else rng.choice(pool) for _ in range(n)]
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def open_title(rng: random.Random) -> str:
+    a, n1, n2 = _words(rng, ADJECTIVES, 1)[0], *_words(rng, NOUNS, 2)
+    return _cap(rng.choice([f"{a} {n1}", f"{n1} {n2}", f"{a} {n1} {n2}", f"{n1} review", f"{n1} and {n2}"]))
+
+
+def open_subject(rng: random.Random) -> str:
+    a, n1, n2 = _words(rng, ADJECTIVES, 1)[0], *_words(rng, NOUNS, 2)
+    return _cap(rng.choice([f"{a} {n1}", f"{n1} {n2}", f"{n1} {rng.randint(2, 9999)}", f"about the {n1}",
+                            f"{n1} for {n2}"]))
+
+
+def open_body(rng: random.Random) -> str:
+    a, (n1, n2), v = _words(rng, ADJECTIVES, 1)[0], _words(rng, NOUNS, 2), _words(rng, VERBS, 1)[0]
+    day = rng.choice(["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "noon"])
+    return rng.choice([f"The {n1} is {a}.", f"Please {v} the {n1} by {day}.", f"Can we {v} the {n1} on {day}?",
+                       f"Don't forget the {a} {n1}.", f"The {n1} and the {n2} are ready.",
+                       f"I left the {n1} next to the {n2}.", f"Bring the {n1}, please."])
+
+
+def open_task(rng: random.Random) -> str:
+    a, (n1, n2), v = _words(rng, ADJECTIVES, 1)[0], _words(rng, NOUNS, 2), _words(rng, VERBS, 1)[0]
+    return rng.choice([f"{v} the {n1}", f"{v} the {a} {n1}", f"{v} {_a(n1)}", f"{v} the {n1} {n2}"])
+
+
+def open_song(rng: random.Random) -> str:
+    a, n1, n2 = _words(rng, ADJECTIVES, 1)[0], *_words(rng, NOUNS, 2)
+    return " ".join(_cap(w) for w in rng.choice([f"{a} {n1}", f"{n1} of {n2}", f"the {a} {n1}", f"{n1}"]).split())
+
+
+def open_topic(rng: random.Random) -> str:
+    a, n1 = _words(rng, ADJECTIVES, 1)[0], _words(rng, NOUNS, 1)[0]
+    return rng.choice([f"{n1} {rng.choice(PLACE_KINDS)}", f"{a} {n1} {rng.choice(PLACE_KINDS)}"])
+
+
+def open_howto(rng: random.Random) -> str:
+    a, n1, v = _words(rng, ADJECTIVES, 1)[0], _words(rng, NOUNS, 1)[0], _words(rng, VERBS, 1)[0]
+    return rng.choice([f"{v} {_a(n1)}", f"{v} {_a(a)} {n1}", f"{v} my {n1}"])
+
+
+def open_phrase(rng: random.Random) -> str:
+    a, (n1, n2), v = _words(rng, ADJECTIVES, 1)[0], _words(rng, NOUNS, 2), _words(rng, VERBS, 1)[0]
+    return rng.choice([f"the {n1} is {a}", f"where is the {n1}", f"I need {_a(n1)}", f"please {v} the {n1}",
+                       f"the {n1} and the {n2}", f"my {n1} is {a}"])
+
+
+def translation(phrase: str, language: str) -> str:
+    """PHRASES' translation, or for an open phrase a made-up one: each word becomes an invented word with
+    the language's endings (the same word always the same), so answers can quote what the tool returned."""
+    if phrase in PHRASES:
+        return PHRASES[phrase][language]
+    out = []
+    for w in phrase.split():
+        r = random.Random(zlib.crc32(f"{language}:{w.lower()}".encode()))
+        out.append(invented_word(r, 1).lower() + r.choice(TRANSLATION_ENDS[language]))
+    return " ".join(out)
+
+
+class Pools:
+    """The entity values of one split, drawn with the caller's rng. With open_values > 0 that share of
+    free-text values (titles, subjects, messages, tasks, songs, genres, topics, phrases) is composed
+    afresh (open_title, ...) instead of drawn from the fixed lists; with 0 no extra random number is drawn,
+    so the conversations are the same as they always were."""
+
+    def __init__(self, split: str, open_values: float = 0.0):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+        if not 0.0 <= open_values <= 1.0:
+            raise ValueError(f"open_values is a share from 0 to 1, not {open_values}")
         self.split = split
+        self.open_values = open_values
 
         def own(values):
             mine = [v for v in values if split_of(v) == split]
@@ -206,6 +311,38 @@ class Pools:
             if split_of(value) == self.split:
                 return value
         raise RuntimeError("no value of this split found")
+
+    def _value(self, rng: random.Random, fixed: list[str], compose) -> str:
+        if self.open_values and rng.random() < self.open_values:
+            return self._fresh(rng, compose)
+        return fixed[rng.randrange(len(fixed))]
+
+    def event_title(self, rng: random.Random) -> str:
+        return self._value(rng, self.event_titles, open_title)
+
+    def subject(self, rng: random.Random) -> str:
+        return self._value(rng, self.subjects, open_subject)
+
+    def body(self, rng: random.Random) -> str:
+        return self._value(rng, self.bodies, open_body)
+
+    def task(self, rng: random.Random) -> str:
+        return self._value(rng, self.tasks, open_task)
+
+    def song(self, rng: random.Random) -> str:
+        return self._value(rng, self.songs, open_song)
+
+    def genre(self, rng: random.Random) -> str:
+        return self._value(rng, self.genres, lambda r: f"{_words(r, ADJECTIVES, 1)[0]} {r.choice(GENRES)}")
+
+    def topic(self, rng: random.Random) -> str:
+        return self._value(rng, self.topics, open_topic)
+
+    def howto_task(self, rng: random.Random) -> str:
+        return self._value(rng, self.howto, open_howto)
+
+    def phrase(self, rng: random.Random) -> str:
+        return self._value(rng, self.phrases, open_phrase)
 
     def city(self, rng: random.Random) -> str:
         if rng.random() < 0.3:

@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from .entities import COUNTRY_LANGUAGES, CONDITIONS, CURRENCIES, MONTHS, NUMBER_WORDS, PHRASES, Pools
+from .entities import COUNTRY_LANGUAGES, CONDITIONS, CURRENCIES, MONTHS, NUMBER_WORDS, Pools, translation
 
 
 @dataclass
@@ -142,7 +142,7 @@ def _stock_pair(rng, pools: Pools) -> tuple[str, list[Call]]:
 # ---------------------------------------------------------------- e-mail
 
 def _email(rng, pools: Pools) -> Call:
-    to, subject, body = pools.email(rng), pick(rng, pools.subjects), pick(rng, pools.bodies)
+    to, subject, body = pools.email(rng), pools.subject(rng), pools.body(rng)
     request = pick(rng, [
         'Send an email to {to} with the subject "{s}" saying "{b}"', 'Email {to}: subject "{s}", message "{b}"',
         "Please write to {to}. Subject: {s}. Body: {b}", 'Can you e-mail {to} about "{s}"? Tell them: {b}',
@@ -165,7 +165,7 @@ def _email(rng, pools: Pools) -> Call:
 # ---------------------------------------------------------------- calendar
 
 def _event(rng, pools: Pools) -> Call:
-    title, (iso, said), time = pick(rng, pools.event_titles), _date(rng), _time(rng)
+    title, (iso, said), time = pools.event_title(rng), _date(rng), _time(rng)
     args = {"title": title, "date": iso, "start_time": time}
     extra = ""
     if rng.random() < 0.5:
@@ -218,8 +218,8 @@ def _slug(text: str) -> str:
 
 def _search(rng, pools: Pools) -> Call:
     city = pools.city(rng)
-    topic = pick(rng, pools.topics)
-    query = pick(rng, [f"{topic} in {city}", f"best {topic} near {city}", f"how to {pick(rng, pools.howto)}",
+    topic = pools.topic(rng)
+    query = pick(rng, [f"{topic} in {city}", f"best {topic} near {city}", f"how to {pools.howto_task(rng)}",
                        f"{city} {topic}"])
     request = pick(rng, ["Search the web for {q}.", "Look up {q}.", "Can you search for {q}?", "Find results for {q}.",
                          "search: {q}", "I need info on {q}. Search online."]).format(q=query)
@@ -247,7 +247,7 @@ _LANGS = COUNTRY_LANGUAGES[:4]
 
 
 def _translate(rng, pools: Pools, phrase: str | None = None, lang: str | None = None) -> Call:
-    phrase = phrase or pick(rng, pools.phrases)
+    phrase = phrase or pools.phrase(rng)
     lang = lang or pick(rng, _LANGS)
     request = pick(rng, ['Translate "{p}" into {l}.', 'How do you say "{p}" in {l}?', 'What is "{p}" in {l}?',
                          '"{p}" in {l}, please.', 'Can you translate "{p}" to {l}?']).format(p=phrase, l=lang)
@@ -259,7 +259,7 @@ def _translate(rng, pools: Pools, phrase: str | None = None, lang: str | None = 
     elif r < 0.25:
         request += pick(rng, [" Informal is fine.", " Casual, please."])
         args["formal"] = False
-    text = PHRASES[phrase][lang]
+    text = translation(phrase, lang)
     answer = pick(rng, ['In {l}, "{p}" is "{t}".', '"{t}" is how you say it in {l}.',
                         'The {l} translation is "{t}".']).format(l=lang, p=phrase, t=text)
     return Call("translate_text", args, request, f"a translation into {lang}",
@@ -269,7 +269,7 @@ def _translate(rng, pools: Pools, phrase: str | None = None, lang: str | None = 
 # ---------------------------------------------------------------- reminders (nested object)
 
 def _reminder(rng, pools: Pools) -> Call:
-    task, (iso, said), time = pick(rng, pools.tasks), _date(rng), _time(rng)
+    task, (iso, said), time = pools.task(rng), _date(rng), _time(rng)
     request = pick(rng, ["Remind me to {t} on {d} at {h}.", "Set a reminder to {t} at {h} on {d}.",
                          "Don't let me forget to {t}: {d}, {h}.", "Create a reminder: {t}, {d} at {h}."]).format(
         t=task, d=said, h=time)
@@ -395,17 +395,17 @@ def _music(rng, pools: Pools) -> Call:
     r = rng.random()
     artist = pools.person(rng)
     if r < 0.4:
-        query = pick(rng, pools.songs)
+        query = pools.song(rng)
         request = pick(rng, ["Play {q}.", "Put on {q}, please.", "I want to hear {q}."]).format(q=query)
         track = query
     elif r < 0.7:
-        query = pick(rng, pools.genres)
+        query = pools.genre(rng)
         request = pick(rng, ["Play some {q}.", "Put on some {q} music.", "I'm in the mood for {q}."]).format(q=query)
-        track = pick(rng, pools.songs)
+        track = pools.song(rng)
     else:
         query = artist
         request = pick(rng, ["Play music by {q}.", "Play something from {q}.", "Put on {q}."]).format(q=query)
-        track = pick(rng, pools.songs)
+        track = pools.song(rng)
     args = {"query": query}
     if rng.random() < 0.25:
         request += " On shuffle."
