@@ -254,6 +254,39 @@ def test_build_adds_a_further_extension_after_the_finished_ones(tmp_path):
     assert twice["tokens_trained"] > once["tokens_trained"]
 
 
+def test_build_open_values_from_a_later_schedule(tmp_path):
+    """open_from=2: the first schedule and extension resume from states saved before open values existed (their
+    conversations had none), and only the second extension trains on conversations with open values."""
+    import torch
+
+    from model.demo.build import build, samples_for
+
+    cfg = replace(CFG, steps=2, extend=2, extend_lr=1e-3, extensions=1)
+    work, lines = tmp_path / "work", []
+    build(tmp_path / "once.gguf", work, SHAPE, cfg, vocab_size=400, log=lines.append)
+    for name in ("train_state.pt", "train_state_extend.pt"):  # as saved before the fields existed
+        state = torch.load(work / name, weights_only=False)
+        assert state["config"].pop("open_values") == 0.0 and state["config"].pop("open_from") == 0
+        torch.save(state, work / name)
+    lines.clear()
+    info = build(tmp_path / "open.gguf", work, SHAPE, replace(cfg, extensions=2, open_values=1.0, open_from=2),
+                 vocab_size=400, log=lines.append)
+    assert len([line for line in lines if line.startswith("resuming at step 2")]) == 2
+    assert any(line.startswith("extension 2/2: 2 steps on ") and "with open values 1.0" in line for line in lines)
+    assert not any(line.startswith("extension 1/2") for line in lines if "open values" in line)
+    assert info["corpus"]["conversations"] == 3 * samples_for(2, cfg)
+    assert torch.load(work / "train_state_extend2.pt", weights_only=False)["config"]["open_values"] == 1.0
+
+
+@pytest.mark.parametrize("args", [["--open-values", "1.5"], ["--extensions", "1", "--open-from", "2"]])
+def test_build_cli_rejects_open_values_it_cannot_use(args, capsys):
+    from model.demo.build import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and "--open-values is a share from 0 to 1" in capsys.readouterr().err
+
+
 def test_build_does_not_extend_a_stopped_first_schedule(tmp_path):
     from model.demo.build import build
 

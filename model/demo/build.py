@@ -43,8 +43,8 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     from convert.gguf_writer import write_gguf
 
     from .tokenizer import save_hf_tokenizer, train_bpe
-    from .train import (encode, extension, extension_state, induction_init, model_config, recall_init,
-                        save_checkpoint, token_ids, train_parallel)
+    from .train import (encode, extension_state, induction_init, model_config, recall_init, save_checkpoint,
+                        schedule_config, token_ids, train_parallel)
 
     timings = {}
     t = time.perf_counter()
@@ -54,8 +54,13 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
 
     n_samples = samples_for(cfg.steps, cfg)
     n_more = samples_for(cfg.extend, cfg) if cfg.extend else 0
-    # the extensions' conversations continue the same stream: the earlier ones are the same either way
-    samples = corpus.generate("train", n_samples + cfg.extensions * n_more, reasoning=cfg.reasoning)
+    # the extensions' conversations continue the same stream: the earlier ones are the same either way;
+    # the schedules from open_from on draw theirs from a second stream, with open values
+    sizes = [n_samples] + [n_more] * (cfg.extensions if cfg.extend else 0)
+    n_closed = sum(sizes[:cfg.open_from]) if cfg.open_values else sum(sizes)
+    samples = corpus.generate("train", n_closed, reasoning=cfg.reasoning)
+    samples += corpus.generate("train", sum(sizes) - n_closed, seed=corpus.OPEN_SEED, reasoning=cfg.reasoning,
+                               open_values=cfg.open_values)
     template = corpus.chat_template()
     texts = [corpus.render_sample(s, template) for s in samples]
     timings["corpus_s"] = round(time.perf_counter() - t, 1)
@@ -87,15 +92,16 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters")
     t = time.perf_counter()
-    result = train_parallel(model, rows, cfg, pad_id, work / "train_state.pt", log=log)
+    result = train_parallel(model, rows, schedule_config(cfg, 0), pad_id, work / "train_state.pt", log=log)
     history, seconds = result["history"], result["seconds"]
     # no extension after a --stop-after trial of the first schedule
     extensions = cfg.extensions if cfg.extend and result["steps"] == cfg.steps else 0
     for k in range(1, extensions + 1):
         stage_rows = more_rows[(k - 1) * n_more:k * n_more]
-        log(f"extension {k}/{cfg.extensions}: {cfg.extend} steps on {len(stage_rows)} more conversations, "
-            f"peak lr {cfg.extend_lr}")
-        more = train_parallel(model, stage_rows, extension(cfg), pad_id, work / extension_state(k), log=log)
+        stage = schedule_config(cfg, k)
+        log(f"extension {k}/{cfg.extensions}: {cfg.extend} steps on {len(stage_rows)} more conversations"
+            f"{f' with open values {stage.open_values}' if stage.open_values else ''}, peak lr {cfg.extend_lr}")
+        more = train_parallel(model, stage_rows, stage, pad_id, work / extension_state(k), log=log)
         history = history + [e | {"step": e["step"] + result["steps"], "tokens": e["tokens"] + result["tokens"]}
                              for e in more["history"]]
         seconds += more["seconds"]
@@ -140,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         # (a negative count would cut the first corpus)
         p.error(f"--steps must be 1 or more, --extend and --extensions 0 or more and --extend-lr positive "
                 f"(got {args.steps}, {args.extend}, {args.extensions}, {args.extend_lr})")
+    if not 0 <= args.open_values <= 1 or not 0 <= args.open_from <= (args.extensions if args.extend else 0):
+        p.error(f"--open-values is a share from 0 to 1 and --open-from a schedule from 0 (the first) to --extensions "
+                f"(got {args.open_values}, {args.open_from})")
     shape = ModelShape(**{k: getattr(args, k) for k in asdict(shape)})
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(cfg)})
     if cfg.procs == 1 and cfg.threads == 1 and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:

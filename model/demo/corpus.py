@@ -33,6 +33,7 @@ P_HISTORY = 0.8  # earlier exchanges: more assistant tokens per system prompt
 MAX_HISTORY = 4
 P_KEEP_REASONING = 0.7  # clients may or may not send reasoning_content back with a tool-call turn
 SEEDS = {"train": 1234, "heldout": 98765}  # different seeds and disjoint entity pools
+OPEN_SEED = 4321  # the training conversations with open values (build: the schedules from open_from on)
 
 SYSTEM_TEXTS = ["", "", "", "You are a helpful assistant.", "You are a concise assistant. Keep answers short.",
                 "You help users with everyday tasks.", "Be friendly and precise.", "Answer in English."]

@@ -91,14 +91,24 @@ class TrainConfig:
     extend: int = 2500  # then schedules of this many more steps (~95 min each) on new conversations: warmup, cosine
     extend_lr: float = 2e-3  # the peak learning rate of each extension schedule
     extensions: int = 2  # how many such schedules, one after another, each on conversations no earlier one saw
+    open_values: float = 0.0  # in schedule open_from and later: share of free-text values composed afresh (Pools)
+    open_from: int = 0  # the first schedule whose conversations have open values (0: the first, k: the k-th extension)
 
 
 EXTENSION_FIELDS = ("extend", "extend_lr", "extensions")
+ADDED_FIELDS = {"open_values": 0.0, "open_from": 0}  # newer than some saved states: the value those trained with
 
 
 def extension(cfg: TrainConfig) -> TrainConfig:
     """The configuration of each extension schedule: cfg.extend steps peaking at cfg.extend_lr, the rest as cfg."""
     return replace(cfg, steps=cfg.extend, lr=cfg.extend_lr, stop_after=0, extend=0, extensions=0)
+
+
+def schedule_config(cfg: TrainConfig, k: int) -> TrainConfig:
+    """Schedule k's configuration (0: the first, k: the k-th extension), its open_values the share its own
+    conversations have (open_from 0), which is what its saved state records."""
+    return replace(cfg if k == 0 else extension(cfg), open_values=cfg.open_values if k >= cfg.open_from else 0.0,
+                   open_from=0)
 
 
 def extension_state(k: int) -> str:
@@ -368,7 +378,8 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
     if state_path is not None and Path(state_path).is_file():
         state = torch.load(state_path, weights_only=False)
         same = {k: v for k, v in asdict(cfg).items() if k not in ("stop_after", "log_every", *EXTENSION_FIELDS)}
-        if {k: v for k, v in state["config"].items() if k in same} != same:
+        saved = ADDED_FIELDS | state["config"]
+        if {k: saved[k] for k in same} != same:
             raise ValueError(f"{state_path} was saved by another training configuration; remove it to start over")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
