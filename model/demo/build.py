@@ -146,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         # (a negative count would cut the first corpus)
         p.error(f"--steps must be 1 or more, --extend and --extensions 0 or more and --extend-lr positive "
                 f"(got {args.steps}, {args.extend}, {args.extensions}, {args.extend_lr})")
-    if not 0 <= args.open_values <= 1 or not 0 <= args.open_from <= (args.extensions if args.extend else 0):
-        p.error(f"--open-values is a share from 0 to 1 and --open-from a schedule from 0 (the first) to --extensions "
+    if not 0 <= args.open_values <= 1 or args.open_from < 0:
+        # (an --open-from past the last extension leaves every schedule without open values)
+        p.error(f"--open-values is a share from 0 to 1 and --open-from a schedule, 0 (the first) or more "
                 f"(got {args.open_values}, {args.open_from})")
     shape = ModelShape(**{k: getattr(args, k) for k in asdict(shape)})
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(cfg)})
