@@ -1,4 +1,4 @@
-"""The evaluation's tool-list lookup probe, against stand-in models whose behaviour is known."""
+"""The evaluation's probes (tool-list lookup, argument copying), against stand-in models whose behaviour is known."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 
 from model.demo import corpus
-from model.demo.evaluate import lookup_probe
+from model.demo.evaluate import copy_probe, lookup_probe
 from model.demo.tools import TOOLS
 
 
@@ -40,7 +40,46 @@ def test_lookup_probe_separates_a_model_that_reads_the_list_from_one_that_does_n
     assert math.isclose(ignores["p_decline_removed"], 0.2, abs_tol=1e-3)
 
 
-@pytest.mark.parametrize("args", [["-n", "-1"], ["--lookup", "-3", "--hf", "x"], ["--quant-n", "-1"]])
+def _characters(text: str):
+    """A stand-in tokenizer: one token per character."""
+    return [ord(c) for c in text], [(i, i + 1) for i in range(len(text))]
+
+
+def test_copy_probe_scores_the_value_tokens_of_copied_arguments():
+    samples = corpus.generate("heldout", 60, reasoning="intent")
+    copied = [v for s in samples if s.kind in ("call", "multi") for c in s.expected_calls
+              for v in c["arguments"].values() if isinstance(v, str) and v in s.messages[s.prompt_len - 1]["content"]]
+
+    def perfect(text):
+        ids, spans = _characters(text)
+        return ids, spans, ids[1:] + [0]
+
+    def never(text):
+        ids, spans = _characters(text)
+        return ids, spans, [-1] * len(ids)
+
+    def first_only(text):
+        """Right on every token but the second character of each copied value."""
+        ids, spans = _characters(text)
+        pred = ids[1:] + [0]
+        pos = text.rindex("<|im_start|>assistant")
+        while (at := text.find("<parameter=", pos)) >= 0:
+            start = text.index(">\n", at) + 2
+            pred[start] = -1  # the prediction after the value's first character
+            pos = start
+        return ids, spans, pred
+
+    assert copy_probe(perfect, samples) == {"values": len(copied), "exact_values": 1.0, "first_token": 1.0,
+                                            "later_tokens": 1.0}
+    assert copy_probe(never, samples) | {"values": 0} == {"values": 0, "exact_values": 0.0, "first_token": 0.0,
+                                                          "later_tokens": 0.0}
+    partial = copy_probe(first_only, samples)
+    assert partial["first_token"] == 1.0 and partial["exact_values"] < 0.2 and 0.7 < partial["later_tokens"] < 1.0
+    assert len(copied) > 20
+
+
+@pytest.mark.parametrize("args", [["-n", "-1"], ["--lookup", "-3", "--hf", "x"], ["--quant-n", "-1"],
+                                  ["--copy", "-2"]])
 def test_cli_rejects_negative_counts(args, capsys):
     from model.demo.evaluate import main
 

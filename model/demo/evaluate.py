@@ -123,6 +123,13 @@ class TransformersBackend:
             logp = self.torch.log_softmax(self.model(self.torch.tensor([b])).logits[0].float(), -1)
         return sum(logp[i - 1, b[i]].item() for i in range(len(a), len(b)))
 
+    def predictions(self, text: str) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+        """(token ids of text, their character spans, the greedy prediction after each), teacher-forced."""
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        with self.torch.no_grad():
+            logits = self.model(self.torch.tensor([enc["input_ids"]])).logits[0]
+        return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]], logits.argmax(-1).tolist()
+
     def close(self):
         pass
 
@@ -315,6 +322,36 @@ def lookup_probe(logprob, samples: list[Sample], n: int = 40, seed: int = 0) -> 
     return {"n": k} | {f"p_decline_{label}": round(sum(v) / max(k, 1), 4) for label, v in p_decline.items()}
 
 
+def copy_probe(predictions, samples: list[Sample]) -> dict:
+    """How well the model copies string arguments from the request, teacher-forced: over the calls of the
+    call/multi samples, every string argument found verbatim in the request, the share of its tokens predicted
+    right (the first apart from the rest, which a working copy gets from the one before) and of whole values.
+    predictions(text) -> (ids, character spans, greedy prediction after each token)."""
+    right = Counter()
+    for s in samples:
+        if s.kind not in ("call", "multi"):
+            continue
+        request = s.messages[s.prompt_len - 1]["content"]
+        text = corpus.render(s.messages[:s.prompt_len + 1], s.tools, enable_thinking=s.enable_thinking)
+        ids, spans, pred = predictions(text)
+        pos = text.rindex("<|im_start|>assistant")
+        for call in s.expected_calls:
+            for key, value in call["arguments"].items():
+                if not isinstance(value, str) or value not in request:
+                    continue
+                pos = text.index(f"<parameter={key}>\n{value}\n", pos) + len(f"<parameter={key}>\n")
+                tokens = [i for i, (a, b) in enumerate(spans) if pos <= a and b <= pos + len(value) and a < b]
+                if not tokens:  # (no token lies wholly inside the value)
+                    continue
+                hits = [pred[i - 1] == ids[i] for i in tokens]
+                right.update(values=1, exact=all(hits), first=1, first_right=hits[0], later=len(hits) - 1,
+                             later_right=sum(hits[1:]))
+    return {"values": right["values"],
+            "exact_values": round(right["exact"] / max(right["values"], 1), 4),
+            "first_token": round(right["first_right"] / max(right["first"], 1), 4),
+            "later_tokens": round(right["later_right"] / max(right["later"], 1), 4)}
+
+
 # ---------------------------------------------------------------- perplexity and quantisation (MLX)
 
 def heldout_rows(tokenizer, samples: list[Sample]) -> list[tuple[list[int], list[int]]]:
@@ -428,16 +465,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quant-n", type=int, default=100, help="held-out conversations for perplexity / KLD")
     p.add_argument("--lookup", type=int, default=0, metavar="N",
                    help="also probe N held-out calls: P(decline) with the needed tool offered vs removed")
+    p.add_argument("--copy", type=int, default=0, metavar="N",
+                   help="teacher-forced copy accuracy of string arguments over N held-out conversations (needs --hf)")
     p.add_argument("--work", type=Path, default=Path(".cache/demo-eval"))
     p.add_argument("--json", type=Path, help="write all results here")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reasoning", choices=corpus.REASONING, default=TrainConfig.reasoning,
                    help="how the held-out conversations write the reasoning (as the model was trained)")
     args = p.parse_args(argv)
-    if min(args.n, args.lookup, args.quant_n) < 0:
-        p.error(f"-n, --lookup and --quant-n must be 0 or more (got {args.n}, {args.lookup}, {args.quant_n})")
+    if min(args.n, args.lookup, args.quant_n, args.copy) < 0:
+        p.error(f"-n, --lookup, --quant-n and --copy must be 0 or more "
+                f"(got {args.n}, {args.lookup}, {args.quant_n}, {args.copy})")
     for flag, given in (("--via transformers", args.via == "transformers"), ("--ppl", args.ppl),
-                        ("--quant", args.quant), ("--lookup", args.lookup)):
+                        ("--quant", args.quant), ("--lookup", args.lookup), ("--copy", args.copy)):
         if given and not args.hf:
             p.error(f"{flag} needs --hf DIR (an HF checkpoint of the model, run with transformers)")
 
@@ -477,6 +517,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tool-list lookup over {results['lookup']['n']} calls, teacher-forced: P(decline) "
               f"{results['lookup']['p_decline_offered']:.3f} with the tool offered, "
               f"{results['lookup']['p_decline_removed']:.3f} with it removed")
+    if args.copy:
+        results["copy"] = copy_probe(TransformersBackend(args.hf, args.threads).predictions,
+                                     corpus.generate("heldout", args.copy, reasoning=args.reasoning))
+        c = results["copy"]
+        print(f"copying {c['values']} string arguments from the request, teacher-forced: {c['exact_values']:.1%} "
+              f"whole values, first tokens {c['first_token']:.1%}, later tokens {c['later_tokens']:.1%}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     return 0
