@@ -201,9 +201,9 @@ TRANSLATION_ENDS = {"French": ["eau", "ette", "ier", "oir", "ance"], "Spanish": 
                     "German": ["en", "ung", "er", "heit", "chen"], "Italian": ["ino", "etta", "one", "are", "ezza"]}
 
 
-def _words(rng: random.Random, pool: list[str], n: int) -> list[str]:
-    """n words from pool, now and then an invented one (lower case)."""
-    return [invented_word(rng, 2).lower() if rng.random() < 0.15 else rng.choice(pool) for _ in range(n)]
+def _word(rng: random.Random, pool: list[str]) -> str:
+    """A word from pool, now and then an invented one (lower case)."""
+    return invented_word(rng, 2).lower() if rng.random() < 0.15 else rng.choice(pool)
 
 
 def _a(word: str) -> str:
@@ -215,18 +215,18 @@ def _cap(text: str) -> str:
 
 
 def open_title(rng: random.Random) -> str:
-    a, n1, n2 = _words(rng, ADJECTIVES, 1)[0], *_words(rng, NOUNS, 2)
+    a, n1, n2 = _word(rng, ADJECTIVES), _word(rng, NOUNS), _word(rng, NOUNS)
     return _cap(rng.choice([f"{a} {n1}", f"{n1} {n2}", f"{a} {n1} {n2}", f"{n1} review", f"{n1} and {n2}"]))
 
 
 def open_subject(rng: random.Random) -> str:
-    a, n1, n2 = _words(rng, ADJECTIVES, 1)[0], *_words(rng, NOUNS, 2)
+    a, n1, n2 = _word(rng, ADJECTIVES), _word(rng, NOUNS), _word(rng, NOUNS)
     return _cap(rng.choice([f"{a} {n1}", f"{n1} {n2}", f"{n1} {rng.randint(2, 9999)}", f"about the {n1}",
                             f"{n1} for {n2}"]))
 
 
 def open_body(rng: random.Random) -> str:
-    a, (n1, n2), v = _words(rng, ADJECTIVES, 1)[0], _words(rng, NOUNS, 2), _words(rng, VERBS, 1)[0]
+    a, n1, n2, v = _word(rng, ADJECTIVES), _word(rng, NOUNS), _word(rng, NOUNS), _word(rng, VERBS)
     day = rng.choice(["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "noon"])
     return rng.choice([f"The {n1} is {a}.", f"Please {v} the {n1} by {day}.", f"Can we {v} the {n1} on {day}?",
                        f"Don't forget the {a} {n1}.", f"The {n1} and the {n2} are ready.",
@@ -234,27 +234,27 @@ def open_body(rng: random.Random) -> str:
 
 
 def open_task(rng: random.Random) -> str:
-    a, (n1, n2), v = _words(rng, ADJECTIVES, 1)[0], _words(rng, NOUNS, 2), _words(rng, VERBS, 1)[0]
+    a, n1, n2, v = _word(rng, ADJECTIVES), _word(rng, NOUNS), _word(rng, NOUNS), _word(rng, VERBS)
     return rng.choice([f"{v} the {n1}", f"{v} the {a} {n1}", f"{v} {_a(n1)}", f"{v} the {n1} {n2}"])
 
 
 def open_song(rng: random.Random) -> str:
-    a, n1, n2 = _words(rng, ADJECTIVES, 1)[0], *_words(rng, NOUNS, 2)
+    a, n1, n2 = _word(rng, ADJECTIVES), _word(rng, NOUNS), _word(rng, NOUNS)
     return " ".join(_cap(w) for w in rng.choice([f"{a} {n1}", f"{n1} of {n2}", f"the {a} {n1}", f"{n1}"]).split())
 
 
 def open_topic(rng: random.Random) -> str:
-    a, n1 = _words(rng, ADJECTIVES, 1)[0], _words(rng, NOUNS, 1)[0]
+    a, n1 = _word(rng, ADJECTIVES), _word(rng, NOUNS)
     return rng.choice([f"{n1} {rng.choice(PLACE_KINDS)}", f"{a} {n1} {rng.choice(PLACE_KINDS)}"])
 
 
 def open_howto(rng: random.Random) -> str:
-    a, n1, v = _words(rng, ADJECTIVES, 1)[0], _words(rng, NOUNS, 1)[0], _words(rng, VERBS, 1)[0]
+    a, n1, v = _word(rng, ADJECTIVES), _word(rng, NOUNS), _word(rng, VERBS)
     return rng.choice([f"{v} {_a(n1)}", f"{v} {_a(a)} {n1}", f"{v} my {n1}"])
 
 
 def open_phrase(rng: random.Random) -> str:
-    a, (n1, n2), v = _words(rng, ADJECTIVES, 1)[0], _words(rng, NOUNS, 2), _words(rng, VERBS, 1)[0]
+    a, n1, n2, v = _word(rng, ADJECTIVES), _word(rng, NOUNS), _word(rng, NOUNS), _word(rng, VERBS)
     return rng.choice([f"the {n1} is {a}", f"where is the {n1}", f"I need {_a(n1)}", f"please {v} the {n1}",
                        f"the {n1} and the {n2}", f"my {n1} is {a}"])
 
@@ -315,7 +315,7 @@ class Pools:
     def _value(self, rng: random.Random, fixed: list[str], compose) -> str:
         if self.open_values and rng.random() < self.open_values:
             return self._fresh(rng, compose)
-        return fixed[rng.randrange(len(fixed))]
+        return rng.choice(fixed)
 
     def event_title(self, rng: random.Random) -> str:
         return self._value(rng, self.event_titles, open_title)
@@ -333,7 +333,7 @@ class Pools:
         return self._value(rng, self.songs, open_song)
 
     def genre(self, rng: random.Random) -> str:
-        return self._value(rng, self.genres, lambda r: f"{_words(r, ADJECTIVES, 1)[0]} {r.choice(GENRES)}")
+        return self._value(rng, self.genres, lambda r: f"{_word(r, ADJECTIVES)} {r.choice(GENRES)}")
 
     def topic(self, rng: random.Random) -> str:
         return self._value(rng, self.topics, open_topic)
