@@ -4,6 +4,7 @@
     python -m model.demo.build --steps 20 --out /tmp/demo.gguf --work /tmp/demo-work   # a quick trial
     python -m model.demo.build --procs 2 --steps 750 ...  # the same batches, two per step, on two cores
     python -m model.demo.build --extend 2500 --extensions 2 ...  # then twice 2500 more steps, each on new conversations
+    python -m model.demo.build --extensions 3 --open-values 0.5 --open-from 3 ...  # the third on open values
 
 With --extend, a work directory that holds finished schedules' states (train_state.pt, train_state_extend*.pt)
 resumes from them, so a further extension trains on from that model instead of starting over.

@@ -90,9 +90,9 @@ class TrainConfig:
     reasoning: str = "intent"  # how the corpus writes the reasoning before a decision (corpus.REASONING)
     extend: int = 2500  # then schedules of this many more steps (~95 min each) on new conversations: warmup, cosine
     extend_lr: float = 2e-3  # the peak learning rate of each extension schedule
-    extensions: int = 2  # how many such schedules, one after another, each on conversations no earlier one saw
-    open_values: float = 0.0  # in schedule open_from and later: share of free-text values composed afresh (Pools)
-    open_from: int = 0  # the first schedule whose conversations have open values (0: the first, k: the k-th extension)
+    extensions: int = 3  # how many such schedules, one after another, each on conversations no earlier one saw
+    open_values: float = 0.5  # in schedule open_from and later: share of free-text values composed afresh (Pools)
+    open_from: int = 3  # the first schedule whose conversations have open values (0: the first, k: the k-th extension)
 
 
 EXTENSION_FIELDS = ("extend", "extend_lr", "extensions")
