@@ -7,7 +7,7 @@ import math
 import pytest
 
 from model.demo import corpus
-from model.demo.evaluate import copy_probe, lookup_probe
+from model.demo.evaluate import copy_probe, divergence, lookup_probe
 from model.demo.tools import TOOLS
 
 
@@ -94,3 +94,22 @@ def test_cli_asks_for_the_checkpoint_the_probe_needs(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["-n", "0", "--lookup", "5"])
     assert exc.value.code == 2 and "--lookup needs --hf DIR" in capsys.readouterr().err
+
+
+def test_divergence_statistics():
+    """KL(ref || other) per position from hand-written two-token distributions (each KL written out below)."""
+    import numpy as np
+
+    def rows(*dists):  # one row per list of positions, as mlx_logprobs returns them (targets unused)
+        return [(np.log(np.array(d, dtype=np.float64)), np.zeros(len(d), int)) for d in dists]
+
+    ref = rows([[0.6, 0.4], [0.9, 0.1]], [[0.2, 0.8]])
+    other = rows([[0.3, 0.7], [0.9, 0.1]], [[0.1, 0.9]])
+    kl = sorted([0.6 * math.log(0.6 / 0.3) + 0.4 * math.log(0.4 / 0.7), 0.0,
+                 0.2 * math.log(0.2 / 0.1) + 0.8 * math.log(0.8 / 0.9)])
+    d = divergence(ref, other)
+    assert d["kld"] == pytest.approx(sum(kl) / 3, abs=1e-5)
+    assert d["kld_max"] == pytest.approx(kl[2], abs=1e-3)
+    assert d["kld_p99"] == pytest.approx(kl[1] + 0.98 * (kl[2] - kl[1]), abs=1e-4)  # linear between the top two
+    assert d["same_top"] == pytest.approx(2 / 3, abs=1e-4)  # the first position's top token flips
+    assert divergence(ref, ref) == {"kld": 0.0, "kld_p99": 0.0, "kld_max": 0.0, "same_top": 1.0}
