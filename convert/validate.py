@@ -189,12 +189,18 @@ def functional(output_dir, reference, text: str, max_tokens: int = 512, context:
         klds, agree = [], []
         for a in range(0, len(ids), context):
             window = mx.array(ids[a:a + context])[None]
-            lp = _log_softmax(ours(window))[0]
-            lr = _log_softmax(ref_model(window))[0]
-            klds.append(np.array(mx.sum(mx.exp(lr) * (lr - lp), axis=-1)))
-            agree.append(np.array(mx.argmax(lr, -1) == mx.argmax(lp, -1)))
+            kl, same = position_divergence(_log_softmax(ref_model(window))[0], _log_softmax(ours(window))[0])
+            klds.append(kl)
+            agree.append(same)
     kld, top = np.concatenate(klds), np.concatenate(agree)
     return Functional(int(kld.size), float(kld.mean()), float(top.mean()))
+
+
+def position_divergence(ref_logp: mx.array, logp: mx.array) -> tuple[np.ndarray, np.ndarray]:
+    """Per position of two log-softmax rows [T, V]: KL(reference || ours) of the next-token distributions,
+    and whether the most likely token is the same."""
+    kl = mx.sum(mx.exp(ref_logp) * (ref_logp - logp), axis=-1)
+    return np.array(kl), np.array(mx.argmax(ref_logp, -1) == mx.argmax(logp, -1))
 
 
 def _mtime(path: Path) -> int:

@@ -392,10 +392,13 @@ def divergence(ref, other) -> dict:
     llama.cpp's perplexity tool reports it: mean KL(ref || other) per position, its 99th percentile and maximum,
     and the share of positions whose most likely token is the same. On a small model a few positions where
     copying is on a knife-edge can carry much of the mean; the percentile and the top-token share do not move."""
+    import mlx.core as mx
     import numpy as np
 
-    per = np.concatenate([(np.exp(p) * (p - q)).sum(-1) for (p, _), (q, _) in zip(ref, other)])
-    same = np.concatenate([p.argmax(-1) == q.argmax(-1) for (p, _), (q, _) in zip(ref, other)])
+    from convert.validate import position_divergence
+
+    pairs = [position_divergence(mx.array(p), mx.array(q)) for (p, _), (q, _) in zip(ref, other)]
+    per, same = np.concatenate([kl for kl, _ in pairs]), np.concatenate([s for _, s in pairs])
     return {"kld": round(float(per.mean()), 5), "kld_p99": round(float(np.quantile(per, 0.99)), 4),
             "kld_max": round(float(per.max()), 3), "same_top": round(float(same.mean()), 4)}
 
