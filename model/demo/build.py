@@ -43,6 +43,7 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
 
     from convert.gguf_writer import write_gguf
 
+    from .grow import load_gguf, shape_of, widen
     from .tokenizer import save_hf_tokenizer, train_bpe
     from .train import (encode, extension_state, induction_init, model_config, recall_init, save_checkpoint,
                         schedule_config, token_ids, train_parallel)
@@ -68,36 +69,56 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     log(f"corpus: {len(texts)} conversations, {sum(map(len, texts)) / len(texts):.0f} chars each")
 
     t = time.perf_counter()
-    tok = train_bpe(texts[:n_samples], vocab_size)  # the first schedule's conversations only
     tok_dir = work / "tokenizer"
-    save_hf_tokenizer(tok, tok_dir, template)
-    rows = [encode(tok, text) for text in texts]
+    if cfg.init:  # the tokenizer the GGUF carries (the one its model was trained with)
+        from tokenizers import Tokenizer
+
+        from convert.tokenizer import write_gguf_tokenizer
+
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        write_gguf_tokenizer(Path(cfg.init), tok_dir)
+        tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    else:
+        tok = train_bpe(texts[:n_samples], vocab_size)  # the first schedule's conversations only
+        save_hf_tokenizer(tok, tok_dir, template)
+    first = sum(sizes[:cfg.init_schedules])  # the conversations of schedules the GGUF has had are not needed
+    rows = [None] * first + [encode(tok, text) for text in texts[first:]]
     timings["tokenizer_s"] = round(time.perf_counter() - t, 1)
-    n_tokens = sum(len(r[0]) for r in rows)
-    n_loss = sum(sum(1 for y in r[1] if y >= 0) for r in rows)
+    n_tokens = sum(len(r[0]) for r in rows[first:])
+    n_loss = sum(sum(1 for y in r[1] if y >= 0) for r in rows[first:])
     rows, more_rows = rows[:n_samples], rows[n_samples:]
     log(f"tokenizer: {tok.get_vocab_size()} tokens; corpus {n_tokens} tokens ({n_loss} in the loss)")
 
     from transformers import Qwen3_5MoeForCausalLM
 
     eos_id, pad_id = token_ids(tok)
-    config = model_config(shape, tok.get_vocab_size(), eos_id, pad_id, cfg.router_aux_loss_coef)
-    torch.manual_seed(cfg.seed)
-    model = Qwen3_5MoeForCausalLM(config).float()
+    if cfg.init:
+        model, init_shape = load_gguf(Path(cfg.init), cfg.router_aux_loss_coef)
+        if init_shape != shape:
+            raise ValueError(f"{cfg.init} holds a model of another shape than asked for: {init_shape}")
+        log(f"init: {cfg.init}, after {cfg.init_schedules} schedules")
+    else:
+        config = model_config(shape, tok.get_vocab_size(), eos_id, pad_id, cfg.router_aux_loss_coef)
+        torch.manual_seed(cfg.seed)
+        model = Qwen3_5MoeForCausalLM(config).float()
     if cfg.induction:
         built = induction_init(model, kv_heads=cfg.induction_heads, plain_after=bool(cfg.induction_plain_after))
         log(f"induction init: layers {built}")
     if cfg.recall_layers:
         log(f"recall init: layers {recall_init(model, cfg.recall_layers, cfg.recall_log_decay)}")
-    config.to_json_file(work / "config.json")
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params / 1e6:.2f}M parameters")
+    model.config.to_json_file(work / "config.json")
     t = time.perf_counter()
-    result = train_parallel(model, rows, schedule_config(cfg, 0), pad_id, work / "train_state.pt", log=log)
-    history, seconds = result["history"], result["seconds"]
+    history, seconds, result = [], 0.0, {"steps": 0, "tokens": 0}
+    if cfg.init_schedules == 0:
+        result = train_parallel(model, rows, schedule_config(cfg, 0), pad_id, work / "train_state.pt", log=log)
+        history, seconds = result["history"], result["seconds"]
     # no extension after a --stop-after trial of the first schedule
-    extensions = cfg.extensions if cfg.extend and result["steps"] == cfg.steps else 0
-    for k in range(1, extensions + 1):
+    extensions = cfg.extensions if cfg.extend and (cfg.init_schedules or result["steps"] == cfg.steps) else 0
+    for k in range(max(1, cfg.init_schedules), extensions + 1):
+        if k == cfg.widen_at:
+            model = widen(model, cfg.widen_hidden, cfg.widen_heads, cfg.widen_kv_heads, seed=cfg.seed)
+            log(f"widened to hidden {cfg.widen_hidden}, {cfg.widen_heads} heads over {cfg.widen_kv_heads}: "
+                f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
         stage_rows = more_rows[(k - 1) * n_more:k * n_more]
         stage = schedule_config(cfg, k)
         log(f"extension {k}/{cfg.extensions}: {cfg.extend} steps on {len(stage_rows)} more conversations"
@@ -107,6 +128,7 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
                              for e in more["history"]]
         seconds += more["seconds"]
         result = {"steps": result["steps"] + more["steps"], "tokens": result["tokens"] + more["tokens"]}
+    n_params = sum(p.numel() for p in model.parameters())
     timings["train_s"] = round(time.perf_counter() - t, 1)
 
     t = time.perf_counter()
@@ -119,7 +141,7 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     info = {
         "command": " ".join([Path(sys.executable).name, "-m", "model.demo.build", *sys.argv[1:]]),
         "gguf": out.name, "gguf_bytes": out.stat().st_size, "parameters": n_params,
-        "shape": asdict(shape), "train": asdict(cfg), "vocab_size": tok.get_vocab_size(),
+        "shape": asdict(shape_of(model.config)), "train": asdict(cfg), "vocab_size": tok.get_vocab_size(),
         "corpus": {"conversations": len(texts), "tokens": n_tokens, "loss_tokens": n_loss},
         "timings": timings, "train_seconds_total": round(seconds, 1),
         "final_loss": history[-1]["loss"] if history else None,
@@ -151,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         # (an --open-from past the last extension leaves every schedule without open values)
         p.error(f"--open-values is a share from 0 to 1 and --open-from a schedule, 0 (the first) or more "
                 f"(got {args.open_values}, {args.open_from})")
+    if args.init and not Path(args.init).is_file():
+        p.error(f"--init {args.init}: no such file")
+    if args.init_schedules and not args.init or args.init_schedules < 0 or (args.init and not args.init_schedules):
+        p.error("--init GGUF and --init-schedules K (1 or more: the schedules its model has had) go together")
+    if args.widen_at and not max(1, args.init_schedules) <= args.widen_at <= args.extensions:
+        p.error(f"--widen-at {args.widen_at} is not an extension this build trains "
+                f"({max(1, args.init_schedules)} to {args.extensions})")
     shape = ModelShape(**{k: getattr(args, k) for k in asdict(shape)})
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(cfg)})
     if cfg.procs == 1 and cfg.threads == 1 and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:

@@ -93,10 +93,17 @@ class TrainConfig:
     extensions: int = 3  # how many such schedules, one after another, each on conversations no earlier one saw
     open_values: float = 0.5  # in schedule open_from and later: share of free-text values composed afresh (Pools)
     open_from: int = 3  # the first schedule whose conversations have open values (0: the first, k: the k-th extension)
+    init: str = ""  # a GGUF holding the weights after the first init_schedules schedules: training starts there
+    init_schedules: int = 0  # how many schedules (the first and then extensions) that GGUF's model has had
+    widen_at: int = 0  # before this schedule (1 or more) the model is widened (grow.widen; 0: never)
+    widen_hidden: int = 256  # the hidden size it is widened to
+    widen_heads: int = 8  # and its full-attention query heads
+    widen_kv_heads: int = 4  # and key/value heads (the query-per-key ratio stays)
 
 
 EXTENSION_FIELDS = ("extend", "extend_lr", "extensions")
-ADDED_FIELDS = {"open_values": 0.0, "open_from": 0}  # newer than some saved states: the value those trained with
+ADDED_FIELDS = {"open_values": 0.0, "open_from": 0, "init": "", "init_schedules": 0, "widen_at": 0,
+                "widen_hidden": 256, "widen_heads": 8, "widen_kv_heads": 4}  # newer than some saved states: the value those trained with
 
 
 def extension(cfg: TrainConfig) -> TrainConfig:
