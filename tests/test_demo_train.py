@@ -296,10 +296,36 @@ def test_build_does_not_extend_a_stopped_first_schedule(tmp_path):
     assert not (tmp_path / "work" / "train_state_extend.pt").exists()
 
 
-@pytest.mark.parametrize("args", [["--extend", "-1"], ["--extensions", "-1"], ["--steps", "0"], ["--extend-lr", "0"]])
+@pytest.mark.parametrize("args", [["--extend", "-1"], ["--extensions", "-1"], ["--last-extend", "-1"], ["--steps", "0"], ["--extend-lr", "0"]])
 def test_build_cli_rejects_counts_that_cannot_train(args, capsys):
     from model.demo.build import main
 
     with pytest.raises(SystemExit) as exc:
         main(args)
-    assert exc.value.code == 2 and "--extend and --extensions 0 or more" in capsys.readouterr().err
+    assert exc.value.code == 2 and "--extend, --extensions and --last-extend 0 or more" in capsys.readouterr().err
+
+
+def test_build_last_extension_of_another_length(tmp_path, monkeypatch):
+    """last_extend: the last extension schedule is that many steps on its own share of new conversations,
+    after the earlier extensions' (the first of the conversations it would have had with extend steps)."""
+    import model.demo.train as train_module
+    from model.demo.build import build, samples_for
+
+    trained = []  # each schedule's conversations
+
+    def recording(model, rows, *args, **kwargs):
+        trained.append(rows)
+        return train_parallel(model, rows, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_parallel", recording)
+    cfg = replace(CFG, steps=2, extend=2, extend_lr=1e-3, extensions=2, last_extend=1, open_values=0.0, open_from=0)
+    lines = []
+    info = build(tmp_path / "m.gguf", tmp_path / "work", SHAPE, cfg, vocab_size=400, log=lines.append)
+    assert [h["step"] for h in info["loss_history"]] == [1, 2, 3, 4, 5]
+    assert f"extension 2/2: 1 steps on {samples_for(1, cfg)} more conversations, peak lr 0.001" in lines
+    assert info["corpus"]["conversations"] == 2 * samples_for(2, cfg) + samples_for(1, cfg)
+    short, trained[:] = list(trained), []
+    build(tmp_path / "full.gguf", tmp_path / "work2", SHAPE, replace(cfg, last_extend=0), vocab_size=400,
+          log=lambda _: None)
+    assert short[:2] == trained[:2] and len(short[2]) == samples_for(1, cfg) < len(trained[2])
+    assert short[2] == trained[2][:len(short[2])]

@@ -59,6 +59,8 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     # the extensions' conversations continue the same stream: the earlier ones are the same either way;
     # the schedules from open_from on draw theirs from a second stream, with open values
     sizes = [n_samples] + [n_more] * (cfg.extensions if cfg.extend else 0)
+    if cfg.extend and cfg.extensions and cfg.last_extend:
+        sizes[-1] = samples_for(cfg.last_extend, cfg)
     n_closed = sum(sizes[:cfg.open_from]) if cfg.open_values else sum(sizes)
     samples = corpus.generate("train", n_closed, reasoning=cfg.reasoning)
     samples += corpus.generate("train", sum(sizes) - n_closed, seed=corpus.OPEN_SEED, reasoning=cfg.reasoning,
@@ -119,9 +121,9 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
             model = widen(model, cfg.widen_hidden, cfg.widen_heads, cfg.widen_kv_heads, seed=cfg.seed)
             log(f"widened to hidden {cfg.widen_hidden}, {cfg.widen_heads} heads over {cfg.widen_kv_heads}: "
                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-        stage_rows = more_rows[(k - 1) * n_more:k * n_more]
+        stage_rows = more_rows[sum(sizes[1:k]):sum(sizes[1:k + 1])]
         stage = schedule_config(cfg, k)
-        log(f"extension {k}/{cfg.extensions}: {cfg.extend} steps on {len(stage_rows)} more conversations"
+        log(f"extension {k}/{cfg.extensions}: {stage.steps} steps on {len(stage_rows)} more conversations"
             f"{f' with open values {stage.open_values}' if stage.open_values else ''}, peak lr {cfg.extend_lr}")
         more = train_parallel(model, stage_rows, stage, pad_id, work / extension_state(k), log=log)
         history = history + [e | {"step": e["step"] + result["steps"], "tokens": e["tokens"] + result["tokens"]}
@@ -165,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in [*asdict(cfg).items(), *asdict(shape).items()]:
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = p.parse_args(argv)
-    if args.steps < 1 or args.extend < 0 or args.extensions < 0 or args.extend_lr <= 0:
+    if args.steps < 1 or args.extend < 0 or args.extensions < 0 or args.extend_lr <= 0 or args.last_extend < 0:
         # (a negative count would cut the first corpus)
-        p.error(f"--steps must be 1 or more, --extend and --extensions 0 or more and --extend-lr positive "
-                f"(got {args.steps}, {args.extend}, {args.extensions}, {args.extend_lr})")
+        p.error(f"--steps must be 1 or more, --extend, --extensions and --last-extend 0 or more and --extend-lr "
+                f"positive (got {args.steps}, {args.extend}, {args.extensions}, {args.last_extend}, {args.extend_lr})")
     if not 0 <= args.open_values <= 1 or args.open_from < 0:
         # (an --open-from past the last extension leaves every schedule without open values)
         p.error(f"--open-values is a share from 0 to 1 and --open-from a schedule, 0 (the first) or more "

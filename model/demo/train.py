@@ -91,6 +91,7 @@ class TrainConfig:
     extend: int = 2500  # then schedules of this many more steps (~95 min each) on new conversations: warmup, cosine
     extend_lr: float = 2e-3  # the peak learning rate of each extension schedule
     extensions: int = 3  # how many such schedules, one after another, each on conversations no earlier one saw
+    last_extend: int = 0  # the last of them this many steps instead (0: extend)
     open_values: float = 0.5  # in schedule open_from and later: share of free-text values composed afresh (Pools)
     open_from: int = 3  # the first schedule whose conversations have open values (0: the first, k: the k-th extension)
     init: str = ""  # a GGUF holding the weights after the first init_schedules schedules: training starts there
@@ -101,20 +102,22 @@ class TrainConfig:
     widen_kv_heads: int = 4  # and key/value heads (the query-per-key ratio stays)
 
 
-EXTENSION_FIELDS = ("extend", "extend_lr", "extensions")
+EXTENSION_FIELDS = ("extend", "extend_lr", "extensions", "last_extend")
 ADDED_FIELDS = {"open_values": 0.0, "open_from": 0, "init": "", "init_schedules": 0, "widen_at": 0,
-                "widen_hidden": 256, "widen_heads": 8, "widen_kv_heads": 4}  # newer than some saved states: the value those trained with
+                "widen_hidden": 256, "widen_heads": 8, "widen_kv_heads": 4, "last_extend": 0}  # newer than some saved states: the value those trained with
 
 
-def extension(cfg: TrainConfig) -> TrainConfig:
-    """The configuration of each extension schedule: cfg.extend steps peaking at cfg.extend_lr, the rest as cfg."""
-    return replace(cfg, steps=cfg.extend, lr=cfg.extend_lr, stop_after=0, extend=0, extensions=0)
+def extension(cfg: TrainConfig, last: bool = False) -> TrainConfig:
+    """The configuration of each extension schedule: cfg.extend steps (the last: cfg.last_extend, if set)
+    peaking at cfg.extend_lr, the rest as cfg."""
+    steps = cfg.last_extend if last and cfg.last_extend else cfg.extend
+    return replace(cfg, steps=steps, lr=cfg.extend_lr, stop_after=0, extend=0, extensions=0, last_extend=0)
 
 
 def schedule_config(cfg: TrainConfig, k: int) -> TrainConfig:
     """Schedule k's configuration (0: the first, k: the k-th extension), its open_values the share its own
     conversations have (open_from 0), which is what its saved state records."""
-    return replace(cfg if k == 0 else extension(cfg), open_values=cfg.open_values if k >= cfg.open_from else 0.0,
+    return replace(cfg if k == 0 else extension(cfg, last=k == cfg.extensions), open_values=cfg.open_values if k >= cfg.open_from else 0.0,
                    open_from=0)
 
 
