@@ -5,6 +5,8 @@
     python -m model.demo.build --procs 2 --steps 750 ...  # the same batches, two per step, on two cores
     python -m model.demo.build --extend 2500 --extensions 2 ...  # then twice 2500 more steps, each on new conversations
     python -m model.demo.build --extensions 3 --open-values 0.5 --open-from 3 ...  # the third on open values
+    python -m model.demo.build --init prev.gguf --init-schedules 4 --extensions 4 --widen-at 4 ...
+        # train a fourth extension on from a GGUF's model (after its 4 schedules), widened first (grow.widen)
 
 With --extend, a work directory that holds finished schedules' states (train_state.pt, train_state_extend*.pt)
 resumes from them, so a further extension trains on from that model instead of starting over.
@@ -148,12 +150,19 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
         "timings": timings, "train_seconds_total": round(seconds, 1),
         "final_loss": history[-1]["loss"] if history else None,
         "tokens_trained": result["tokens"], "loss_history": history,
+        "init_sha256": _sha256(Path(cfg.init)) if cfg.init else None,  # which GGUF this build continued
         "software": {d: metadata.version(d) for d in ("torch", "transformers", "tokenizers", "gguf")}
         | {"python": platform.python_version()},
         "machine": {"cpu_threads": cfg.threads, "processes": cfg.procs, "platform": platform.platform()},
     }
     (out.parent / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
