@@ -112,6 +112,8 @@ def test_build_continues_from_a_gguf_widened(tmp_path):
 @pytest.mark.parametrize("args,error", [
     (["--init", __file__], "go together"), (["--init-schedules", "2"], "go together"),
     (["--init", "/nonexistent.gguf", "--init-schedules", "4"], "no such file"),
+    (["--init", __file__, "--init-schedules", "4", "--extensions", "3"], "leaves no schedule to train"),
+    (["--init", __file__, "--init-schedules", "4", "--extensions", "4", "--induction", "1"], "not of one loaded"),
     (["--widen-at", "5"], "is not an extension this build trains")])
 def test_build_cli_rejects_inits_and_widenings_it_cannot_do(args, error, capsys):
     from model.demo.build import main

@@ -188,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--init {args.init}: no such file")
     if args.init_schedules and not args.init or args.init_schedules < 0 or (args.init and not args.init_schedules):
         p.error("--init GGUF and --init-schedules K (1 or more: the schedules its model has had) go together")
+    if args.init and (args.init_schedules > args.extensions or not args.extend):
+        p.error(f"--init-schedules {args.init_schedules} leaves no schedule to train (--extensions {args.extensions}, "
+                f"--extend {args.extend})")
+    if args.init and (args.induction or args.recall_layers):
+        p.error("--induction and --recall-layers build layers of an untrained model, not of one loaded with --init")
     if args.widen_at and not max(1, args.init_schedules) <= args.widen_at <= args.extensions:
         p.error(f"--widen-at {args.widen_at} is not an extension this build trains "
                 f"({max(1, args.init_schedules)} to {args.extensions})")
