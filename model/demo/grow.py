@@ -29,9 +29,12 @@ WRITERS = ("self_attn.o_proj.weight", "linear_attn.out_proj.weight", "mlp.expert
 
 
 def shape_of(config) -> ModelShape:
-    """The ModelShape a transformers text config was made from."""
-    fields = {k: getattr(config, k) for k in ModelShape.__dataclass_fields__ if k != "full_attention_interval"}
-    return ModelShape(full_attention_interval=config.full_attention_interval, **fields)
+    """The ModelShape of a transformers text config, or of text_config's dict for a GGUF (which may lack
+    max_position_embeddings: the default then)."""
+    values = config if isinstance(config, dict) else config.to_dict()
+    default = ModelShape.max_position_embeddings
+    return ModelShape(**{k: values.get(k, default) if k == "max_position_embeddings" else values[k]
+                         for k in ModelShape.__dataclass_fields__})
 
 
 def load_gguf(path: Path, router_aux_loss_coef: float = 0.0):
@@ -54,10 +57,7 @@ def load_gguf(path: Path, router_aux_loss_coef: float = 0.0):
         ours = {k: np.array(t.read().astype(mx.float32)) for k, t in gguf_tensors(g, Geometry.from_config(hp)).items()}
         eos = int(g.get("tokenizer.ggml.eos_token_id"))
         pad = int(g.get("tokenizer.ggml.padding_token_id", eos))
-    shape = ModelShape(**{k: hp[k] for k in ModelShape.__dataclass_fields__
-                          if k not in ("full_attention_interval", "max_position_embeddings")},
-                       full_attention_interval=hp["full_attention_interval"],
-                       max_position_embeddings=hp.get("max_position_embeddings", ModelShape.max_position_embeddings))
+    shape = shape_of(hp)
     model = Qwen3_5MoeForCausalLM(model_config(shape, hp["vocab_size"], eos, pad, router_aux_loss_coef)).float()
     state = {}
     for name, x in ours.items():
@@ -107,23 +107,14 @@ def widen(model, hidden_size: int, num_attention_heads: int, num_key_value_heads
     torch.manual_seed(seed)
     new = Qwen3_5MoeForCausalLM(model_config(shape, c.vocab_size, c.eos_token_id, c.pad_token_id,
                                              c.router_aux_loss_coef)).float()
-    h, head_cols = old.hidden_size, old.num_attention_heads * old.head_dim
     norm_scale = math.sqrt(old.hidden_size / hidden_size)
     old_state = model.state_dict()
     with torch.no_grad():
         for name, p in new.state_dict().items():
             o = old_state[name].float()
-            if name == "model.embed_tokens.weight":
-                p.zero_()
-            elif name.endswith(WRITERS):
-                p.zero_()
+            if name == "model.embed_tokens.weight" or name.endswith(WRITERS):
+                p.zero_()  # new rows (residual dims) and o_proj's new head columns stay zero
             p[tuple(slice(0, n) for n in o.shape)] = o
             if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")) or name == "model.norm.weight":
                 p.copy_((1.0 + p) * norm_scale - 1.0)  # the old dims' share of the RMS shrank by norm_scale
-            if name.endswith("self_attn.o_proj.weight"):
-                p[:, head_cols:] = 0.0
-            if name.endswith("mlp.experts.down_proj"):
-                p[:, h:, :] = 0.0
-            elif name.endswith(WRITERS):
-                p[h:, :] = 0.0
     return new

@@ -103,8 +103,9 @@ class TrainConfig:
 
 
 EXTENSION_FIELDS = ("extend", "extend_lr", "extensions", "last_extend")
+# newer than some saved states: the value those trained with
 ADDED_FIELDS = {"open_values": 0.0, "open_from": 0, "init": "", "init_schedules": 0, "widen_at": 0,
-                "widen_hidden": 256, "widen_heads": 8, "widen_kv_heads": 4, "last_extend": 0}  # newer than some saved states: the value those trained with
+                "widen_hidden": 256, "widen_heads": 8, "widen_kv_heads": 4, "last_extend": 0}
 
 
 def extension(cfg: TrainConfig, last: bool = False) -> TrainConfig:
@@ -117,8 +118,8 @@ def extension(cfg: TrainConfig, last: bool = False) -> TrainConfig:
 def schedule_config(cfg: TrainConfig, k: int) -> TrainConfig:
     """Schedule k's configuration (0: the first, k: the k-th extension), its open_values the share its own
     conversations have (open_from 0), which is what its saved state records."""
-    return replace(cfg if k == 0 else extension(cfg, last=k == cfg.extensions), open_values=cfg.open_values if k >= cfg.open_from else 0.0,
-                   open_from=0)
+    return replace(cfg if k == 0 else extension(cfg, last=k == cfg.extensions),
+                   open_values=cfg.open_values if k >= cfg.open_from else 0.0, open_from=0)
 
 
 def extension_state(k: int) -> str:
