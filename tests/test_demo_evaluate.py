@@ -69,12 +69,22 @@ def test_copy_probe_scores_the_value_tokens_of_copied_arguments():
             pos = start
         return ids, spans, pred
 
+    def not_after_spaces(text):
+        """Right on every token but those right after a space inside the assistant's turn."""
+        ids, spans = _characters(text)
+        pos = text.rindex("<|im_start|>assistant")
+        return ids, spans, [-1 if i >= pos and c == " " else t for i, (c, t) in enumerate(zip(text, ids[1:] + [0]))]
+
     assert copy_probe(perfect, samples) == {"values": len(copied), "exact_values": 1.0, "first_token": 1.0,
-                                            "later_tokens": 1.0}
+                                            "later_tokens": 1.0, "after_space": 1.0}
     assert copy_probe(never, samples) | {"values": 0} == {"values": 0, "exact_values": 0.0, "first_token": 0.0,
-                                                          "later_tokens": 0.0}
+                                                          "later_tokens": 0.0, "after_space": 0.0}
     partial = copy_probe(first_only, samples)
     assert partial["first_token"] == 1.0 and partial["exact_values"] < 0.2 and 0.7 < partial["later_tokens"] < 1.0
+    assert partial["after_space"] == 1.0  # no value starts with a space
+    spaced = copy_probe(not_after_spaces, samples)
+    assert spaced["after_space"] == 0.0 and spaced["first_token"] == 1.0 and 0.7 < spaced["later_tokens"] < 1.0
+    assert spaced["exact_values"] == pytest.approx(sum(" " not in v for v in copied) / len(copied), abs=1e-4)
     assert len(copied) > 20
 
 
