@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 
 import numpy as np
@@ -82,7 +83,7 @@ def test_build_continues_from_a_gguf_widened(tmp_path):
     extension) is widened and trains the second extension only, with the GGUF's tokenizer; before its first
     update it scores that extension's first batch as the unwidened model continuing from its state does."""
     from convert.gguf_reader import GGUFFile
-    from model.demo.build import build
+    from model.demo.build import _build_info_of, build
     from model.demo.grow import load_gguf
     from model.demo.train import ModelShape, TrainConfig
 
@@ -92,21 +93,29 @@ def test_build_continues_from_a_gguf_widened(tmp_path):
                        shared_expert_intermediate_size=16)
     cfg = TrainConfig(steps=2, batch_size=2, warmup=1, bucket=4, threads=1, procs=1, log_every=1, extend=2,
                       extend_lr=1e-3, extensions=1, open_values=0.0, open_from=0)
-    build(tmp_path / "first.gguf", tmp_path / "w1", shape, cfg, vocab_size=400, log=lambda _: None)
-    plain = build(tmp_path / "plain.gguf", tmp_path / "w1", shape, replace(cfg, extensions=2), vocab_size=400,
+    first = build(tmp_path / "a" / "first.gguf", tmp_path / "w1", shape, cfg, vocab_size=400, log=lambda _: None)
+    plain = build(tmp_path / "b" / "plain.gguf", tmp_path / "w1", shape, replace(cfg, extensions=2), vocab_size=400,
                   log=lambda _: None)
     lines = []
-    wide = build(tmp_path / "wide.gguf", tmp_path / "w2", shape,
-                 replace(cfg, extensions=2, init=str(tmp_path / "first.gguf"), init_schedules=2, widen_at=2,
+    wide = build(tmp_path / "c" / "wide.gguf", tmp_path / "w2", shape,
+                 replace(cfg, extensions=2, init=str(tmp_path / "a" / "first.gguf"), init_schedules=2, widen_at=2,
                          widen_hidden=48, widen_heads=4, widen_kv_heads=2), vocab_size=400, log=lines.append)
+    # what it continued: the GGUF's digest, and the build_info beside it (which describes that file)
+    digest = hashlib.sha256((tmp_path / "a" / "first.gguf").read_bytes()).hexdigest()
+    assert wide["init_sha256"] == first["gguf_sha256"] == digest
+    assert wide["init_build"] == first and plain["init_build"] is None
     assert any(line.startswith("widened to hidden 48, 4 heads over 2") for line in lines)
     assert any(line.startswith("extension 2/2: 2 steps on ") for line in lines)
     assert [h["step"] for h in wide["loss_history"]] == [1, 2]
     assert wide["loss_history"][0]["loss"] == pytest.approx(plain["loss_history"][4]["loss"], abs=0.02)
     assert (wide["shape"]["hidden_size"], wide["shape"]["num_attention_heads"]) == (48, 4)
-    assert load_gguf(tmp_path / "wide.gguf")[1].hidden_size == 48
-    with GGUFFile(tmp_path / "first.gguf") as a, GGUFFile(tmp_path / "wide.gguf") as b:
+    assert load_gguf(tmp_path / "c" / "wide.gguf")[1].hidden_size == 48
+    with GGUFFile(tmp_path / "a" / "first.gguf") as a, GGUFFile(tmp_path / "c" / "wide.gguf") as b:
         assert a.header.digest("tokenizer.") == b.header.digest("tokenizer.")
+    # a build_info beside a GGUF it does not describe is not taken for its build
+    (tmp_path / "c" / "first.gguf").write_bytes((tmp_path / "a" / "first.gguf").read_bytes()[:-1] + b"x")
+    assert _build_info_of(tmp_path / "c" / "first.gguf") is None
+    assert _build_info_of(tmp_path / "a" / "first.gguf") == first
 
 
 @pytest.mark.parametrize("args,error", [
