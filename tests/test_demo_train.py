@@ -187,41 +187,6 @@ def test_lm_loss_weights_focus_prompt_and_padding():
     assert plain.item() == pytest.approx((ce * weights).sum() / weights.sum(), rel=1e-5)
 
 
-def test_lm_loss_copy_weight_on_copies_across_a_space():
-    """Bit 2 of the focus flags (a copy across a space) gets copy_weight when it is set, whether or not bit 1
-    is set too; with copy_weight 0 such tokens weigh as before (1, or focus_weight with bit 1)."""
-    rng = np.random.default_rng(1)
-    logits = rng.normal(size=(1, 6, 5)).astype(np.float32)
-    ids = np.array([[1, 2, 3, 4, 2, 0]])
-    labels = np.array([[IGNORE, IGNORE, 3, 4, 2, IGNORE]])
-    focus = np.array([[0, 0, 2, 3, 1, 0]], dtype=np.float32)
-    logp = logits[0, :-1] - np.log(np.exp(logits[0, :-1]).sum(-1, keepdims=True))
-    ce = -logp[np.arange(5), ids[0, 1:]]
-    args = (torch.from_numpy(logits), torch.from_numpy(ids), torch.from_numpy(labels), 0, 0.5, torch.from_numpy(focus))
-    for copy_weight, weights in ((7.0, [0.5, 7.0, 7.0, 3.0, 0.0]), (0.0, [0.5, 1.0, 3.0, 3.0, 0.0])):
-        weights = np.array(weights)
-        got = lm_loss(*args, 3.0, copy_weight)
-        assert got.item() == pytest.approx((ce * weights).sum() / weights.sum(), rel=1e-5), copy_weight
-
-
-@pytest.mark.parametrize("said, copied", [("Car service", True), ("Car wash", False)])
-def test_encode_flags_a_word_copied_across_a_space(setup, said, copied):
-    """Bit 2 marks the assistant's first token after a space whose (token, space, token) the text held
-    before: "service" in a call's "Car service" after a request that said "Car service", not after "Car wash";
-    bit 1 marks the argument value; nothing in the user's turn is marked."""
-    tok = setup[0]
-    call = "<tool_call>\n<function=f>\n<parameter=title>\nCar service\n</parameter>\n</function>\n</tool_call>"
-    text = (f"<|im_start|>user\nPlease add {said} today<|im_end|>\n<|im_start|>assistant\n{call}<|im_end|>\n")
-    ids, labels, focus = encode(tok, text)
-    offsets = tok.encode(text, add_special_tokens=False).offsets
-    value = text.index("Car service\n</parameter>")
-    flagged = {text[a:text.index("\n", a)] for (a, _), f in zip(offsets, focus) if f >= 2}
-    assert flagged == ({"service"} if copied else set())
-    start = [f for (a, _), f in zip(offsets, focus) if a == value + len("Car ")]
-    assert start == [3 if copied else 1]  # the value's own token is flagged 1 (FOCUS_SPAN) either way
-    assert all(f == 0 for (a, _), f in zip(offsets, focus) if a < text.index("assistant"))
-
-
 def test_two_processes_give_the_weights_of_one(setup, tmp_path):
     """procs=2: two processes, a batch each per step, gradients summed over gloo, end with the weights one
     process gets running both batches of every step itself; and those differ from a one-batch-per-step run."""

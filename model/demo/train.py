@@ -74,7 +74,6 @@ class TrainConfig:
     router_aux_loss_coef: float = 0.01
     prompt_loss_weight: float = 0.5  # weight of non-assistant tokens in the loss (assistant tokens: 1)
     focus_weight: float = 5.0  # weight of the assistant's decision tokens (FOCUS_SPAN: call, names, values)
-    copy_weight: float = 0.0  # weight of assistant tokens continuing a copy across a space (encode; 0: as others)
     bucket: int = 64  # samples sorted by length within groups of this many
     seed: int = 0
     threads: int = 1  # on a shared 2-core machine a second thread mostly spins (30% system time)
@@ -106,8 +105,7 @@ class TrainConfig:
 EXTENSION_FIELDS = ("extend", "extend_lr", "extensions", "last_extend")
 # newer than some saved states: the value those trained with
 ADDED_FIELDS = {"open_values": 0.0, "open_from": 0, "init": "", "init_schedules": 0, "widen_at": 0,
-                "widen_hidden": 256, "widen_heads": 8, "widen_kv_heads": 4, "last_extend": 0,
-                "copy_weight": 0.0}
+                "widen_hidden": 256, "widen_heads": 8, "widen_kv_heads": 4, "last_extend": 0}
 
 
 def extension(cfg: TrainConfig, last: bool = False) -> TrainConfig:
@@ -285,28 +283,20 @@ def tie_recall(model, layers: list[int]) -> None:
 
 
 def encode(tok, text: str) -> tuple[list[int], list[int], list[int]]:
-    """Token ids, labels (IGNORE outside the assistant turns) and focus flags, two bits per token: 1 on the
-    assistant tokens FOCUS_SPAN marks, 2 on the assistant tokens that continue a copy across a space (a word
-    whose token, the space token before it and the token before that occurred in that order earlier in the
-    text: "Car service" in a call after "Car service" in the request). tok: a tokenizers.Tokenizer."""
+    """Token ids, labels (IGNORE outside the assistant turns) and a focus flag (1 on the assistant
+    tokens FOCUS_SPAN marks, 0 elsewhere). tok: a tokenizers.Tokenizer."""
     enc = tok.encode(text, add_special_tokens=False)
     spans = [m.span(1) for m in ASSISTANT_SPAN.finditer(text)]
     focus_spans = [m.span() for a, b in spans for m in FOCUS_SPAN.finditer(text, a, b)]
     labels, focus, j, k = [], [], 0, 0
-    seen, pieces = set(), [text[a:b] for a, b in enc.offsets]
-    for i, (tid, (start, _)) in enumerate(zip(enc.ids, enc.offsets)):
+    for tid, (start, _) in zip(enc.ids, enc.offsets):
         while j < len(spans) and start >= spans[j][1]:
             j += 1
         while k < len(focus_spans) and start >= focus_spans[k][1]:
             k += 1
         inside = j < len(spans) and spans[j][0] <= start < spans[j][1]
         labels.append(tid if inside else IGNORE)
-        flag = int(inside and k < len(focus_spans) and focus_spans[k][0] <= start)
-        if i >= 2 and pieces[i - 1] and pieces[i - 1].strip(" ") == "" and pieces[i].strip():
-            triple = tuple(enc.ids[i - 2:i + 1])
-            flag |= 2 * (inside and triple in seen)
-            seen.add(triple)
-        focus.append(flag)
+        focus.append(int(inside and k < len(focus_spans) and focus_spans[k][0] <= start))
     return enc.ids, labels, focus
 
 
@@ -336,19 +326,16 @@ def batches(rows: list[tuple[list[int], list[int], list[int]]], cfg: TrainConfig
         yield ids, labels, focus
 
 
-def lm_loss(logits, ids, labels, pad_id: int, prompt_weight: float, focus=None, focus_weight: float = 1.0,
-            copy_weight: float = 0.0):
+def lm_loss(logits, ids, labels, pad_id: int, prompt_weight: float, focus=None, focus_weight: float = 1.0):
     """Next-token cross-entropy, weight 1 on assistant tokens (labels >= 0), `focus_weight` on those
-    of them `focus` flags with bit 1, `copy_weight` (if not 0) on those flagged with bit 2 (a copy across a
-    space), `prompt_weight` on the other real tokens, 0 on padding; normalised by the total weight."""
+    of them `focus` flags, `prompt_weight` on the other real tokens, 0 on padding; normalised by the
+    total weight."""
     import torch
 
     target = ids[:, 1:]
     weight = torch.where(labels[:, 1:] >= 0, 1.0, prompt_weight * (target != pad_id).float())
     if focus is not None and focus_weight != 1.0:
-        weight = torch.where(focus[:, 1:] % 2 > 0, focus_weight, weight)
-    if focus is not None and copy_weight:
-        weight = torch.where(focus[:, 1:] >= 2, copy_weight, weight)
+        weight = torch.where(focus[:, 1:] > 0, focus_weight, weight)
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), reduction="none")
     return (ce * weight.flatten()).sum() / weight.sum()
 
@@ -435,7 +422,7 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
                 x = torch.from_numpy(ids)
                 out = model(input_ids=x, use_cache=False)
                 loss = lm_loss(out.logits, x, torch.from_numpy(labels), pad_id, cfg.prompt_loss_weight,
-                               torch.from_numpy(focus), cfg.focus_weight, cfg.copy_weight)
+                               torch.from_numpy(focus), cfg.focus_weight)
                 if cfg.copy_rows:
                     d_ids, d_labels = copy_drills(counts, cfg.copy_rows, np.random.default_rng([cfg.seed, step]))
                     d = torch.from_numpy(d_ids)
