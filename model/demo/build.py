@@ -53,7 +53,8 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     timings = {}
     t = time.perf_counter()
     # what this build continues, read before anything is written (out may be the --init file itself)
-    init = {"init_sha256": _sha256(Path(cfg.init)), "init_build": _build_info_of(Path(cfg.init))} if cfg.init else {}
+    init_sha256 = _sha256(Path(cfg.init)) if cfg.init else None
+    init_build = _build_info_of(Path(cfg.init), init_sha256) if cfg.init else None
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     work.mkdir(parents=True, exist_ok=True)
@@ -152,8 +153,8 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
         "timings": timings, "train_seconds_total": round(seconds, 1),
         "final_loss": history[-1]["loss"] if history else None,
         "tokens_trained": result["tokens"], "loss_history": history,
-        "init_sha256": init.get("init_sha256"),  # which GGUF this build continued
-        "init_build": init.get("init_build"),  # and that GGUF's own build_info, where one lies beside it
+        "init_sha256": init_sha256,  # which GGUF this build continued
+        "init_build": init_build,  # and that GGUF's own build_info, where one lies beside it
         "software": {d: metadata.version(d) for d in ("torch", "transformers", "tokenizers", "gguf")}
         | {"python": platform.python_version()},
         "machine": {"cpu_threads": cfg.threads, "processes": cfg.procs, "platform": platform.platform()},
@@ -162,15 +163,15 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     return info
 
 
-def _build_info_of(gguf: Path) -> dict | None:
-    """The build_info.json beside a GGUF when it describes that file (its sha256; builds that did not record
-    one: its size), else None."""
+def _build_info_of(gguf: Path, sha256: str) -> dict | None:
+    """The build_info.json beside a GGUF when it describes that file (its sha256, given; builds that did not
+    record one: its size), else None."""
     path = gguf.parent / "build_info.json"
     if not path.is_file():
         return None
     info = json.loads(path.read_text())
     if "gguf_sha256" in info:
-        return info if info["gguf_sha256"] == _sha256(gguf) else None
+        return info if info["gguf_sha256"] == sha256 else None
     return info if info.get("gguf_bytes") == gguf.stat().st_size else None
 
 
