@@ -50,9 +50,14 @@ def open_train():
     return corpus.generate("train", 400, reasoning="intent", open_values=1.0)
 
 
-def test_calls_follow_the_schemas_and_copy_the_request(train, heldout, open_train):
+@pytest.fixture(scope="module")
+def wild_train():
+    return corpus.generate("train", 300, seed=corpus.WILD_SEED, reasoning="intent", open_values=1.0, wild_values=1.0)
+
+
+def test_calls_follow_the_schemas_and_copy_the_request(train, heldout, open_train, wild_train):
     types = Counter()
-    for s in train + heldout + open_train:
+    for s in train + heldout + open_train + wild_train:
         offered = {t["function"]["name"]: t["function"]["parameters"] for t in s.tools or []}
         request = s.messages[s.prompt_len - 1]["content"]
         for call in s.expected_calls:
@@ -146,6 +151,32 @@ def test_open_values_are_new_training_values(open_train):
         Pools("train", 1.5)
 
 
+def test_wild_values_are_made_of_the_corpus_words(wild_train):
+    """With wild_values=1 every open value, and every invented city, is one to four words of the training
+    corpus's own text in any order, in the training split; without wild_values no wild value is drawn."""
+    words = set(corpus.corpus_words())
+    capitalised = {w[:1].upper() + w[1:] for w in words}
+    assert {"weather", "Lisbon", "the"} <= words and not {"Copenhague", "2025"} & words
+    heldout_only = {w for v in BODIES + EVENT_TITLES for w in v.strip(".!?").split() if split_of(v) == "heldout"}
+    assert heldout_only - words, "words only the held-out values use stay out"
+    slots = {("create_calendar_event", "title"), ("send_email", "subject"), ("send_email", "body"),
+             ("create_reminder", "text")}
+    values = [c["arguments"][k] for s in wild_train for c in s.expected_calls for name, k in slots if c["name"] == name]
+    assert len(values) > 50 and all(split_of(v) == "train" for v in values)
+    cities = {c["arguments"]["city"] for s in wild_train for c in s.expected_calls if c["name"] == "get_weather"}
+    invented = cities - set(Pools("train").cities)
+    assert invented and all(1 <= len(v.split()) <= 2 and set(v.split()) <= capitalised
+                            for v in invented)
+    for v in values:
+        parts = v.split()
+        assert 1 <= len(parts) <= 4 and parts[0] in capitalised and set(parts[1:]) <= words, v
+    assert max(len(v.split()) for v in values) == 4
+    with pytest.raises(ValueError, match="wild_values"):
+        Pools("train", 1.0, 1.5, ("a",))
+    with pytest.raises(ValueError, match="words"):
+        Pools("train", 1.0, 0.5)
+
+
 def test_open_phrases_translate_word_by_word():
     """An open phrase's made-up translation is the same for the same words, so answers quote a stable result."""
     assert translation("good night", "French") == PHRASES["good night"]["French"]
@@ -153,8 +184,8 @@ def test_open_phrases_translate_word_by_word():
     assert a[:3] == b[:3] and a[3] != b[3] and translation("the kettle is rusty", "Italian").split()[1] != a[1]
 
 
-def test_final_answers_repeat_the_key_value(train, open_train):
-    for s in train + open_train:
+def test_final_answers_repeat_the_key_value(train, open_train, wild_train):
+    for s in train + open_train + wild_train:
         if s.result_len:
             answer = s.messages[-1]["content"]
             results = " ".join(m["content"] for m in s.messages[s.prompt_len:s.result_len] if m["role"] == "tool")

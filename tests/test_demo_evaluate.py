@@ -7,7 +7,7 @@ import math
 import pytest
 
 from model.demo import corpus
-from model.demo.evaluate import copy_probe, divergence, lookup_probe
+from model.demo.evaluate import copy_probe, copy_samples, divergence, lookup_probe
 from model.demo.tools import TOOLS
 
 
@@ -43,6 +43,23 @@ def test_lookup_probe_separates_a_model_that_reads_the_list_from_one_that_does_n
 def _characters(text: str):
     """A stand-in tokenizer: one token per character."""
     return [ord(c) for c in text], [(i, i + 1) for i in range(len(text))]
+
+
+def test_copy_samples_hold_held_out_values_of_each_kind():
+    """The copy probe's three kinds of values: all held out; open and wild ones new compositions, wild ones made
+    of the training corpus's words."""
+    from model.demo.entities import BODIES, EVENT_TITLES, split_of
+
+    def titles(values):
+        return [c["arguments"]["title"] for s in copy_samples(values, 300, "intent") for c in s.expected_calls
+                if c["name"] == "create_calendar_event"]
+
+    fixed, open_, wild = titles("fixed"), titles("open"), titles("wild")
+    assert min(map(len, (fixed, open_, wild))) > 5
+    assert all(split_of(v) == "heldout" for v in fixed + open_ + wild)
+    assert set(fixed) <= set(EVENT_TITLES) and not set(open_ + wild) & set(EVENT_TITLES + BODIES)
+    words = set(corpus.corpus_words())
+    assert all(set(v.split()[1:]) <= words for v in wild) and not all(set(v.split()[1:]) <= words for v in open_)
 
 
 def test_copy_probe_scores_the_value_tokens_of_copied_arguments():

@@ -266,25 +266,34 @@ def test_build_open_values_from_a_later_schedule(tmp_path):
     build(tmp_path / "once.gguf", work, SHAPE, cfg, vocab_size=400, log=lines.append)
     for name in ("train_state.pt", "train_state_extend.pt"):  # as saved before the fields existed
         state = torch.load(work / name, weights_only=False)
-        assert state["config"].pop("open_values") == 0.0 and state["config"].pop("open_from") == 0
+        for field in ("open_values", "open_from", "wild_values", "wild_from"):
+            assert not state["config"].pop(field)
         torch.save(state, work / name)
     lines.clear()
-    info = build(tmp_path / "open.gguf", work, SHAPE, replace(cfg, extensions=2, open_values=1.0, open_from=2),
+    info = build(tmp_path / "open.gguf", work, SHAPE, replace(cfg, extensions=2, open_values=1.0, open_from=2,
+                                                                wild_values=0.5, wild_from=2),
                  vocab_size=400, log=lines.append)
     assert len([line for line in lines if line.startswith("resuming at step 2")]) == 2
-    assert any(line.startswith("extension 2/2: 2 steps on ") and "with open values 1.0" in line for line in lines)
+    assert any(line.startswith("extension 2/2: 2 steps on ") and "with open values 1.0 (wild 0.5)" in line
+               for line in lines)
     assert not any(line.startswith("extension 1/2") for line in lines if "open values" in line)
     assert info["corpus"]["conversations"] == 3 * samples_for(2, cfg)
-    assert torch.load(work / "train_state_extend2.pt", weights_only=False)["config"]["open_values"] == 1.0
+    config = torch.load(work / "train_state_extend2.pt", weights_only=False)["config"]
+    assert (config["open_values"], config["wild_values"]) == (1.0, 0.5)
 
 
-@pytest.mark.parametrize("args", [["--open-values", "1.5"], ["--open-from", "-1"]])
-def test_build_cli_rejects_open_values_it_cannot_use(args, capsys):
+@pytest.mark.parametrize("args, message", [
+    (["--open-values", "1.5"], "--open-values is a share from 0 to 1"),
+    (["--open-from", "-1"], "--open-values is a share from 0 to 1"),
+    (["--wild-values", "0.5", "--open-values", "0"], "--wild-values is a share from 0 to 1 of the open values"),
+    (["--wild-values", "0.5", "--wild-from", "2"], "a --wild-from of --open-from or later"),
+    (["--wild-values", "2", "--wild-from", "4"], "--wild-values is a share from 0 to 1")])
+def test_build_cli_rejects_open_values_it_cannot_use(args, message, capsys):
     from model.demo.build import main
 
     with pytest.raises(SystemExit) as exc:
         main(args)
-    assert exc.value.code == 2 and "--open-values is a share from 0 to 1" in capsys.readouterr().err
+    assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_build_does_not_extend_a_stopped_first_schedule(tmp_path):

@@ -62,14 +62,18 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     n_samples = samples_for(cfg.steps, cfg)
     n_more = samples_for(cfg.extend, cfg) if cfg.extend else 0
     # the extensions' conversations continue the same stream: the earlier ones are the same either way;
-    # the schedules from open_from on draw theirs from a second stream, with open values
+    # the schedules from open_from on draw theirs from a second stream, with open values, and those from
+    # wild_from on from a third, with wild values too
     sizes = [n_samples] + [n_more] * (cfg.extensions if cfg.extend else 0)
     if cfg.extend and cfg.extensions and cfg.last_extend:
         sizes[-1] = samples_for(cfg.last_extend, cfg)
     n_closed = sum(sizes[:cfg.open_from]) if cfg.open_values else sum(sizes)
+    n_wild = sum(sizes[cfg.wild_from:]) if cfg.wild_values else 0
     samples = corpus.generate("train", n_closed, reasoning=cfg.reasoning)
-    samples += corpus.generate("train", sum(sizes) - n_closed, seed=corpus.OPEN_SEED, reasoning=cfg.reasoning,
-                               open_values=cfg.open_values)
+    samples += corpus.generate("train", sum(sizes) - n_closed - n_wild, seed=corpus.OPEN_SEED,
+                               reasoning=cfg.reasoning, open_values=cfg.open_values)
+    samples += corpus.generate("train", n_wild, seed=corpus.WILD_SEED, reasoning=cfg.reasoning,
+                               open_values=cfg.open_values, wild_values=cfg.wild_values)
     template = corpus.chat_template()
     texts = [corpus.render_sample(s, template) for s in samples]
     timings["corpus_s"] = round(time.perf_counter() - t, 1)
@@ -129,7 +133,8 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
         stage_rows = more_rows[sum(sizes[1:k]):sum(sizes[1:k + 1])]
         stage = schedule_config(cfg, k)
         log(f"extension {k}/{cfg.extensions}: {stage.steps} steps on {len(stage_rows)} more conversations"
-            f"{f' with open values {stage.open_values}' if stage.open_values else ''}, peak lr {cfg.extend_lr}")
+            f"{f' with open values {stage.open_values}' if stage.open_values else ''}"
+            f"{f' (wild {stage.wild_values})' if stage.wild_values else ''}, peak lr {cfg.extend_lr}")
         more = train_parallel(model, stage_rows, stage, pad_id, work / extension_state(k), log=log)
         history = history + [e | {"step": e["step"] + result["steps"], "tokens": e["tokens"] + result["tokens"]}
                              for e in more["history"]]
@@ -200,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         # (an --open-from past the last extension leaves every schedule without open values)
         p.error(f"--open-values is a share from 0 to 1 and --open-from a schedule, 0 (the first) or more "
                 f"(got {args.open_values}, {args.open_from})")
+    if args.wild_values and not (0 < args.wild_values <= 1 and args.open_values and args.wild_from >= args.open_from):
+        # (wild values are a share of the open values)
+        p.error(f"--wild-values is a share from 0 to 1 of the open values: it needs --open-values and a --wild-from "
+                f"of --open-from or later (got {args.wild_values}, {args.open_values}, {args.wild_from}, {args.open_from})")
     if args.init and not Path(args.init).is_file():
         p.error(f"--init {args.init}: no such file")
     if args.init_schedules and not args.init or args.init_schedules < 0 or (args.init and not args.init_schedules):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -34,6 +35,8 @@ MAX_HISTORY = 4
 P_KEEP_REASONING = 0.7  # clients may or may not send reasoning_content back with a tool-call turn
 SEEDS = {"train": 1234, "heldout": 98765}  # different seeds and disjoint entity pools
 OPEN_SEED = 4321  # the training conversations with open values (build: the schedules from open_from on)
+WILD_SEED = 8642  # those with wild values too (build: the schedules from wild_from on)
+WORD_SOURCE = 300  # corpus_words reads this many training conversations
 
 SYSTEM_TEXTS = ["", "", "", "You are a helpful assistant.", "You are a concise assistant. Keep answers short.",
                 "You help users with everyday tasks.", "Be friendly and precise.", "Answer in English."]
@@ -346,14 +349,24 @@ def sample(rng: random.Random, pools: Pools, kind: str | None = None, reasoning:
 
 
 def generate(split: str, n: int, seed: int | None = None, reasoning: str = "topic",
-             open_values: float = 0.0) -> list[Sample]:
+             open_values: float = 0.0, wild_values: float = 0.0) -> list[Sample]:
     """n samples of one split; the same arguments always give the same samples. open_values: the share
-    of free-text values composed afresh rather than drawn from the fixed lists (entities.Pools)."""
+    of free-text values composed afresh rather than drawn from the fixed lists; wild_values: the share of
+    those made of the corpus's own words in any order (entities.Pools, corpus_words)."""
     if reasoning not in REASONING:
         raise ValueError(f"reasoning must be one of {REASONING}, not {reasoning!r}")
     rng = random.Random(SEEDS[split] if seed is None else seed)
-    pools = Pools(split, open_values)
+    pools = Pools(split, open_values, wild_values, corpus_words() if wild_values else ())
     return [sample(rng, pools, reasoning=reasoning) for _ in range(n)]
+
+
+@cache
+def corpus_words() -> tuple[str, ...]:
+    """Every word of two letters or more in the first WORD_SOURCE training conversations as rendered
+    (system prompts, tool lists, requests, reasoning, answers, training values), sorted: what wild values
+    are made of. Held-out values' words are here only where the training text uses them too."""
+    text = "\n".join(render_sample(s) for s in generate("train", WORD_SOURCE, reasoning="intent"))
+    return tuple(sorted(set(re.findall(r"[^\W\d_]{2,}", text))))
 
 
 # ---------------------------------------------------------------- rendering

@@ -259,6 +259,18 @@ def open_phrase(rng: random.Random) -> str:
                        f"the {n1} and the {n2}", f"my {n1} is {a}"])
 
 
+def wild_value(rng: random.Random, words: tuple[str, ...]) -> str:
+    """One to four words drawn from `words` (the corpus's own vocabulary, corpus.corpus_words) in any order, no
+    template: unlike open values' list words, each may be one the model has strong habits for elsewhere ("Thanks
+    asking calendar"), so after a space only a copy from the request gets the next word right."""
+    return _cap(" ".join(rng.choice(words) for _ in range(rng.choice((1, 2, 2, 3, 3, 4)))))
+
+
+def wild_place(rng: random.Random, words: tuple[str, ...]) -> str:
+    """A city name of one or two capitalised corpus words ("Weather Tomorrow")."""
+    return " ".join(_cap(rng.choice(words)) for _ in range(rng.choice((1, 2, 2))))
+
+
 def translation(phrase: str, language: str) -> str:
     """PHRASES' translation, or for an open phrase a made-up one: each word becomes an invented word with
     the language's endings (the same word always the same), so answers can quote what the tool returned."""
@@ -275,15 +287,21 @@ class Pools:
     """The entity values of one split, drawn with the caller's rng. With open_values > 0 that share of
     free-text values (titles, subjects, messages, tasks, songs, genres, topics, phrases) is composed
     afresh (open_title, ...) instead of drawn from the fixed lists; with 0 no extra random number is drawn,
-    so the conversations are the same as they always were."""
+    so the conversations are the same as they always were. With wild_values > 0 that share of the open values,
+    and of the invented cities, is made of `words` in any order instead (wild_value, wild_place)."""
 
-    def __init__(self, split: str, open_values: float = 0.0):
+    def __init__(self, split: str, open_values: float = 0.0, wild_values: float = 0.0, words: tuple[str, ...] = ()):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-        if not 0.0 <= open_values <= 1.0:
-            raise ValueError(f"open_values is a share from 0 to 1, not {open_values}")
+        for name, share in (("open_values", open_values), ("wild_values", wild_values)):
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"{name} is a share from 0 to 1, not {share}")
+        if wild_values and not words:
+            raise ValueError("wild values need words to be made of")
         self.split = split
         self.open_values = open_values
+        self.wild_values = wild_values
+        self.words = tuple(words)
 
         def own(values):
             mine = [v for v in values if split_of(v) == split]
@@ -312,8 +330,13 @@ class Pools:
                 return value
         raise RuntimeError("no value of this split found")
 
+    def _wild(self, rng: random.Random) -> bool:
+        return bool(self.wild_values) and rng.random() < self.wild_values
+
     def _value(self, rng: random.Random, fixed: list[str], compose) -> str:
         if self.open_values and rng.random() < self.open_values:
+            if self._wild(rng):
+                return self._fresh(rng, lambda r: wild_value(r, self.words))
             return self._fresh(rng, compose)
         return rng.choice(fixed)
 
@@ -346,6 +369,8 @@ class Pools:
 
     def city(self, rng: random.Random) -> str:
         if rng.random() < 0.3:
+            if self._wild(rng):
+                return self._fresh(rng, lambda r: wild_place(r, self.words))
             return self._fresh(rng, invented_place)
         return rng.choice(self.cities)
 

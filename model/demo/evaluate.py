@@ -5,6 +5,7 @@ training), greedy.
   python -m model.demo.evaluate --via transformers --hf DIR   # in-process reference, no server
   python -m model.demo.evaluate --ppl --quant          # + perplexity and KLD of quantisation recipes
   python -m model.demo.evaluate --lookup 40 --hf DIR   # + does the model read the tool list? (teacher-forced)
+  python -m model.demo.evaluate -n 0 --copy 200 --copy-values fixed open wild --hf DIR   # copying, by kind of value
 
 Reported:
   tool requests   a parsable call to the right function(s) / with exactly the right arguments
@@ -358,6 +359,16 @@ def copy_probe(predictions, samples: list[Sample]) -> dict:
 
 # ---------------------------------------------------------------- perplexity and quantisation (MLX)
 
+# --copy-values: the held-out string arguments the copy probe runs on: the fixed lists' held-out values (what
+# the end-to-end evaluation asks for), open values (compositions of list words) or wild ones (corpus words in
+# any order), all of them held out (entities.split_of)
+COPY_VALUES = {"fixed": {}, "open": {"open_values": 1.0}, "wild": {"open_values": 1.0, "wild_values": 1.0}}
+
+
+def copy_samples(values: str, n: int, reasoning: str) -> list[Sample]:
+    return corpus.generate("heldout", n, reasoning=reasoning, **COPY_VALUES[values])
+
+
 def heldout_rows(tokenizer, samples: list[Sample]) -> list[tuple[list[int], list[int]]]:
     from .train import encode
 
@@ -478,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also probe N held-out calls: P(decline) with the needed tool offered vs removed")
     p.add_argument("--copy", type=int, default=0, metavar="N",
                    help="teacher-forced copy accuracy of string arguments over N held-out conversations (needs --hf)")
+    p.add_argument("--copy-values", nargs="+", choices=list(COPY_VALUES), default=["fixed"],
+                   help="the values --copy runs on, one probe each: the fixed lists' held-out values, open or wild ones")
     p.add_argument("--work", type=Path, default=Path(".cache/demo-eval"))
     p.add_argument("--json", type=Path, help="write all results here")
     p.add_argument("--threads", type=int, default=2)
@@ -529,12 +542,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{results['lookup']['p_decline_offered']:.3f} with the tool offered, "
               f"{results['lookup']['p_decline_removed']:.3f} with it removed")
     if args.copy:
-        results["copy"] = copy_probe(TransformersBackend(args.hf, args.threads).predictions,
-                                     corpus.generate("heldout", args.copy, reasoning=args.reasoning))
-        c = results["copy"]
-        print(f"copying {c['values']} string arguments from the request, teacher-forced: {c['exact_values']:.1%} "
-              f"whole values, first tokens {c['first_token']:.1%}, later tokens {c['later_tokens']:.1%} "
-              f"(right after a space {c['after_space']:.1%})")
+        predictions = TransformersBackend(args.hf, args.threads).predictions
+        results["copy"] = {}
+        for values in dict.fromkeys(args.copy_values):
+            c = results["copy"][values] = copy_probe(predictions, copy_samples(values, args.copy, args.reasoning))
+            print(f"copying {c['values']} {values} string arguments from the request, teacher-forced: "
+                  f"{c['exact_values']:.1%} whole values, first tokens {c['first_token']:.1%}, later tokens "
+                  f"{c['later_tokens']:.1%} (right after a space {c['after_space']:.1%})")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     return 0

@@ -94,6 +94,8 @@ class TrainConfig:
     last_extend: int = 0  # the last of them this many steps instead (0: extend)
     open_values: float = 0.5  # in schedule open_from and later: share of free-text values composed afresh (Pools)
     open_from: int = 3  # the first schedule whose conversations have open values (0: the first, k: the k-th extension)
+    wild_values: float = 0.0  # in schedule wild_from and later: share of open values made of corpus words (Pools)
+    wild_from: int = 0  # the first schedule whose conversations have wild values (open_from or later)
     init: str = ""  # a GGUF holding the weights after the first init_schedules schedules: training starts there
     init_schedules: int = 0  # how many schedules (the first and then extensions) that GGUF's model has had
     widen_at: int = 0  # before this schedule (1 or more) the model is widened (grow.widen; 0: never)
@@ -104,7 +106,7 @@ class TrainConfig:
 
 EXTENSION_FIELDS = ("extend", "extend_lr", "extensions", "last_extend")
 # newer than some saved states: the value those trained with
-ADDED_FIELDS = {"open_values": 0.0, "open_from": 0, "init": "", "init_schedules": 0, "widen_at": 0,
+ADDED_FIELDS = {"open_values": 0.0, "open_from": 0, "wild_values": 0.0, "wild_from": 0, "init": "", "init_schedules": 0, "widen_at": 0,
                 "widen_hidden": 256, "widen_heads": 8, "widen_kv_heads": 4, "last_extend": 0}
 
 
@@ -116,10 +118,11 @@ def extension(cfg: TrainConfig, last: bool = False) -> TrainConfig:
 
 
 def schedule_config(cfg: TrainConfig, k: int) -> TrainConfig:
-    """Schedule k's configuration (0: the first, k: the k-th extension), its open_values the share its own
-    conversations have (open_from 0), which is what its saved state records."""
+    """Schedule k's configuration (0: the first, k: the k-th extension), its open_values and wild_values the
+    shares its own conversations have (open_from and wild_from 0), which is what its saved state records."""
     return replace(cfg if k == 0 else extension(cfg, last=k == cfg.extensions),
-                   open_values=cfg.open_values if k >= cfg.open_from else 0.0, open_from=0)
+                   open_values=cfg.open_values if k >= cfg.open_from else 0.0, open_from=0,
+                   wild_values=cfg.wild_values if k >= cfg.wild_from else 0.0, wild_from=0)
 
 
 def extension_state(k: int) -> str:
