@@ -117,6 +117,9 @@ def test_build_continues_from_a_gguf_widened(tmp_path):
     other = hashlib.sha256((tmp_path / "c" / "first.gguf").read_bytes()).hexdigest()
     assert _build_info_of(tmp_path / "c" / "first.gguf", other) is None
     assert _build_info_of(tmp_path / "a" / "first.gguf", digest) == first
+    for broken in ("{not json", "[1, 2]", "\xff"):  # nor is one that cannot be read: the build goes on without it
+        (tmp_path / "c" / "build_info.json").write_bytes(broken.encode("latin-1"))
+        assert _build_info_of(tmp_path / "c" / "first.gguf", other) is None
 
 
 @pytest.mark.parametrize("args,error", [

@@ -170,11 +170,16 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
 
 def _build_info_of(gguf: Path, sha256: str) -> dict | None:
     """The build_info.json beside a GGUF when it describes that file (its sha256, given; builds that did not
-    record one: its size), else None."""
+    record one: its size), else None (also when it is not a JSON object: provenance only, not the model)."""
     path = gguf.parent / "build_info.json"
     if not path.is_file():
         return None
-    info = json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(info, dict):
+        return None
     if "gguf_sha256" in info:
         return info if info["gguf_sha256"] == sha256 else None
     return info if info.get("gguf_bytes") == gguf.stat().st_size else None
