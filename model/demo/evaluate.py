@@ -357,8 +357,6 @@ def copy_probe(predictions, samples: list[Sample]) -> dict:
             "after_space": round(right["spaced_right"] / max(right["spaced"], 1), 4)}
 
 
-# ---------------------------------------------------------------- perplexity and quantisation (MLX)
-
 # --copy-values: the held-out string arguments the copy probe runs on: the fixed lists' held-out values (what
 # the end-to-end evaluation asks for), open values (compositions of list words) or wild ones (corpus words in
 # any order), all of them held out (entities.split_of)
@@ -368,6 +366,8 @@ COPY_VALUES = {"fixed": {}, "open": {"open_values": 1.0}, "wild": {"open_values"
 def copy_samples(values: str, n: int, reasoning: str) -> list[Sample]:
     return corpus.generate("heldout", n, reasoning=reasoning, **COPY_VALUES[values])
 
+
+# ---------------------------------------------------------------- perplexity and quantisation (MLX)
 
 def heldout_rows(tokenizer, samples: list[Sample]) -> list[tuple[list[int], list[int]]]:
     from .train import encode
