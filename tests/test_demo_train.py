@@ -143,6 +143,22 @@ def test_copy_drills_repeat_a_run_of_corpus_tokens():
         assert set(np.unique(ids)) <= set(range(10, 20)) | {7}  # never a token the corpus does not use
 
 
+def test_uniform_copy_drills_draw_rare_and_unused_tokens_alike_but_never_special_ones():
+    """copy_uniform: the tokens a held-out value is made of may be ones the corpus hardly uses (or never: BPE
+    merges that later merges swallow); the drills draw them as often as any, and never a negative-count one."""
+    counts = np.zeros(40, dtype=np.int64)
+    counts[5:10] = 1000
+    counts[35:] = -1  # the added (special) tokens
+    runs = []  # the copied runs' tokens (not the separator, the most common token)
+    for seed in range(40):
+        ids, labels = copy_drills(counts, 8, np.random.default_rng(seed), uniform=True)
+        assert set(np.unique(ids)) <= set(range(35))
+        runs.append(ids[labels != IGNORE])
+    seen = np.bincount(np.concatenate(runs), minlength=40)
+    assert (seen[35:] == 0).all() and (seen[:35] > 0).all()
+    assert seen[:35].max() / seen[:35].min() < 2.0, seen
+
+
 def test_tied_recall_layer_keeps_key_equal_to_query(setup):
     torch.set_num_threads(1)
     _, rows, config, pad = setup

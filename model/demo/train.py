@@ -83,6 +83,7 @@ class TrainConfig:
     recall_log_decay: float = -6.0  # their A_log: a decay of ~0.997 per token, a memory of hundreds of tokens
     recall_tied: int = 0  # 1: keep those layers' key projection equal to the query projection all through
     copy_rows: int = 0  # copy drills per step (random runs of corpus tokens repeated at a varied offset; 0: none)
+    copy_uniform: int = 0  # 1: the drills draw every token alike, rare ones too (0: by corpus frequency^0.7)
     induction: int = 0  # 1: start with a built induction circuit (induction_init; 0: plain init)
     induction_lr: float = 1.0  # learning-rate factor for the two layers induction_init builds
     induction_heads: int = 0  # key/value heads of the attention layer induction_init builds (0: all)
@@ -106,7 +107,7 @@ class TrainConfig:
 
 EXTENSION_FIELDS = ("extend", "extend_lr", "extensions", "last_extend")
 # newer than some saved states: the value those trained with
-ADDED_FIELDS = {"open_values": 0.0, "open_from": 0, "wild_values": 0.0, "wild_from": 0, "init": "", "init_schedules": 0, "widen_at": 0,
+ADDED_FIELDS = {"copy_uniform": 0, "open_values": 0.0, "open_from": 0, "wild_values": 0.0, "wild_from": 0, "init": "", "init_schedules": 0, "widen_at": 0,
                 "widen_hidden": 256, "widen_heads": 8, "widen_kv_heads": 4, "last_extend": 0}
 
 
@@ -343,10 +344,12 @@ def lm_loss(logits, ids, labels, pad_id: int, prompt_weight: float, focus=None, 
     return (ce * weight.flatten()).sum() / weight.sum()
 
 
-def copy_drills(counts: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def copy_drills(counts: np.ndarray, n: int, rng: np.random.Generator, uniform: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """[n, T] ids and labels of copy drills: a random prefix (0-16 tokens), a run A (12-36 tokens), a
-    separator, A again; tokens drawn by corpus frequency^0.7, one shape per call. Labels only on the copy."""
-    probs = counts.astype(np.float64) ** 0.7  # tokens the corpus never uses stay out
+    separator, A again; tokens drawn by corpus frequency^0.7 (uniform: every token of a count of 0 or more
+    alike), one shape per call. Labels only on the copy."""
+    # by frequency, tokens the corpus never uses stay out; uniformly, those of a negative count (special ones)
+    probs = (counts >= 0).astype(np.float64) if uniform else np.maximum(counts, 0).astype(np.float64) ** 0.7
     probs /= probs.sum()
     length, prefix = int(rng.integers(12, 37)), int(rng.integers(0, 17))
     body = rng.choice(len(probs), size=(n, prefix + length + 1), p=probs)
@@ -400,9 +403,9 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
         step, tokens, history, done_s = state["step"], state["tokens"], state["history"], state["seconds"]
         log(f"resuming at step {step} from {state_path}")
     tied = recall_layers(model, cfg.recall_layers) if cfg.recall_tied else []
-    if cfg.copy_rows:  # the drills draw their tokens by corpus frequency
+    if cfg.copy_rows:  # the drills draw their tokens by corpus frequency, or all alike but the special ones
         counts = np.bincount(np.concatenate([np.asarray(r[0]) for r in rows]), minlength=model.config.vocab_size)
-        counts[[pad_id, model.config.eos_token_id]] = 0
+        counts[min(pad_id, model.config.eos_token_id):] = -1  # the added tokens follow the learned ones (train_bpe)
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     if cfg.procs % world:
         raise ValueError(f"procs={cfg.procs} batches per step cannot be split over {world} processes")
@@ -427,7 +430,8 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
                 loss = lm_loss(out.logits, x, torch.from_numpy(labels), pad_id, cfg.prompt_loss_weight,
                                torch.from_numpy(focus), cfg.focus_weight)
                 if cfg.copy_rows:
-                    d_ids, d_labels = copy_drills(counts, cfg.copy_rows, np.random.default_rng([cfg.seed, step]))
+                    d_ids, d_labels = copy_drills(counts, cfg.copy_rows, np.random.default_rng([cfg.seed, step, rank]),
+                                                  bool(cfg.copy_uniform))
                     d = torch.from_numpy(d_ids)
                     loss = loss + lm_loss(model(input_ids=d, use_cache=False).logits, d, torch.from_numpy(d_labels),
                                           pad_id, 0.0)
