@@ -11,14 +11,16 @@ last token cannot change that row's logits) and drawn from length buckets to was
 
 Copying (argument values from the request, result values into the answer) is what a model this
 small learns last: an induction circuit forms only after a long plateau (a 2-layer Llama of the same
-width does not learn to copy a random run at a varied offset in 2000 steps; the committed model, 2900
-+ 2 x 2500 steps of two batches, repeats result values in 77% of its answers but gets only 32% of calls'
-arguments exactly right). Options that shorten it, all off in the defaults (which rebuild the committed model):
+width does not learn to copy a random run at a varied offset in 2000 steps; the model of 2900 + 2 x 2500
+steps of two batches repeats result values in 77% of its answers but gets only 32% of calls' arguments
+exactly right). Options that shorten it, all off in the defaults (which rebuild the model the committed one
+continues):
 `induction` builds the circuit before training (`induction_init`) and `induction_lr` slows those two
 layers' learning (0.1: held-out echo 1.4% -> 82%, final answers with the key value 0% -> 36%, but fewer
 right tool choices end to end, 25% vs 42%); `recall_layers` starts the first GatedDeltaNet layers as
 associative recall (`recall_init`), `recall_tied` keeps them so (`tie_recall`), and `copy_rows` trains
-on copy drills beside each batch (`copy_drills`). The README's demo-model section has the numbers.
+on copy drills beside each batch (`copy_drills`), whose tokens `copy_uniform` draws all alike, rare ones too
+(the committed model's last 400 steps). The README's demo-model section has the numbers.
 """
 
 from __future__ import annotations
