@@ -303,8 +303,11 @@ def test_build_open_values_from_a_later_schedule(tmp_path):
     (["--open-from", "-1"], "--open-values is a share from 0 to 1"),
     (["--wild-values", "0.5", "--open-values", "0"], "--wild-values is a share from 0 to 1 of the open values"),
     (["--wild-values", "0.5", "--wild-from", "2"], "a --wild-from of --open-from or later"),
-    (["--wild-values", "2", "--wild-from", "4"], "--wild-values is a share from 0 to 1")])
-def test_build_cli_rejects_open_values_it_cannot_use(args, message, capsys):
+    (["--wild-values", "2", "--wild-from", "4"], "--wild-values is a share from 0 to 1"),
+    (["--copy-uniform", "1"], "1 needs --copy-rows 1 or more"),
+    (["--copy-uniform", "2", "--copy-rows", "4"], "--copy-uniform is 0 or 1"),
+    (["--copy-rows", "-1"], "--copy-uniform is 0 or 1")])
+def test_build_cli_rejects_options_it_cannot_use(args, message, capsys):
     from model.demo.build import main
 
     with pytest.raises(SystemExit) as exc:

@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         # (wild values are a share of the open values)
         p.error(f"--wild-values is a share from 0 to 1 of the open values: it needs --open-values and a --wild-from "
                 f"of --open-from or later (got {args.wild_values}, {args.open_values}, {args.wild_from}, {args.open_from})")
+    if args.copy_uniform not in (0, 1) or args.copy_rows < 0 or (args.copy_uniform and not args.copy_rows):
+        p.error(f"--copy-uniform is 0 or 1 and draws the tokens of copy drills, so 1 needs --copy-rows 1 or more "
+                f"(got --copy-uniform {args.copy_uniform}, --copy-rows {args.copy_rows})")
     if args.init and not Path(args.init).is_file():
         p.error(f"--init {args.init}: no such file")
     if args.init_schedules and not args.init or args.init_schedules < 0 or (args.init and not args.init_schedules):
