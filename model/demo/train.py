@@ -20,7 +20,7 @@ layers' learning (0.1: held-out echo 1.4% -> 82%, final answers with the key val
 right tool choices end to end, 25% vs 42%); `recall_layers` starts the first GatedDeltaNet layers as
 associative recall (`recall_init`), `recall_tied` keeps them so (`tie_recall`), and `copy_rows` trains
 on copy drills beside each batch (`copy_drills`), whose tokens `copy_uniform` draws all alike, rare ones too
-(the committed model's last 400 steps). The README's demo-model section has the numbers.
+(the committed model's last two schedules). The README's demo-model section has the numbers.
 """
 
 from __future__ import annotations
