@@ -124,6 +124,31 @@ def test_a_missing_tool_decline_lacks_the_tool_its_request_needs(intent):
     assert not any(s.missing for s in intent if s.kind != "decline")
 
 
+def test_lookup_reasoning_goes_on_as_the_tool_list_does(intent):
+    """With reasoning="lookup" the conversations are those of "intent" (the same draw), and where a request needs
+    a tool the reasoning names it and then goes on, when the list has it, with exactly the text that follows
+    that name in the rendered prompt (what a copying model can continue), and otherwise declines."""
+    lookup = corpus.generate("train", 600, reasoning="lookup")
+    seen = Counter()
+    for a, b in zip(intent, lookup):
+        assert a.messages[:a.prompt_len] == b.messages[:b.prompt_len] and a.tools == b.tools
+        reasoning = b.messages[b.prompt_len]["reasoning_content"] if b.enable_thinking else ""
+        if not reasoning or not (b.kind == "call" or b.missing):
+            continue
+        name = b.expected_calls[0]["name"] if b.kind == "call" else b.missing
+        head = f'Do my tools have "{name}'
+        assert head in reasoning, reasoning
+        after = reasoning.split(head, 1)[1]
+        prompt = corpus.render(b.messages[:b.prompt_len], b.tools, add_generation_prompt=True)
+        if b.kind == "call":
+            listed = after[:after.index(". Yes")]  # '", "description": "<the tool's description>"'
+            assert f'"name": "{name}{listed}, "parameters"' in prompt and after.endswith(f"I'll call {name}.")
+        else:
+            assert f'"name": "{name}"' not in prompt and after.startswith('"? No')
+        seen[b.kind] += 1
+    assert seen["call"] > 100 and seen["decline"] > 10, seen
+
+
 def test_heldout_entities_are_never_trained_on(train, heldout):
     def values(samples):
         return {str(v) for s in samples for c in s.expected_calls for k, v in c["arguments"].items()

@@ -29,13 +29,14 @@ def _ignores_the_list(prefix: str, tail: str) -> float:
     return math.log(0.8 if _needed(prefix) in tail else 0.2)
 
 
-def test_lookup_probe_separates_a_model_that_reads_the_list_from_one_that_does_not():
-    samples = corpus.generate("heldout", 120, reasoning="intent")
-    reads = lookup_probe(_reads_the_list, samples, n=20)
+@pytest.mark.parametrize("style", ["intent", "lookup"])
+def test_lookup_probe_separates_a_model_that_reads_the_list_from_one_that_does_not(style):
+    samples = corpus.generate("heldout", 120, reasoning=style)
+    reads = lookup_probe(_reads_the_list, samples, n=20, style=style)
     assert reads["n"] == 20
     assert math.isclose(reads["p_decline_offered"], 0.1, abs_tol=1e-3)
     assert math.isclose(reads["p_decline_removed"], 0.9, abs_tol=1e-3)
-    ignores = lookup_probe(_ignores_the_list, samples, n=20)
+    ignores = lookup_probe(_ignores_the_list, samples, n=20, style=style)
     assert math.isclose(ignores["p_decline_offered"], 0.2, abs_tol=1e-3)
     assert math.isclose(ignores["p_decline_removed"], 0.2, abs_tol=1e-3)
 

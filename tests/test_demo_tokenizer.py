@@ -75,6 +75,20 @@ def test_labels_cover_exactly_the_assistant_turns(tok, texts):
         assert tok.decode(kept, skip_special_tokens=False) == expected
 
 
+def test_focus_marks_the_lookup_decision(tok):
+    """With reasoning="lookup", the token right after the looked-up name (the list has it, or not) is a decision."""
+    seen = set()
+    for s in corpus.generate("train", 80, reasoning="lookup"):
+        reasoning = s.messages[s.prompt_len].get("reasoning_content", "") if s.enable_thinking else ""
+        if "Do my tools have" not in reasoning:
+            continue
+        ids, labels, focus = encode(tok, corpus.render_sample(s))
+        flagged = [tok.id_to_token(t) for t, f in zip(ids, focus) if f]
+        assert any(t.startswith('"') for t in flagged), (reasoning, flagged)  # '",' or '"?' where merged
+        seen.add(s.kind)
+    assert {"call", "decline"} <= seen
+
+
 def test_focus_marks_the_decisions_in_assistant_turns(tok):
     """Focus flags: only on assistant tokens; on <tool_call>, the called functions' snake_case names
     (a one-word name such as calculate is not marked) and every argument value (as the template writes

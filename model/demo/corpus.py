@@ -182,7 +182,11 @@ def _intent(name: str) -> str:
 #   "intent"  what the request needs in the tool list's own words, then the decision; no values, so a failed
 #             copy cannot derail the tool choice, and calls and declines share the openers, so choosing one
 #             decides nothing: the outcome turns on whether the tool list has the tool
-REASONING = ("topic", "intent")
+#   "lookup"  intent, and where the request needs a tool, its name looked up in the list before deciding:
+#             'Do my tools have "get_weather' goes on as the list goes on after that name when the tool is there
+#             ('", "description": "Get the current weather for a city". Yes, ...'), so a model that copies can
+#             continue it from the list itself, and with '"? No, ...' when it is not
+REASONING = ("topic", "intent", "lookup")
 _INTENT = [("The user wants me to {d}.", " I'll call {n}.", " None of the available tools can do that.",
             " I have no tools in this conversation."),
            ("The user is asking me to {d},", " so I should use {n}.", " but none of the available tools can do that.",
@@ -192,22 +196,35 @@ _INTENT = [("The user wants me to {d}.", " I'll call {n}.", " None of the availa
 OUTCOMES = ("call", "decline", "no_tools")
 
 
-def _intent_reasoning(rng: random.Random, need: str, outcome: str, name: str = "") -> str:
+def _lookup(name: str) -> tuple[str, str, str]:
+    """The "lookup" reasoning's look at the tool list for `name`: (up to the decision, how it goes on when the
+    list has the tool, as the list itself goes on after the name, how it goes on when the list lacks it)."""
+    return (f' Do my tools have "{name}', f'", "description": "{TOOLS[name].description}". Yes, so I\'ll call {name}.',
+            '"? No, so none of the available tools can do that.')
+
+
+def _intent_reasoning(rng: random.Random, need: str, outcome: str, name: str = "", style: str = "intent") -> str:
     opener, *tails = pick(rng, _INTENT)
+    if style == "lookup" and name:  # a call, or a decline for a missing tool: the name looked up first
+        head, offered, lacked = _lookup(name)
+        return opener.format(d=need)[:-1] + "." + head + (offered if outcome == "call" else lacked)
     return (opener + tails[OUTCOMES.index(outcome)]).format(d=need, n=name)
 
 
-def intent_decision(rng: random.Random, name: str) -> tuple[str, str, str]:
-    """For a request that needs tool `name`, with a random opener: (the intent reasoning up to its decision,
-    how it goes on when the list offers the tool, how it goes on when the list lacks it)."""
+def intent_decision(rng: random.Random, name: str, style: str = "intent") -> tuple[str, str, str]:
+    """For a request that needs tool `name`, with a random opener: (the intent or lookup reasoning up to its
+    decision, how it goes on when the list offers the tool, how it goes on when the list lacks it)."""
     opener, call, decline, _ = pick(rng, _INTENT)
+    if style == "lookup":
+        head, offered, lacked = _lookup(name)
+        return opener.format(d=_intent(name))[:-1] + "." + head, offered, lacked
     return opener.format(d=_intent(name)), call.format(n=name), decline
 
 
 def _call_reasoning(rng: random.Random, calls: list[Call], style: str) -> str:
-    if style == "intent":
+    if style != "topic":
         if len(calls) == 1:
-            return _intent_reasoning(rng, _intent(calls[0].name), "call", calls[0].name)
+            return _intent_reasoning(rng, _intent(calls[0].name), "call", calls[0].name, style)
         if calls[0].name == calls[1].name:
             return f"The user wants me to {_intent(calls[0].name)} twice. I'll call {calls[0].name} twice."
         return (f"The user wants me to {_intent(calls[0].name)} and to {_intent(calls[1].name)}. "
@@ -307,7 +324,7 @@ def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool,
         else:
             c = pick(rng, list(TOOLS.values())).scenario(rng, pools)
             request = request_for(rng, c)
-            reasoning = (_intent_reasoning(rng, _intent(c.name), "no_tools") if style == "intent" else
+            reasoning = (_intent_reasoning(rng, _intent(c.name), "no_tools") if style != "topic" else
                          f"The user wants {c.topic}, but I have no tools in this conversation.")
             answer = pick(rng, ["I can't help with {t} here because I have no tools in this conversation.",
                                 "Sorry, I don't have access to any tools right now, so I can't {a}."]).format(
@@ -319,7 +336,7 @@ def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool,
         if rng.random() < 0.5:
             specs = _tool_set(rng, [])
             request, action = _unservable(rng, pools)
-            reasoning = (_intent_reasoning(rng, action, "decline") if style == "intent" else
+            reasoning = (_intent_reasoning(rng, action, "decline") if style != "topic" else
                          f"The user wants me to {action}. None of the available tools can do that.")
         else:
             tool = pick(rng, list(TOOLS.values()))
@@ -327,7 +344,7 @@ def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool,
             specs = _tool_set(rng, [], exclude={tool.name})
             c = tool.scenario(rng, pools)
             request, action = request_for(rng, c), tool.capability
-            reasoning = (_intent_reasoning(rng, _intent(c.name), "decline") if style == "intent" else
+            reasoning = (_intent_reasoning(rng, _intent(c.name), "decline", c.name, style) if style != "topic" else
                          f"The user wants {c.topic}, but none of the available tools can {action}.")
             action = pick(rng, [action, f"help with {c.topic}"])
         answer = _decline_text(rng, action, [s.capability for s in specs])

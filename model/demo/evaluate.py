@@ -295,9 +295,10 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
-def lookup_probe(logprob, samples: list[Sample], n: int = 40, seed: int = 0) -> dict:
+def lookup_probe(logprob, samples: list[Sample], n: int = 40, seed: int = 0, style: str = "intent") -> dict:
     """Does the model read the tool list to choose between calling and declining? For the first n single-call
-    requests, teacher-forced to the intent reasoning's decision ("The user wants me to <what the tool does>,"),
+    requests, teacher-forced to the reasoning's decision (`style` "intent": 'The user wants me to <what the tool
+    does>,'; "lookup": then 'Do my tools have "<name>'),
     P(decline) = the decline's share of P(call continuation) + P(decline continuation), once with the needed
     tool offered and once with it removed from the list (another tool in its place if it was the only one).
     A model that reads the list declines far more often without the tool; one that decides from the request
@@ -311,7 +312,7 @@ def lookup_probe(logprob, samples: list[Sample], n: int = 40, seed: int = 0) -> 
     p_decline = {"offered": [], "removed": []}
     for s in [s for s in samples if s.kind == "call"][:n]:
         name = s.expected_calls[0]["name"]
-        reasoning, call, decline = corpus.intent_decision(rng, name)
+        reasoning, call, decline = corpus.intent_decision(rng, name, style)
         removed = [t for t in s.tools if t["function"]["name"] != name]
         if not removed:  # it was the only tool: another in its place
             removed = [TOOLS[rng.choice(sorted(set(TOOLS) - {name}))].definition()]
@@ -537,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lookup:  # the held-out draw's first calls (a draw four times as long holds enough of them)
         lookup_samples = corpus.generate("heldout", 4 * args.lookup, reasoning=args.reasoning)
         results["lookup"] = lookup_probe(TransformersBackend(args.hf, args.threads).logprob, lookup_samples,
-                                         args.lookup)
+                                         args.lookup, style=args.reasoning)
         print(f"tool-list lookup over {results['lookup']['n']} calls, teacher-forced: P(decline) "
               f"{results['lookup']['p_decline_offered']:.3f} with the tool offered, "
               f"{results['lookup']['p_decline_removed']:.3f} with it removed")

@@ -40,7 +40,8 @@ from .tokenizer import EOS_TOKEN, PAD_TOKEN
 ASSISTANT_SPAN = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.S)
 # the decisions inside an assistant turn: to call (<tool_call>), which function and parameters (snake_case
 # names, in the reasoning and the call) and each argument's value
-FOCUS_SPAN = re.compile(r"<tool_call>|\b[a-z]+(?:_[a-z]+)+\b|(?<=<parameter=)[^>]+|(?<=>\n)[^<]*?(?=\n</parameter>)")
+FOCUS_SPAN = re.compile(r"<tool_call>|\b[a-z]+(?:_[a-z]+)+\b|(?<=<parameter=)[^>]+|(?<=>\n)[^<]*?(?=\n</parameter>)"
+                        r'|(?<=[a-z])"(?=[,?])')  # and the "lookup" reasoning's decision: the list has the name, or not
 IGNORE = -100
 
 
