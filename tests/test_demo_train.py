@@ -3,6 +3,7 @@ same weights as an uninterrupted one."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from model.demo import corpus
 from model.demo.tokenizer import train_bpe
 from model.demo.train import (IGNORE, ModelShape, TrainConfig, copy_drills, encode, induction_init, lm_loss,
+                              lookup_drills,
                               model_config, recall_init, token_ids, train, train_parallel)
 
 torch = pytest.importorskip("torch")
@@ -141,6 +143,33 @@ def test_copy_drills_repeat_a_run_of_corpus_tokens():
         assert (ids[:, sep + 1:] == ids[:, sep - copied:sep]).all()
         assert (labels[:, sep + 1:] == ids[:, sep + 1:]).all() and (labels[:, :sep + 1] == IGNORE).all()
         assert set(np.unique(ids)) <= set(range(10, 20)) | {7}  # never a token the corpus does not use
+
+
+def test_lookup_drills_answer_whether_the_asked_name_is_on_the_list():
+    """Read back independently: every answer is `listed` exactly when the name before it (after the quote) is
+    written on the list as quote, name, listed; both answers come up, and never a special token in the names."""
+    counts = np.zeros(60, dtype=np.int64)
+    counts[50:] = -1  # special: the quote and answer tokens below are among them, so they mark the layout
+    quote, listed, unlisted = 55, 56, 57
+    answered = Counter()
+    for seed in range(30):
+        ids, labels = lookup_drills(counts, 6, np.random.default_rng(seed), quote, listed, unlisted)
+        answers = np.flatnonzero(labels[0] != IGNORE)
+        assert len(answers) == 4 and (labels != IGNORE).sum() == 4 * 6
+        width = int(answers[1] - answers[0] - 2)
+        assert width in (2, 3)
+        for row in range(6):
+            head = ids[row, :answers[0] - width - 1].tolist()
+            entries = {tuple(head[i + 1:i + 1 + width]) for i in range(len(head) - width - 1)
+                       if head[i] == quote and head[i + 1 + width] == listed}
+            assert 2 <= len(entries) <= 6
+            for j in answers:
+                assert ids[row, j - width - 1] == quote
+                on_list = tuple(ids[row, j - width:j].tolist()) in entries
+                assert labels[row, j] == ids[row, j] == (listed if on_list else unlisted)
+                answered[on_list] += 1
+        assert set(np.unique(ids)) <= set(range(50)) | {quote, listed, unlisted}
+    assert min(answered.values()) > 0.3 * sum(answered.values()), answered
 
 
 def test_uniform_copy_drills_draw_rare_and_unused_tokens_alike_but_never_special_ones():

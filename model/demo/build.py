@@ -34,6 +34,15 @@ VOCAB_SIZE = 4087  # learned tokens; + 9 added tokens = 4096
 TRAIN_SAMPLES_SLACK = 1.05
 
 
+def lookup_tokens(tok) -> tuple[int, int, int]:
+    """The lookup drills' (quote, listed, unlisted) tokens: those the "lookup" reasoning decides with
+    ('Do my tools have "get_weather' then '",' or '"?'), each one token of this tokenizer."""
+    ids = [tok.encode(text).ids for text in (' "', '",', '"?')]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"lookup drills need ' \"', '\",' and '\"?' to be single tokens, not {ids}")
+    return tuple(i[0] for i in ids)
+
+
 def samples_for(steps: int, cfg: TrainConfig) -> int:
     """Conversations for a schedule of `steps`: a little over one pass, so no conversation is seen twice."""
     return int(steps * cfg.procs * cfg.batch_size * TRAIN_SAMPLES_SLACK) + cfg.bucket
@@ -118,10 +127,12 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     if cfg.recall_layers:
         log(f"recall init: layers {recall_init(model, cfg.recall_layers, cfg.recall_log_decay)}")
     model.config.to_json_file(work / "config.json")
+    drill_tokens = lookup_tokens(tok) if cfg.lookup_rows else ()
     t = time.perf_counter()
     history, seconds, result = [], 0.0, {"steps": 0, "tokens": 0}
     if cfg.init_schedules == 0:
-        result = train_parallel(model, rows, schedule_config(cfg, 0), pad_id, work / "train_state.pt", log=log)
+        result = train_parallel(model, rows, schedule_config(cfg, 0), pad_id, work / "train_state.pt", log=log,
+                                lookup_tokens=drill_tokens)
         history, seconds = result["history"], result["seconds"]
     # no extension after a --stop-after trial of the first schedule
     extensions = cfg.extensions if cfg.extend and (cfg.init_schedules or result["steps"] == cfg.steps) else 0
@@ -135,7 +146,8 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
         log(f"extension {k}/{cfg.extensions}: {stage.steps} steps on {len(stage_rows)} more conversations"
             f"{f' with open values {stage.open_values}' if stage.open_values else ''}"
             f"{f' (wild {stage.wild_values})' if stage.wild_values else ''}, peak lr {cfg.extend_lr}")
-        more = train_parallel(model, stage_rows, stage, pad_id, work / extension_state(k), log=log)
+        more = train_parallel(model, stage_rows, stage, pad_id, work / extension_state(k), log=log,
+                              lookup_tokens=drill_tokens)
         history = history + [e | {"step": e["step"] + result["steps"], "tokens": e["tokens"] + result["tokens"]}
                              for e in more["history"]]
         seconds += more["seconds"]
@@ -217,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.copy_uniform not in (0, 1) or args.copy_rows < 0 or (args.copy_uniform and not args.copy_rows):
         p.error(f"--copy-uniform is 0 or 1 and draws the tokens of copy drills, so 1 needs --copy-rows 1 or more "
                 f"(got --copy-uniform {args.copy_uniform}, --copy-rows {args.copy_rows})")
+    if args.lookup_rows < 0:
+        p.error(f"--lookup-rows must be 0 or more (got {args.lookup_rows})")
     if args.init and not Path(args.init).is_file():
         p.error(f"--init {args.init}: no such file")
     if args.init_schedules and not args.init or args.init_schedules < 0 or (args.init and not args.init_schedules):

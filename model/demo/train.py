@@ -20,7 +20,9 @@ layers' learning (0.1: held-out echo 1.4% -> 82%, final answers with the key val
 right tool choices end to end, 25% vs 42%); `recall_layers` starts the first GatedDeltaNet layers as
 associative recall (`recall_init`), `recall_tied` keeps them so (`tie_recall`), and `copy_rows` trains
 on copy drills beside each batch (`copy_drills`), whose tokens `copy_uniform` draws all alike, rare ones too
-(the committed model's last two schedules). The README's demo-model section has the numbers.
+(the committed model's last two schedules). `lookup_rows` trains on lookup drills (`lookup_drills`): is a
+name of random tokens on a list of them, answered with the tokens the "lookup" reasoning decides with.
+The README's demo-model section has the numbers.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class TrainConfig:
     recall_tied: int = 0  # 1: keep those layers' key projection equal to the query projection all through
     copy_rows: int = 0  # copy drills per step (random runs of corpus tokens repeated at a varied offset; 0: none)
     copy_uniform: int = 0  # 1: the drills draw every token alike, rare ones too (0: by corpus frequency^0.7)
+    lookup_rows: int = 0  # lookup drills per step (is a name of random tokens on a list of them? 0: none)
     induction: int = 0  # 1: start with a built induction circuit (induction_init; 0: plain init)
     induction_lr: float = 1.0  # learning-rate factor for the two layers induction_init builds
     induction_heads: int = 0  # key/value heads of the attention layer induction_init builds (0: all)
@@ -110,7 +113,7 @@ class TrainConfig:
 
 EXTENSION_FIELDS = ("extend", "extend_lr", "extensions", "last_extend")
 # newer than some saved states: the value those trained with
-ADDED_FIELDS = {"copy_uniform": 0, "open_values": 0.0, "open_from": 0, "wild_values": 0.0, "wild_from": 0, "init": "", "init_schedules": 0, "widen_at": 0,
+ADDED_FIELDS = {"copy_uniform": 0, "lookup_rows": 0, "open_values": 0.0, "open_from": 0, "wild_values": 0.0, "wild_from": 0, "init": "", "init_schedules": 0, "widen_at": 0,
                 "widen_hidden": 256, "widen_heads": 8, "widen_kv_heads": 4, "last_extend": 0}
 
 
@@ -364,6 +367,39 @@ def copy_drills(counts: np.ndarray, n: int, rng: np.random.Generator, uniform: b
     return ids, labels
 
 
+def lookup_drills(counts: np.ndarray, n: int, rng: np.random.Generator, quote: int, listed: int,
+                  unlisted: int) -> tuple[np.ndarray, np.ndarray]:
+    """[n, T] ids and labels of lookup drills, the "lookup" reasoning's decision on random names: a list of 2-6
+    names of 2-3 tokens, each written `quote name listed` and 0-8 more tokens (as a tool list writes
+    '"get_weather", "description": ...'), then 4 names asked about, each `quote name` followed by `listed` when
+    it is on the list and by `unlisted` when not (half each; an unlisted one ends in a listed one's last token
+    half the time, so only the whole name tells). Tokens drawn as copy_drills(uniform=True) draws them, one
+    shape per call. Labels only on the answers."""
+    probs = (counts >= 0).astype(np.float64)
+    probs /= probs.sum()
+    k, width, filler, asked = int(rng.integers(2, 7)), int(rng.integers(2, 4)), int(rng.integers(0, 9)), 4
+    names = rng.choice(len(probs), size=(n, k, width), p=probs)
+    col = lambda v: np.full((n, 1), v)  # noqa: E731
+    parts = []
+    for i in range(k):
+        parts += [col(quote), names[:, i], col(listed), rng.choice(len(probs), size=(n, filler), p=probs)]
+    on_list = rng.random((n, asked)) < 0.5
+    which = names[np.arange(n)[:, None], rng.integers(0, k, (n, asked))]  # [n, asked, width]
+    fresh = rng.choice(len(probs), size=(n, asked, width), p=probs)
+    fresh[..., -1] = np.where(rng.random((n, asked)) < 0.5, which[..., -1], fresh[..., -1])
+    query = np.where(on_list[..., None], which, fresh)
+    on_list = (query[:, :, None] == names[:, None]).all(-1).any(-1)  # a fresh name may be a listed one by chance
+    answers = []
+    for j in range(asked):
+        answer = np.where(on_list[:, j:j + 1], listed, unlisted)
+        parts += [col(quote), query[:, j], answer]
+        answers.append(sum(p.shape[1] for p in parts) - 1)
+    ids = np.concatenate(parts, axis=1)
+    labels = np.full_like(ids, IGNORE)
+    labels[:, answers] = ids[:, answers]
+    return ids, labels
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -372,12 +408,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Path | None = None,
-          save_every: int = 25) -> dict:
+          save_every: int = 25, lookup_tokens: tuple[int, ...] = ()) -> dict:
     """AdamW with warmup and cosine decay for cfg.steps steps. With state_path, the model, optimiser
     and progress are saved every `save_every` steps and a rerun resumes from there, giving the same
     weights as an uninterrupted run (the batch order is replayed from the seed). Each step takes cfg.procs
     batches; in a process group (train_parallel) each process runs its share of them and their gradients
-    are summed across processes, alone it runs them all."""
+    are summed across processes, alone it runs them all. lookup_tokens: the (quote, listed, unlisted) token ids
+    of the lookup drills (cfg.lookup_rows)."""
     import torch
     import torch.distributed as dist
 
@@ -406,7 +443,9 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
         step, tokens, history, done_s = state["step"], state["tokens"], state["history"], state["seconds"]
         log(f"resuming at step {step} from {state_path}")
     tied = recall_layers(model, cfg.recall_layers) if cfg.recall_tied else []
-    if cfg.copy_rows:  # the drills draw their tokens by corpus frequency, or all alike but the special ones
+    if cfg.lookup_rows and len(lookup_tokens) != 3:
+        raise ValueError("lookup drills need their (quote, listed, unlisted) token ids")
+    if cfg.copy_rows or cfg.lookup_rows:  # the drills draw their tokens by corpus frequency, or all alike but the special ones
         counts = np.bincount(np.concatenate([np.asarray(r[0]) for r in rows]), minlength=model.config.vocab_size)
         counts[min(pad_id, model.config.eos_token_id):] = -1  # the added tokens follow the learned ones (train_bpe)
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
@@ -435,6 +474,12 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
                 if cfg.copy_rows:
                     d_ids, d_labels = copy_drills(counts, cfg.copy_rows, np.random.default_rng([cfg.seed, step, rank]),
                                                   bool(cfg.copy_uniform))
+                    d = torch.from_numpy(d_ids)
+                    loss = loss + lm_loss(model(input_ids=d, use_cache=False).logits, d, torch.from_numpy(d_labels),
+                                          pad_id, 0.0)
+                if cfg.lookup_rows:
+                    d_ids, d_labels = lookup_drills(counts, cfg.lookup_rows,
+                                                    np.random.default_rng([cfg.seed, step, rank, 1]), *lookup_tokens)
                     d = torch.from_numpy(d_ids)
                     loss = loss + lm_loss(model(input_ids=d, use_cache=False).logits, d, torch.from_numpy(d_labels),
                                           pad_id, 0.0)
@@ -504,7 +549,7 @@ def _exit_with_parent() -> None:
 
 
 def _train_process(rank: int, port: int, config, weights: dict, rows, cfg: TrainConfig, pad_id: int, state_path: Path,
-                   save_every: int):
+                   save_every: int, lookup_tokens: tuple[int, ...]):
     import os
 
     import torch
@@ -521,12 +566,13 @@ def _train_process(rank: int, port: int, config, weights: dict, rows, cfg: Train
         model = Qwen3_5MoeForCausalLM(config).float()  # a model of its own (a copied one loses its router-logit hooks)
         model.load_state_dict(weights)
         train(model, rows, cfg, pad_id, log=print if rank == 0 else (lambda _: None), state_path=state_path,
-              save_every=save_every)
+              save_every=save_every, lookup_tokens=lookup_tokens)
     finally:
         dist.destroy_process_group()
 
 
-def train_parallel(model, rows, cfg: TrainConfig, pad_id: int, state_path: Path, log=print, save_every: int = 25) -> dict:
+def train_parallel(model, rows, cfg: TrainConfig, pad_id: int, state_path: Path, log=print, save_every: int = 25,
+                   lookup_tokens: tuple[int, ...] = ()) -> dict:
     """train() in cfg.procs processes, a core each (one batch of each step apiece, gradients summed with
     gloo): the same weights as one process running all of each step's batches, faster (two processes on
     a 2-core machine: 1.33x). The first process saves the state; this one then loads the final weights
@@ -540,8 +586,9 @@ def train_parallel(model, rows, cfg: TrainConfig, pad_id: int, state_path: Path,
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         mp.spawn(_train_process, args=(port, model.config, model.state_dict(), rows, cfg, pad_id, state_path,
-                                       save_every), nprocs=cfg.procs)
-    return train(model, rows, cfg, pad_id, log=log, state_path=state_path, save_every=save_every)
+                                       save_every, lookup_tokens), nprocs=cfg.procs)
+    return train(model, rows, cfg, pad_id, log=log, state_path=state_path, save_every=save_every,
+                 lookup_tokens=lookup_tokens)
 
 
 def save_checkpoint(model, tokenizer_dir: Path, out_dir: Path) -> None:
