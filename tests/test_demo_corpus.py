@@ -149,6 +149,31 @@ def test_lookup_reasoning_goes_on_as_the_tool_list_does(intent):
     assert seen["call"] > 100 and seen["decline"] > 10, seen
 
 
+def test_a_missing_twin_asks_the_same_with_the_tool_taken_off_the_list():
+    import random
+
+    rng = random.Random(0)
+    twins = 0
+    for s in corpus.generate("train", 300, reasoning="lookup"):
+        twin = corpus.missing_twin(s, rng)
+        if twin is None:
+            assert s.kind != "call" or not s.enable_thinking or s.expected_calls[0]["name"] in json.dumps(
+                s.messages[:s.prompt_len])
+            continue
+        name = s.expected_calls[0]["name"]
+        assert twin.kind == "decline" and twin.missing == name and twin.expected_calls == []
+        assert twin.messages[:twin.prompt_len] == s.messages[:s.prompt_len]
+        offered = {t["function"]["name"] for t in twin.tools}
+        assert name not in offered and offered and offered <= set(TOOLS)
+        assert offered == {t["function"]["name"] for t in s.tools} - {name} or len(s.tools) == 1
+        prompt = corpus.render(twin.messages[:twin.prompt_len], twin.tools, add_generation_prompt=True)
+        assert name not in prompt  # nothing in the prompt gives the tool away
+        reasoning = twin.messages[-1]["reasoning_content"]
+        assert f'Do my tools have "{name}"? No' in reasoning and twin.messages[-1]["content"]
+        twins += 1
+    assert twins > 30
+
+
 def test_heldout_entities_are_never_trained_on(train, heldout):
     def values(samples):
         return {str(v) for s in samples for c in s.expected_calls for k, v in c["arguments"].items()

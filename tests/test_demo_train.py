@@ -299,6 +299,17 @@ def test_build_adds_a_further_extension_after_the_finished_ones(tmp_path):
     assert twice["tokens_trained"] > once["tokens_trained"]
 
 
+def test_build_trains_an_extension_beside_missing_tool_twins(tmp_path):
+    from model.demo.build import build, samples_for
+
+    cfg = replace(CFG, steps=2, extend=2, extend_lr=1e-3, extensions=1, reasoning="lookup", missing_twins=1.0)
+    lines = []
+    info = build(tmp_path / "twins.gguf", tmp_path / "work", SHAPE, cfg, vocab_size=400, log=lines.append)
+    twins = [int(line.split()[2]) for line in lines if line.startswith("extension 1:") and "missing-tool twins" in line]
+    assert twins and 0 < twins[0] < samples_for(2, cfg)
+    assert info["train"]["missing_twins"] == 1.0 and info["loss_history"][-1]["step"] == 4
+
+
 def test_build_open_values_from_a_later_schedule(tmp_path):
     """open_from=2: the first schedule and extension resume from states saved before open values existed (their
     conversations had none), and only the second extension trains on conversations with open values."""
@@ -335,7 +346,10 @@ def test_build_open_values_from_a_later_schedule(tmp_path):
     (["--wild-values", "2", "--wild-from", "4"], "--wild-values is a share from 0 to 1"),
     (["--copy-uniform", "1"], "1 needs --copy-rows 1 or more"),
     (["--copy-uniform", "2", "--copy-rows", "4"], "--copy-uniform is 0 or 1"),
-    (["--copy-rows", "-1"], "--copy-uniform is 0 or 1")])
+    (["--copy-rows", "-1"], "--copy-uniform is 0 or 1"),
+    (["--lookup-rows", "-2"], "--lookup-rows must be 0 or more"),
+    (["--missing-twins", "0.5"], "needs --reasoning lookup"),
+    (["--missing-twins", "1.5", "--reasoning", "lookup"], "--missing-twins is a share from 0 to 1")])
 def test_build_cli_rejects_options_it_cannot_use(args, message, capsys):
     from model.demo.build import main
 

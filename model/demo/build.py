@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import sys
 import time
 from dataclasses import asdict
@@ -142,6 +143,12 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
             log(f"widened to hidden {cfg.widen_hidden}, {cfg.widen_heads} heads over {cfg.widen_kv_heads}: "
                 f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
         stage_rows = more_rows[sum(sizes[1:k]):sum(sizes[1:k + 1])]
+        if cfg.missing_twins:  # beside the schedule's own conversations, twins of some of its calls
+            lo, rng = sum(sizes[:k]), random.Random(f"{cfg.seed}-twins-{k}")
+            twins = [corpus.missing_twin(s, rng) for s in samples[lo:lo + len(stage_rows)]
+                     if rng.random() < cfg.missing_twins]
+            stage_rows = stage_rows + [encode(tok, corpus.render_sample(s, template)) for s in twins if s]
+            log(f"extension {k}: {len(stage_rows) - sizes[k]} missing-tool twins")
         stage = schedule_config(cfg, k)
         log(f"extension {k}/{cfg.extensions}: {stage.steps} steps on {len(stage_rows)} more conversations"
             f"{f' with open values {stage.open_values}' if stage.open_values else ''}"
@@ -231,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"(got --copy-uniform {args.copy_uniform}, --copy-rows {args.copy_rows})")
     if args.lookup_rows < 0:
         p.error(f"--lookup-rows must be 0 or more (got {args.lookup_rows})")
+    if args.missing_twins and not (0 < args.missing_twins <= 1 and args.reasoning == "lookup"):
+        p.error(f"--missing-twins is a share from 0 to 1 of the calls, twinned with lookup reasoning, so it needs "
+                f"--reasoning lookup (got {args.missing_twins}, --reasoning {args.reasoning})")
     if args.init and not Path(args.init).is_file():
         p.error(f"--init {args.init}: no such file")
     if args.init_schedules and not args.init or args.init_schedules < 0 or (args.init and not args.init_schedules):

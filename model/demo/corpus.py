@@ -357,6 +357,26 @@ def _no_tool_sample(kind: str, rng: random.Random, pools: Pools, thinking: bool,
     return Sample(kind, messages, [s.definition() for s in specs] or None, thinking, prompt_len, missing=lacked)
 
 
+def missing_twin(s: Sample, rng: random.Random) -> Sample | None:
+    """A single call's conversation up to its request, with the called tool taken off the list (another in its
+    place if it was the only one), answered as a missing tool's decline with "lookup" reasoning: the same
+    request both ways, so only the list can tell them apart. None for anything else, or where the prompt
+    names the tool elsewhere (an earlier call of it)."""
+    if s.kind != "call" or not s.enable_thinking:
+        return None
+    name = s.expected_calls[0]["name"]
+    prompt = s.messages[:s.prompt_len]
+    if name in json.dumps(prompt):
+        return None
+    tools = [t for t in s.tools if t["function"]["name"] != name]
+    if not tools:
+        tools = [TOOLS[rng.choice(sorted(set(TOOLS) - {name}))].definition()]
+    reasoning = _intent_reasoning(rng, _intent(name), "decline", name, "lookup")
+    answer = _decline_text(rng, TOOLS[name].capability, [TOOLS[t["function"]["name"]].capability for t in tools])
+    return Sample("decline", prompt + [{"role": "assistant", "content": answer, "reasoning_content": reasoning}],
+                  tools, True, s.prompt_len, missing=name)
+
+
 def sample(rng: random.Random, pools: Pools, kind: str | None = None, reasoning: str = "topic") -> Sample:
     kind = kind or rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
     thinking = rng.random() >= P_NO_THINKING

@@ -90,6 +90,7 @@ class TrainConfig:
     copy_rows: int = 0  # copy drills per step (random runs of corpus tokens repeated at a varied offset; 0: none)
     copy_uniform: int = 0  # 1: the drills draw every token alike, rare ones too (0: by corpus frequency^0.7)
     lookup_rows: int = 0  # lookup drills per step (is a name of random tokens on a list of them? 0: none)
+    missing_twins: float = 0.0  # share of single calls (with reasoning) also trained as a missing tool's decline
     induction: int = 0  # 1: start with a built induction circuit (induction_init; 0: plain init)
     induction_lr: float = 1.0  # learning-rate factor for the two layers induction_init builds
     induction_heads: int = 0  # key/value heads of the attention layer induction_init builds (0: all)
@@ -113,7 +114,7 @@ class TrainConfig:
 
 EXTENSION_FIELDS = ("extend", "extend_lr", "extensions", "last_extend")
 # newer than some saved states: the value those trained with
-ADDED_FIELDS = {"copy_uniform": 0, "lookup_rows": 0, "open_values": 0.0, "open_from": 0, "wild_values": 0.0, "wild_from": 0, "init": "", "init_schedules": 0, "widen_at": 0,
+ADDED_FIELDS = {"copy_uniform": 0, "lookup_rows": 0, "missing_twins": 0.0, "open_values": 0.0, "open_from": 0, "wild_values": 0.0, "wild_from": 0, "init": "", "init_schedules": 0, "widen_at": 0,
                 "widen_hidden": 256, "widen_heads": 8, "widen_kv_heads": 4, "last_extend": 0}
 
 
