@@ -196,18 +196,19 @@ _INTENT = [("The user wants me to {d}.", " I'll call {n}.", " None of the availa
 OUTCOMES = ("call", "decline", "no_tools")
 
 
-def _lookup(name: str) -> tuple[str, str, str]:
-    """The "lookup" reasoning's look at the tool list for `name`: (up to the decision, how it goes on when the
-    list has the tool, as the list itself goes on after the name, how it goes on when the list lacks it)."""
-    return (f' Do my tools have "{name}', f'", "description": "{TOOLS[name].description}". Yes, so I\'ll call {name}.',
+def _lookup(opener: str, need: str, name: str) -> tuple[str, str, str]:
+    """The "lookup" reasoning for `name`: (the opener as a sentence and the look at the tool list, up to the
+    decision; how it goes on when the list has the tool, as the list itself goes on after the name; how it goes
+    on when the list lacks it)."""
+    return (opener.format(d=need)[:-1] + f'. Do my tools have "{name}', f'", "description": "{TOOLS[name].description}". Yes, so I\'ll call {name}.',
             '"? No, so none of the available tools can do that.')
 
 
 def _intent_reasoning(rng: random.Random, need: str, outcome: str, name: str = "", style: str = "intent") -> str:
     opener, *tails = pick(rng, _INTENT)
     if style == "lookup" and name:  # a call, or a decline for a missing tool: the name looked up first
-        head, offered, lacked = _lookup(name)
-        return opener.format(d=need)[:-1] + "." + head + (offered if outcome == "call" else lacked)
+        head, offered, lacked = _lookup(opener, need, name)
+        return head + (offered if outcome == "call" else lacked)
     return (opener + tails[OUTCOMES.index(outcome)]).format(d=need, n=name)
 
 
@@ -216,8 +217,7 @@ def intent_decision(rng: random.Random, name: str, style: str = "intent") -> tup
     decision, how it goes on when the list offers the tool, how it goes on when the list lacks it)."""
     opener, call, decline, _ = pick(rng, _INTENT)
     if style == "lookup":
-        head, offered, lacked = _lookup(name)
-        return opener.format(d=_intent(name))[:-1] + "." + head, offered, lacked
+        return _lookup(opener, _intent(name), name)
     return opener.format(d=_intent(name)), call.format(n=name), decline
 
 

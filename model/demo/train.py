@@ -351,13 +351,18 @@ def lm_loss(logits, ids, labels, pad_id: int, prompt_weight: float, focus=None, 
     return (ce * weight.flatten()).sum() / weight.sum()
 
 
+def _drill_probs(counts: np.ndarray, uniform: bool) -> np.ndarray:
+    """The drills' token distribution: every token of a count of 0 or more alike (uniform), or by count^0.7."""
+    probs = (counts >= 0).astype(np.float64) if uniform else np.maximum(counts, 0).astype(np.float64) ** 0.7
+    return probs / probs.sum()
+
+
 def copy_drills(counts: np.ndarray, n: int, rng: np.random.Generator, uniform: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """[n, T] ids and labels of copy drills: a random prefix (0-16 tokens), a run A (12-36 tokens), a
     separator, A again; tokens drawn by corpus frequency^0.7 (uniform: every token of a count of 0 or more
     alike), one shape per call. Labels only on the copy."""
     # by frequency, tokens the corpus never uses stay out; uniformly, those of a negative count (special ones)
-    probs = (counts >= 0).astype(np.float64) if uniform else np.maximum(counts, 0).astype(np.float64) ** 0.7
-    probs /= probs.sum()
+    probs = _drill_probs(counts, uniform)
     length, prefix = int(rng.integers(12, 37)), int(rng.integers(0, 17))
     body = rng.choice(len(probs), size=(n, prefix + length + 1), p=probs)
     sep = int(np.argmax(counts))  # the corpus' most common token stands between the run and its copy
@@ -376,8 +381,7 @@ def lookup_drills(counts: np.ndarray, n: int, rng: np.random.Generator, quote: i
     it is on the list and by `unlisted` when not (half each; an unlisted one ends in a listed one's last token
     half the time, so only the whole name tells). Tokens drawn as copy_drills(uniform=True) draws them, one
     shape per call. Labels only on the answers."""
-    probs = (counts >= 0).astype(np.float64)
-    probs /= probs.sum()
+    probs = _drill_probs(counts, uniform=True)
     k, width, filler, asked = int(rng.integers(2, 7)), int(rng.integers(2, 4)), int(rng.integers(0, 9)), 4
     names = rng.choice(len(probs), size=(n, k, width), p=probs)
     col = lambda v: np.full((n, 1), v)  # noqa: E731
@@ -472,15 +476,14 @@ def train(model, rows, cfg: TrainConfig, pad_id: int, log=print, state_path: Pat
                 out = model(input_ids=x, use_cache=False)
                 loss = lm_loss(out.logits, x, torch.from_numpy(labels), pad_id, cfg.prompt_loss_weight,
                                torch.from_numpy(focus), cfg.focus_weight)
+                drills = []
                 if cfg.copy_rows:
-                    d_ids, d_labels = copy_drills(counts, cfg.copy_rows, np.random.default_rng([cfg.seed, step, rank]),
-                                                  bool(cfg.copy_uniform))
-                    d = torch.from_numpy(d_ids)
-                    loss = loss + lm_loss(model(input_ids=d, use_cache=False).logits, d, torch.from_numpy(d_labels),
-                                          pad_id, 0.0)
+                    drills.append(copy_drills(counts, cfg.copy_rows, np.random.default_rng([cfg.seed, step, rank]),
+                                              bool(cfg.copy_uniform)))
                 if cfg.lookup_rows:
-                    d_ids, d_labels = lookup_drills(counts, cfg.lookup_rows,
-                                                    np.random.default_rng([cfg.seed, step, rank, 1]), *lookup_tokens)
+                    drills.append(lookup_drills(counts, cfg.lookup_rows,
+                                                np.random.default_rng([cfg.seed, step, rank, 1]), *lookup_tokens))
+                for d_ids, d_labels in drills:  # loss on the drills' labels alone
                     d = torch.from_numpy(d_ids)
                     loss = loss + lm_loss(model(input_ids=d, use_cache=False).logits, d, torch.from_numpy(d_labels),
                                           pad_id, 0.0)
