@@ -93,10 +93,18 @@ def test_copy_probe_scores_the_value_tokens_of_copied_arguments():
         pos = text.rindex("<|im_start|>assistant")
         return ids, spans, [-1 if i >= pos and c == " " else t for i, (c, t) in enumerate(zip(text, ids[1:] + [0]))]
 
-    assert copy_probe(perfect, samples) == {"values": len(copied), "exact_values": 1.0, "first_token": 1.0,
-                                            "later_tokens": 1.0, "after_space": 1.0}
-    assert copy_probe(never, samples) | {"values": 0} == {"values": 0, "exact_values": 0.0, "first_token": 0.0,
-                                                          "later_tokens": 0.0, "after_space": 0.0}
+    def running_on(text):
+        """Right on every token but the newline after each value: it goes on with a space."""
+        ids, spans, pred = perfect(text)
+        pos = text.rindex("<|im_start|>assistant")
+        return ids, spans, [ord(" ") if i >= pos and text[i + 1:i + 2] == "\n" and text[i + 2:i + 14] == "</parameter>"
+                            else t for i, t in enumerate(pred)]
+
+    assert copy_probe(perfect, samples) == {"values": len(copied), "exact_values": 1.0, "exact_and_ended": 1.0,
+                                            "first_token": 1.0, "later_tokens": 1.0, "after_space": 1.0}
+    assert copy_probe(never, samples) | {"values": 0} == {"values": 0, "exact_values": 0.0, "exact_and_ended": 0.0,
+                                                          "first_token": 0.0, "later_tokens": 0.0, "after_space": 0.0}
+    assert copy_probe(running_on, samples) == copy_probe(perfect, samples) | {"exact_and_ended": 0.0}
     partial = copy_probe(first_only, samples)
     assert partial["first_token"] == 1.0 and partial["exact_values"] < 0.2 and 0.7 < partial["later_tokens"] < 1.0
     assert partial["after_space"] == 1.0  # no value starts with a space

@@ -92,7 +92,7 @@ def test_focus_marks_the_lookup_decision(tok):
 def test_focus_marks_the_decisions_in_assistant_turns(tok):
     """Focus flags: only on assistant tokens; on <tool_call>, the called functions' snake_case names
     (a one-word name such as calculate is not marked) and every argument value (as the template writes
-    it), and not on the plain answer text."""
+    it; with ends=True and the newline that ends it), and not on the plain answer text."""
     import json
 
     checked = 0
@@ -103,6 +103,8 @@ def test_focus_marks_the_decisions_in_assistant_turns(tok):
         if not s.expected_calls:
             continue
         flagged = tok.decode([t for t, f in zip(ids, focus) if f], skip_special_tokens=False)
+        ends = encode(tok, text, ends=True)[2]
+        flagged_ends = tok.decode([t for t, f in zip(ids, ends) if f], skip_special_tokens=False).replace(" ", "")
         assert "<tool_call>" in flagged
         for call in s.expected_calls:
             if "_" in call["name"]:
@@ -113,6 +115,7 @@ def test_focus_marks_the_decisions_in_assistant_turns(tok):
                 else:
                     shown = json.dumps(value, ensure_ascii=False)
                 assert shown.replace(" ", "") in flagged.replace(" ", "")
+                assert shown.replace(" ", "") + "\n" in flagged_ends and shown + "\n" not in flagged
         answer = s.messages[-1]["content"]
         first_word = answer.split()[0]
         kept = tok.decode([t for t, y, f in zip(ids, labels, focus) if y != IGNORE and not f], skip_special_tokens=False)

@@ -328,8 +328,10 @@ def copy_probe(predictions, samples: list[Sample]) -> dict:
     """How well the model copies string arguments from the request, teacher-forced: over the calls of the
     call/multi samples, every string argument found verbatim in the request, the share of its tokens predicted
     right (the first apart from the rest, which a working copy gets from the one before; and of the rest, those
-    right after a space token, which a copy has to find from the token before the space) and of whole values.
-    predictions(text) -> (ids, character spans, greedy prediction after each token)."""
+    right after a space token, which a copy has to find from the token before the space), of whole values, and
+    of whole values whose end (the newline after them) is predicted too: the request goes on after most values,
+    so the copy has to stop by itself. predictions(text) -> (ids, character spans, greedy prediction after each
+    token)."""
     right = Counter()
     for s in samples:
         if s.kind not in ("call", "multi"):
@@ -347,12 +349,14 @@ def copy_probe(predictions, samples: list[Sample]) -> dict:
                 if not tokens:  # (no token lies wholly inside the value)
                     continue
                 hits = [pred[i - 1] == ids[i] for i in tokens]
+                ends = pred[tokens[-1]] == ids[tokens[-1] + 1]  # the template's newline after the value
                 spaced = [not text[slice(*spans[i - 1])].strip() for i in tokens[1:]]  # the token before: a space
-                right.update(values=1, exact=all(hits), first=1, first_right=hits[0], later=len(hits) - 1,
+                right.update(values=1, exact=all(hits), ended=all(hits) and ends, first=1, first_right=hits[0], later=len(hits) - 1,
                              later_right=sum(hits[1:]), spaced=sum(spaced),
                              spaced_right=sum(h for h, sp in zip(hits[1:], spaced) if sp))
     return {"values": right["values"],
             "exact_values": round(right["exact"] / max(right["values"], 1), 4),
+            "exact_and_ended": round(right["ended"] / max(right["values"], 1), 4),
             "first_token": round(right["first_right"] / max(right["first"], 1), 4),
             "later_tokens": round(right["later_right"] / max(right["later"], 1), 4),
             "after_space": round(right["spaced_right"] / max(right["spaced"], 1), 4)}
@@ -548,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         for values in dict.fromkeys(args.copy_values):
             c = results["copy"][values] = copy_probe(predictions, copy_samples(values, args.copy, args.reasoning))
             print(f"copying {c['values']} {values} string arguments from the request, teacher-forced: "
-                  f"{c['exact_values']:.1%} whole values, first tokens {c['first_token']:.1%}, later tokens "
+                  f"{c['exact_values']:.1%} whole values ({c['exact_and_ended']:.1%} ended there too), first tokens {c['first_token']:.1%}, later tokens "
                   f"{c['later_tokens']:.1%} (right after a space {c['after_space']:.1%})")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")

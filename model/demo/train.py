@@ -3,7 +3,8 @@ Qwen3_5MoeForCausalLM, on the CPU, seeded.
 
 The loss weighs what the model generates (every assistant turn from after `<|im_start|>assistant\\n`
 through its `<|im_end|>`) fully, the decisions inside it (`FOCUS_SPAN`: calling at all, which function
-and parameters, each argument value) by `focus_weight`, and every other token by `prompt_loss_weight`:
+and parameters, each argument value; with `focus_ends` also where it ends) by `focus_weight`, and every
+other token by `prompt_loss_weight`:
 tool results and earlier turns repeat values from before them, so predicting them is more practice at
 copying, which is what a model this small learns slowest. Batches are right-padded (the model is causal, so padding after a row's
 last token cannot change that row's logits) and drawn from length buckets to waste little compute;
@@ -41,9 +42,13 @@ from .tokenizer import EOS_TOKEN, PAD_TOKEN
 
 ASSISTANT_SPAN = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.S)
 # the decisions inside an assistant turn: to call (<tool_call>), which function and parameters (snake_case
-# names, in the reasoning and the call) and each argument's value
-FOCUS_SPAN = re.compile(r"<tool_call>|\b[a-z]+(?:_[a-z]+)+\b|(?<=<parameter=)[^>]+|(?<=>\n)[^<]*?(?=\n</parameter>)"
-                        r'|(?<=[a-z])"(?=[,?])')  # and the "lookup" reasoning's decision: the list has the name, or not
+# names, in the reasoning and the call), each argument's value and the "lookup" reasoning's decision (the list
+# has the name, or not)
+_CALL, _NAME, _PARAMETER, _LOOKUP = r"<tool_call>", r"\b[a-z]+(?:_[a-z]+)+\b", r"(?<=<parameter=)[^>]+", r'(?<=[a-z])"(?=[,?])'
+FOCUS_SPAN = re.compile("|".join([_CALL, _NAME, _PARAMETER, r"(?<=>\n)[^<]*?(?=\n</parameter>)", _LOOKUP]))
+# focus_ends: each value with the newline that ends it (a copy stops there while the request goes on, mostly
+# with a space token, which only the word after it decides); first, so an enum value's end is taken too
+FOCUS_SPAN_ENDS = re.compile("|".join([_CALL, r"(?<=>\n)[^<]*?\n(?=</parameter>)", _NAME, _PARAMETER, _LOOKUP]))
 IGNORE = -100
 
 
@@ -91,6 +96,7 @@ class TrainConfig:
     copy_uniform: int = 0  # 1: the drills draw every token alike, rare ones too (0: by corpus frequency^0.7)
     lookup_rows: int = 0  # lookup drills per step (is a name of random tokens on a list of them? 0: none)
     missing_twins: float = 0.0  # share of single calls (with reasoning) also trained as a missing tool's decline
+    focus_ends: int = 0  # 1: the focus also weighs the newline ending each argument value (FOCUS_SPAN_ENDS)
     induction: int = 0  # 1: start with a built induction circuit (induction_init; 0: plain init)
     induction_lr: float = 1.0  # learning-rate factor for the two layers induction_init builds
     induction_heads: int = 0  # key/value heads of the attention layer induction_init builds (0: all)
@@ -114,7 +120,7 @@ class TrainConfig:
 
 EXTENSION_FIELDS = ("extend", "extend_lr", "extensions", "last_extend")
 # newer than some saved states: the value those trained with
-ADDED_FIELDS = {"copy_uniform": 0, "lookup_rows": 0, "missing_twins": 0.0, "open_values": 0.0, "open_from": 0, "wild_values": 0.0, "wild_from": 0, "init": "", "init_schedules": 0, "widen_at": 0,
+ADDED_FIELDS = {"focus_ends": 0, "copy_uniform": 0, "lookup_rows": 0, "missing_twins": 0.0, "open_values": 0.0, "open_from": 0, "wild_values": 0.0, "wild_from": 0, "init": "", "init_schedules": 0, "widen_at": 0,
                 "widen_hidden": 256, "widen_heads": 8, "widen_kv_heads": 4, "last_extend": 0}
 
 
@@ -293,12 +299,13 @@ def tie_recall(model, layers: list[int]) -> None:
             w[kd:2 * kd] = mean
 
 
-def encode(tok, text: str) -> tuple[list[int], list[int], list[int]]:
+def encode(tok, text: str, ends: bool = False) -> tuple[list[int], list[int], list[int]]:
     """Token ids, labels (IGNORE outside the assistant turns) and a focus flag (1 on the assistant
-    tokens FOCUS_SPAN marks, 0 elsewhere). tok: a tokenizers.Tokenizer."""
+    tokens FOCUS_SPAN marks, or with `ends` FOCUS_SPAN_ENDS, 0 elsewhere). tok: a tokenizers.Tokenizer."""
     enc = tok.encode(text, add_special_tokens=False)
     spans = [m.span(1) for m in ASSISTANT_SPAN.finditer(text)]
-    focus_spans = [m.span() for a, b in spans for m in FOCUS_SPAN.finditer(text, a, b)]
+    pattern = FOCUS_SPAN_ENDS if ends else FOCUS_SPAN
+    focus_spans = [m.span() for a, b in spans for m in pattern.finditer(text, a, b)]
     labels, focus, j, k = [], [], 0, 0
     for tid, (start, _) in zip(enc.ids, enc.offsets):
         while j < len(spans) and start >= spans[j][1]:
