@@ -147,7 +147,8 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
             lo, rng = sum(sizes[:k]), random.Random(f"{cfg.seed}-twins-{k}")
             twins = [corpus.missing_twin(s, rng) for s in samples[lo:lo + len(stage_rows)]
                      if rng.random() < cfg.missing_twins]
-            stage_rows = stage_rows + [encode(tok, corpus.render_sample(s, template), bool(cfg.focus_ends)) for s in twins if s]
+            stage_rows = stage_rows + [encode(tok, corpus.render_sample(s, template), bool(cfg.focus_ends))
+                                       for s in twins if s]
             log(f"extension {k}: {len(stage_rows) - sizes[k]} missing-tool twins")
         stage = schedule_config(cfg, k)
         log(f"extension {k}/{cfg.extensions}: {stage.steps} steps on {len(stage_rows)} more conversations"

@@ -351,8 +351,8 @@ def copy_probe(predictions, samples: list[Sample]) -> dict:
                 hits = [pred[i - 1] == ids[i] for i in tokens]
                 ends = pred[tokens[-1]] == ids[tokens[-1] + 1]  # the template's newline after the value
                 spaced = [not text[slice(*spans[i - 1])].strip() for i in tokens[1:]]  # the token before: a space
-                right.update(values=1, exact=all(hits), ended=all(hits) and ends, first=1, first_right=hits[0], later=len(hits) - 1,
-                             later_right=sum(hits[1:]), spaced=sum(spaced),
+                right.update(values=1, exact=all(hits), ended=all(hits) and ends, first=1, first_right=hits[0],
+                             later=len(hits) - 1, later_right=sum(hits[1:]), spaced=sum(spaced),
                              spaced_right=sum(h for h, sp in zip(hits[1:], spaced) if sp))
     return {"values": right["values"],
             "exact_values": round(right["exact"] / max(right["values"], 1), 4),
@@ -552,8 +552,9 @@ def main(argv: list[str] | None = None) -> int:
         for values in dict.fromkeys(args.copy_values):
             c = results["copy"][values] = copy_probe(predictions, copy_samples(values, args.copy, args.reasoning))
             print(f"copying {c['values']} {values} string arguments from the request, teacher-forced: "
-                  f"{c['exact_values']:.1%} whole values ({c['exact_and_ended']:.1%} ended there too), first tokens {c['first_token']:.1%}, later tokens "
-                  f"{c['later_tokens']:.1%} (right after a space {c['after_space']:.1%})")
+                  f"{c['exact_values']:.1%} whole values ({c['exact_and_ended']:.1%} ended there too), first tokens "
+                  f"{c['first_token']:.1%}, later tokens {c['later_tokens']:.1%} "
+                  f"(right after a space {c['after_space']:.1%})")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     return 0

@@ -44,7 +44,8 @@ ASSISTANT_SPAN = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.S)
 # the decisions inside an assistant turn: to call (<tool_call>), which function and parameters (snake_case
 # names, in the reasoning and the call), each argument's value and the "lookup" reasoning's decision (the list
 # has the name, or not)
-_CALL, _NAME, _PARAMETER, _LOOKUP = r"<tool_call>", r"\b[a-z]+(?:_[a-z]+)+\b", r"(?<=<parameter=)[^>]+", r'(?<=[a-z])"(?=[,?])'
+_CALL, _NAME, _PARAMETER = r"<tool_call>", r"\b[a-z]+(?:_[a-z]+)+\b", r"(?<=<parameter=)[^>]+"
+_LOOKUP = r'(?<=[a-z])"(?=[,?])'
 FOCUS_SPAN = re.compile("|".join([_CALL, _NAME, _PARAMETER, r"(?<=>\n)[^<]*?(?=\n</parameter>)", _LOOKUP]))
 # focus_ends: each value with the newline that ends it (a copy stops there while the request goes on, mostly
 # with a space token, which only the word after it decides); first, so an enum value's end is taken too
