@@ -97,8 +97,8 @@ def test_copy_probe_scores_the_value_tokens_of_copied_arguments():
         """Right on every token but the newline after each value: it goes on with a space."""
         ids, spans, pred = perfect(text)
         pos = text.rindex("<|im_start|>assistant")
-        return ids, spans, [ord(" ") if i >= pos and text[i + 1:i + 2] == "\n" and text[i + 2:i + 14] == "</parameter>"
-                            else t for i, t in enumerate(pred)]
+        return ids, spans, [ord(" ") if i >= pos and text.startswith("\n</parameter>", i + 1) else t
+                            for i, t in enumerate(pred)]
 
     assert copy_probe(perfect, samples) == {"values": len(copied), "exact_values": 1.0, "exact_and_ended": 1.0,
                                             "first_token": 1.0, "later_tokens": 1.0, "after_space": 1.0}

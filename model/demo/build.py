@@ -103,7 +103,8 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
         tok = train_bpe(texts[:n_samples], vocab_size)  # the first schedule's conversations only
         save_hf_tokenizer(tok, tok_dir, template)
     first = sum(sizes[:cfg.init_schedules])  # the conversations of schedules the GGUF has had are not needed
-    rows = [None] * first + [encode(tok, text, bool(cfg.focus_ends)) for text in texts[first:]]
+    ends = bool(cfg.focus_ends)  # the loss focus takes in where each argument value ends
+    rows = [None] * first + [encode(tok, text, ends) for text in texts[first:]]
     timings["tokenizer_s"] = round(time.perf_counter() - t, 1)
     n_tokens = sum(len(r[0]) for r in rows[first:])
     n_loss = sum(sum(1 for y in r[1] if y >= 0) for r in rows[first:])
@@ -147,8 +148,7 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
             lo, rng = sum(sizes[:k]), random.Random(f"{cfg.seed}-twins-{k}")
             twins = [corpus.missing_twin(s, rng) for s in samples[lo:lo + len(stage_rows)]
                      if rng.random() < cfg.missing_twins]
-            stage_rows = stage_rows + [encode(tok, corpus.render_sample(s, template), bool(cfg.focus_ends))
-                                       for s in twins if s]
+            stage_rows = stage_rows + [encode(tok, corpus.render_sample(s, template), ends) for s in twins if s]
             log(f"extension {k}: {len(stage_rows) - sizes[k]} missing-tool twins")
         stage = schedule_config(cfg, k)
         log(f"extension {k}/{cfg.extensions}: {stage.steps} steps on {len(stage_rows)} more conversations"

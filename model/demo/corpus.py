@@ -200,7 +200,8 @@ def _lookup(opener: str, need: str, name: str) -> tuple[str, str, str]:
     """The "lookup" reasoning for `name`: (the opener as a sentence and the look at the tool list, up to the
     decision; how it goes on when the list has the tool, as the list itself goes on after the name; how it goes
     on when the list lacks it)."""
-    return (opener.format(d=need)[:-1] + f'. Do my tools have "{name}', f'", "description": "{TOOLS[name].description}". Yes, so I\'ll call {name}.',
+    return (opener.format(d=need)[:-1] + f'. Do my tools have "{name}',
+            f'", "description": "{TOOLS[name].description}". Yes, so I\'ll call {name}.',
             '"? No, so none of the available tools can do that.')
 
 
