@@ -348,6 +348,7 @@ def test_build_open_values_from_a_later_schedule(tmp_path):
     (["--copy-uniform", "2", "--copy-rows", "4"], "--copy-uniform is 0 or 1"),
     (["--copy-rows", "-1"], "--copy-uniform is 0 or 1"),
     (["--lookup-rows", "-2"], "--lookup-rows must be 0 or more"),
+    (["--focus-ends", "2"], "--focus-ends is 0 or 1"),
     (["--missing-twins", "0.5"], "needs --reasoning lookup"),
     (["--missing-twins", "1.5", "--reasoning", "lookup"], "--missing-twins is a share from 0 to 1")])
 def test_build_cli_rejects_options_it_cannot_use(args, message, capsys):

@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"(got --copy-uniform {args.copy_uniform}, --copy-rows {args.copy_rows})")
     if args.lookup_rows < 0:
         p.error(f"--lookup-rows must be 0 or more (got {args.lookup_rows})")
+    if args.focus_ends not in (0, 1):
+        p.error(f"--focus-ends is 0 or 1 (got {args.focus_ends})")
     if args.missing_twins and not (0 < args.missing_twins <= 1 and args.reasoning == "lookup"):
         p.error(f"--missing-twins is a share from 0 to 1 of the calls, twinned with lookup reasoning, so it needs "
                 f"--reasoning lookup (got {args.missing_twins}, --reasoning {args.reasoning})")
