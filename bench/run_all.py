@@ -1,8 +1,9 @@
-"""Runs every benchmark against mlx-lm and rewrites the README's results table.
+"""Runs every benchmark against mlx-lm and rewrites the results table in docs/benchmarks.md.
 
     python -m bench.run_all                      # sizes for this 2-core CPU machine
     python -m bench.run_all --full               # the sizes the issues name (for a GPU / Apple Silicon run)
     python -m bench.run_all --models wide --keep # rerun one model, keep the other rows of bench/results.jsonl
+    python -m bench.run_all --table-only         # redraw the table from bench/results.jsonl
 
 The HTTP comparison runs on the first model of --models (or --server-model). Rows whose target is not met are followed
 by the cause we measured for the gap (CAUSES), so the table never shows a miss without a reason.
@@ -20,6 +21,7 @@ from bench import engine_speed, memory, model_speed, server_speed
 from bench.common import backend, describe
 
 REPO = Path(__file__).resolve().parents[1]
+TABLE_DOC = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench-table -->", "<!-- /bench-table -->"
 
 TARGETS = {
@@ -100,8 +102,8 @@ def main(argv=None):
     ap.add_argument("--keep", action="store_true", help="keep bench/results.jsonl rows of other models")
     ap.add_argument("--server-model", default=None, help="model of the HTTP comparison (default: the first "
                     "of --models; 'none' skips it)")
-    ap.add_argument("--no-readme", action="store_true")
-    ap.add_argument("--table-only", action="store_true", help="rewrite the README table from bench/results.jsonl")
+    ap.add_argument("--no-write", action="store_true", help="print the table, leave docs/benchmarks.md as it is")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the table from bench/results.jsonl")
     args = ap.parse_args(argv)
     models = args.models.split(",")
     out = REPO / "bench" / "results.jsonl"
@@ -130,12 +132,18 @@ def main(argv=None):
     md = table(results, header)
     out.write_text("".join(json.dumps(r) + "\n" for r in results))
     print(md)
-    if not args.no_readme:
-        readme = (REPO / "README.md").read_text()
-        if BEGIN in readme and END in readme:
-            head, rest = readme.split(BEGIN, 1)
-            _, tail = rest.split(END, 1)
-            (REPO / "README.md").write_text(f"{head}{BEGIN}\n{md}\n{END}{tail}")
+    if not args.no_write:
+        write_table(md)
+
+
+def write_table(md: str, doc: Path = TABLE_DOC) -> None:
+    """Replaces what stands between the markers in doc."""
+    text = doc.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{doc}: no {BEGIN} ... {END} markers to write the table between")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    doc.write_text(f"{head}{BEGIN}\n{md}\n{END}{tail}")
 
 
 if __name__ == "__main__":
