@@ -34,7 +34,6 @@ MODES = {
 
 
 def _vocab_fields() -> dict:
-    sys.path.insert(0, str(REPO / "tests"))
     import gguf
     from fixtures.llamacpp import vocab_gguf_path
 

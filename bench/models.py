@@ -82,7 +82,6 @@ def build_wide(out: Path, layers: int = 4, bits: int = 4) -> Path:
 
 
 def build_tiny(out: Path) -> Path:
-    sys.path.insert(0, str(REPO / "tests"))
     from fixtures import get_fixture
     from mlx_lm import convert
 

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import openai
 import pytest
 from fixtures import get_fixture
+from fixtures.ports import free_port
 from server_harness import wait_until
 
 from server.cli import _apply_config, build_parser, parse_size, settings_from_args
@@ -18,20 +18,6 @@ from server.model_source import ModelSourceError, first_gguf_part, resolve_model
 REPO = Path(__file__).resolve().parents[1]
 SEED_FLAGS = ["--max-tokens", "8192", "--continuous-batching", "--enable-prefix-cache",
               "--enable-auto-tool-choice", "--tool-call-parser", "qwen3"]
-
-
-def has_converter() -> bool:
-    try:
-        from convert import cached_conversion  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args, **kw):
@@ -68,21 +54,12 @@ def test_serve_subprocess_with_the_seed_flags():
     assert f"serving tiny on http://127.0.0.1:{port}/v1" in out
 
 
-@pytest.mark.skipif(has_converter(), reason="the converter is installed: GGUF inputs are served")
-def test_gguf_without_the_converter_exits_with_a_clear_message(tmp_path):
-    gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"GGUF" + bytes(60))
-    out, _ = cli("serve", str(gguf), "--port", str(free_port())).communicate(timeout=120)
-    assert "needs the converter" in out
-
-
 def test_missing_model_path_exits_nonzero(tmp_path):
     proc = cli("serve", str(tmp_path / "nope"), "--port", str(free_port()))
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "no such file or directory" in out
 
 
-@pytest.mark.skipif(not has_converter(), reason="convert.cached_conversion is not available yet")
 def test_seed_command_script_converts_on_first_start_and_reuses_on_second(tmp_path):
     gguf = get_fixture("moe_r4").gguf_path()
     env = {**os.environ, "PORT": str(free_port()), "HOST": "127.0.0.1", "CACHE_DIR": str(tmp_path),
