@@ -22,7 +22,7 @@ def default_model_path() -> Path:
 
     if not DEMO_GGUF.is_file():
         raise ModelSourceError(f"the embedded demo model {DEMO_GGUF} is missing from this installation "
-                               "(rebuild it with: python -m model.demo.build), or pass a MODEL path")
+                               "(rebuild it with: python -m demo.build), or pass a MODEL path")
     return DEMO_GGUF
 
 

@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from fixtures.ports import free_port
 
+from demo.tools import TOOLS
 from model.demo import DEMO_GGUF
-from model.demo.tools import TOOLS
 
 
 CITY = "Lisbon"
@@ -25,8 +26,6 @@ RESULT = {"city": CITY, "temperature": 23, "unit": "celsius", "condition": "sunn
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     from openai import OpenAI
-
-    from model.demo.evaluate import free_port
 
     port = free_port()
     cache = tmp_path_factory.mktemp("converted")

@@ -1,8 +1,8 @@
-"""The embedded demo model: a tiny Qwen3.5 MoE trained here on synthetic tool-use conversations.
+"""The embedded demo model: a tiny Qwen3.5 MoE trained on synthetic tool-use conversations.
 
-`DEMO_GGUF` is what `deltaserve serve` serves when given no model. It is made, seeded, by
-`python -m model.demo.build` (corpus.py -> tokenizer.py -> train.py -> convert/gguf_writer.py) and
-measured by `python -m model.demo.evaluate`; build_info.json records how it was built.
+`DEMO_GGUF` is what `deltaserve serve` serves when given no model; build.json beside it summarises how
+it was built. The pipeline that makes it lives outside the package, in the repository's demo/
+(`python -m demo.build`).
 """
 
 from pathlib import Path

@@ -1,18 +1,20 @@
 """Build the embedded demo model end to end, seeded: corpus -> tokenizer -> training -> BF16 GGUF.
 
-    python -m model.demo.build                      # the committed model (model/demo/deltaserve-demo.gguf)
-    python -m model.demo.build --steps 20 --out /tmp/demo.gguf --work /tmp/demo-work   # a quick trial
-    python -m model.demo.build --procs 2 --steps 750 ...  # the same batches, two per step, on two cores
-    python -m model.demo.build --extend 2500 --extensions 2 ...  # then twice 2500 more steps, each on new conversations
-    python -m model.demo.build --extensions 3 --open-values 0.5 --open-from 3 ...  # the third on open values
-    python -m model.demo.build --init prev.gguf --init-schedules 4 --extensions 4 --widen-at 4 ...
+    python -m demo.build                      # the committed model (model/demo/deltaserve-demo.gguf)
+    python -m demo.build --steps 20 --out /tmp/demo.gguf --work /tmp/demo-work   # a quick trial
+    python -m demo.build --procs 2 --steps 750 ...  # the same batches, two per step, on two cores
+    python -m demo.build --extend 2500 --extensions 2 ...  # then twice 2500 more steps, each on new conversations
+    python -m demo.build --extensions 3 --open-values 0.5 --open-from 3 ...  # the third on open values
+    python -m demo.build --init prev.gguf --init-schedules 4 --extensions 4 --widen-at 4 ...
         # train a fourth extension on from a GGUF's model (after its 4 schedules), widened first (grow.widen)
 
 With --extend, a work directory that holds finished schedules' states (train_state.pt, train_state_extend*.pt)
 resumes from them, so a further extension trains on from that model instead of starting over.
 
-The work directory keeps the tokenizer and the HF checkpoint (bf16) the GGUF is written from;
-build_info.json next to the GGUF records the command, the software, the shape and the timings.
+The work directory keeps the tokenizer and the HF checkpoint (bf16) the GGUF is written from.
+build_info.json records the command, the software, the shape, the loss curve, the timings and the builds
+this one continued; it lies next to the GGUF, except the committed model's, which lies here, out of the
+wheel. build.json next to the GGUF is the short record that ships with it.
 """
 
 from __future__ import annotations
@@ -24,13 +26,17 @@ import random
 import sys
 import time
 from dataclasses import asdict
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from . import DEMO_GGUF, corpus
+from model.demo import DEMO_GGUF
+
+from . import corpus
 from .train import ModelShape, TrainConfig
 
 MODEL_NAME = "deltaserve-demo"
+COMMITTED_RECORD = Path(__file__).resolve().parent / "build_info.json"  # the full record of DEMO_GGUF
 VOCAB_SIZE = 4087  # learned tokens; + 9 added tokens = 4096
 TRAIN_SAMPLES_SLACK = 1.05
 
@@ -171,7 +177,8 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
     timings["gguf_s"] = round(time.perf_counter() - t, 1)
 
     info = {
-        "command": " ".join([Path(sys.executable).name, "-m", "model.demo.build", *sys.argv[1:]]),
+        "command": " ".join([Path(sys.executable).name, "-m", "demo.build", *sys.argv[1:]]),
+        "built": datetime.now(timezone.utc).date().isoformat(),
         "gguf": out.name, "gguf_bytes": out.stat().st_size, "gguf_sha256": _sha256(out), "parameters": n_params,
         "shape": asdict(shape_of(model.config)), "train": asdict(cfg), "vocab_size": tok.get_vocab_size(),
         "corpus": {"conversations": len(texts), "tokens": n_tokens, "loss_tokens": n_loss},
@@ -179,19 +186,37 @@ def build(out: Path, work: Path, shape: ModelShape, cfg: TrainConfig, vocab_size
         "final_loss": history[-1]["loss"] if history else None,
         "tokens_trained": result["tokens"], "loss_history": history,
         "init_sha256": init_sha256,  # which GGUF this build continued
-        "init_build": init_build,  # and that GGUF's own build_info, where one lies beside it
+        "init_build": init_build,  # and that GGUF's own build_info, where one is kept
         "software": {d: metadata.version(d) for d in ("torch", "transformers", "tokenizers", "gguf")}
         | {"python": platform.python_version()},
         "machine": {"cpu_threads": cfg.threads, "processes": cfg.procs, "platform": platform.platform()},
     }
-    (out.parent / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    record_path(out).write_text(json.dumps(info, indent=2) + "\n")
+    (out.parent / "build.json").write_text(json.dumps(summary(info), indent=2) + "\n")
     return info
 
 
+def record_path(gguf: Path) -> Path:
+    """Where the full build record of a GGUF is kept: beside it, except for the committed model's."""
+    return COMMITTED_RECORD if gguf.resolve() == DEMO_GGUF else gguf.parent / "build_info.json"
+
+
+def summary(info: dict) -> dict:
+    """The short record that ships beside a GGUF (build.json): which file, its shape, when, and the commands
+    of the builds it continued, first to last, as they were run."""
+    commands, record = [], info
+    while record:
+        commands.insert(0, record["command"])
+        record = record.get("init_build")
+    keys = ("gguf_sha256", "gguf_bytes", "built", "parameters", "vocab_size", "shape", "final_loss", "software",
+            "note")
+    return {k: info[k] for k in keys if k in info} | {"commands": commands}
+
+
 def _build_info_of(gguf: Path, sha256: str) -> dict | None:
-    """The build_info.json beside a GGUF when it describes that file (its sha256, given; builds that did not
-    record one: its size), else None (also when it is not a JSON object: provenance only, not the model)."""
-    path = gguf.parent / "build_info.json"
+    """The full build record of a GGUF (see record_path) when it describes that file (its sha256, given; builds
+    that did not record one: its size), else None (also when it is not a JSON object: provenance only)."""
+    path = record_path(gguf)
     if not path.is_file():
         return None
     try:
@@ -262,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         # the weights depend, in the last bits, on how many cores the process could see when it started
         # (even with one thread), so a one-process build restarts itself on one core to give the same ones
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-        os.execv(sys.executable, [sys.executable, "-m", "model.demo.build", *(sys.argv[1:] if argv is None else argv)])
+        os.execv(sys.executable, [sys.executable, "-m", "demo.build", *(sys.argv[1:] if argv is None else argv)])
     t = time.perf_counter()
     info = build(args.out, args.work, shape, cfg, args.vocab_size)
     print(f"wrote {args.out} ({info['gguf_bytes'] / 1e6:.1f} MB) in {time.perf_counter() - t:.0f}s; "

@@ -46,7 +46,7 @@ def load_gguf(path: Path, router_aux_loss_coef: float = 0.0):
 
     from convert.gguf_inverse import Geometry, gguf_tensors
     from convert.gguf_reader import GGUFFile, text_config
-    from model.qwen3_5 import ZERO_CENTRED_NORMS
+    from model.layout import ZERO_CENTRED_NORMS
 
     from .train import model_config
 

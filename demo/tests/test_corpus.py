@@ -8,10 +8,10 @@ from collections import Counter
 
 import pytest
 
-from model.demo import corpus
-from model.demo.entities import (BODIES, EVENT_TITLES, GENRES, PHRASES, SONGS, SUBJECTS, TASKS, Pools, split_of,
+from demo import corpus
+from demo.entities import (BODIES, EVENT_TITLES, GENRES, PHRASES, SONGS, SUBJECTS, TASKS, Pools, split_of,
                                  translation)
-from model.demo.tools import TOOLS
+from demo.tools import TOOLS
 
 jsonschema = pytest.importorskip("jsonschema")
 

@@ -1,8 +1,9 @@
-"""model/demo/grow.py: a GGUF back into transformers' model, and widening that keeps what it computes."""
+"""demo/grow.py: a GGUF back into transformers' model, and widening that keeps what it computes."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -17,7 +18,7 @@ from fixtures import get_fixture  # noqa: E402
 @pytest.fixture(scope="module")
 def loaded():
     """llama.cpp's f32 conversion of the moe_r4 fixture, loaded back."""
-    from model.demo.grow import load_gguf
+    from demo.grow import load_gguf
 
     fx = get_fixture("moe_r4")
     model, shape = load_gguf(fx.gguf_path("f32"))
@@ -40,7 +41,7 @@ def test_llama_cpp_gguf_loads_back_to_transformers_logits(loaded):
 
 @pytest.mark.parametrize("hidden,heads,kv", [(64, 4, 2), (96, 4, 2), (64, 8, 4), (128, 8, 4)])
 def test_widen_keeps_the_logits_and_trains_every_new_weight(loaded, hidden, heads, kv):
-    from model.demo.grow import shape_of, widen
+    from demo.grow import shape_of, widen
 
     fx, model, shape = loaded
     wide = widen(model, hidden, heads, kv).eval()
@@ -72,7 +73,7 @@ def test_widen_keeps_the_logits_and_trains_every_new_weight(loaded, hidden, head
 @pytest.mark.parametrize("args,error", [
     ((64, 8, 2), "changes the grouping"), ((32, 4, 2), "only grows"), ((64, 2, 1), "only grows")])
 def test_widen_refuses_what_it_cannot_keep(loaded, args, error):
-    from model.demo.grow import widen
+    from demo.grow import widen
 
     with pytest.raises(ValueError, match=error):
         widen(loaded[1], *args)
@@ -83,9 +84,9 @@ def test_build_continues_from_a_gguf_widened(tmp_path):
     extension) is widened and trains the second extension only, with the GGUF's tokenizer; before its first
     update it scores that extension's first batch as the unwidened model continuing from its state does."""
     from convert.gguf_reader import GGUFFile
-    from model.demo.build import _build_info_of, build
-    from model.demo.grow import load_gguf
-    from model.demo.train import ModelShape, TrainConfig
+    from demo.build import _build_info_of, build
+    from demo.grow import load_gguf
+    from demo.train import ModelShape, TrainConfig
 
     shape = ModelShape(hidden_size=32, num_hidden_layers=2, full_attention_interval=2, num_attention_heads=2,
                        num_key_value_heads=1, head_dim=16, linear_num_key_heads=1, linear_num_value_heads=2,
@@ -104,6 +105,10 @@ def test_build_continues_from_a_gguf_widened(tmp_path):
     digest = hashlib.sha256((tmp_path / "a" / "first.gguf").read_bytes()).hexdigest()
     assert wide["init_sha256"] == first["gguf_sha256"] == digest
     assert wide["init_build"] == first and plain["init_build"] is None
+    # the short record beside each GGUF: that file's digest and the commands of every build it continues
+    short = json.loads((tmp_path / "c" / "build.json").read_text())
+    assert short["gguf_sha256"] == hashlib.sha256((tmp_path / "c" / "wide.gguf").read_bytes()).hexdigest()
+    assert short["commands"] == [first["command"], wide["command"]] and "loss_history" not in short
     assert any(line.startswith("widened to hidden 48, 4 heads over 2") for line in lines)
     assert any(line.startswith("extension 2/2: 2 steps on ") for line in lines)
     assert [h["step"] for h in wide["loss_history"]] == [1, 2]
@@ -129,7 +134,7 @@ def test_build_continues_from_a_gguf_widened(tmp_path):
     (["--init", __file__, "--init-schedules", "4", "--extensions", "4", "--induction", "1"], "not of one loaded"),
     (["--widen-at", "5"], "is not an extension this build trains")])
 def test_build_cli_rejects_inits_and_widenings_it_cannot_do(args, error, capsys):
-    from model.demo.build import main
+    from demo.build import main
 
     with pytest.raises(SystemExit) as exc:
         main(args)

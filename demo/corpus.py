@@ -11,7 +11,7 @@ checks (the expected calls, the value a final answer must repeat). Kinds:
   decline  no offered tool can serve the request (an action no tool does, or a missing tool)
   chat     no tools at all: small talk answered, tool-type requests declined
 
-CLI: python -m model.demo.corpus [--split heldout] [-n 3] [--seed 0] [--reasoning intent]  (prints rendered samples)
+CLI: python -m demo.corpus [--split heldout] [-n 3] [--seed 0] [--reasoning intent]  (prints rendered samples)
 """
 
 from __future__ import annotations
@@ -411,12 +411,7 @@ def corpus_words() -> tuple[str, ...]:
 
 @cache
 def chat_template() -> str:
-    """The real Qwen3.5 template (llama.cpp's models/templates/Qwen3.5-4B.jinja), fetched by the test fixtures."""
-    import sys
-
-    tests = Path(__file__).resolve().parents[2] / "tests"
-    if str(tests) not in sys.path:
-        sys.path.insert(0, str(tests))
+    """The real Qwen3.5 template (llama.cpp's models/templates/Qwen3.5-4B.jinja), fetched by fixtures/."""
     from fixtures.llamacpp import chat_template_path
 
     return chat_template_path().read_text(encoding="utf-8")

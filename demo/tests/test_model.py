@@ -3,12 +3,13 @@ tokenizer (Qwen's special tokens single, qwen35 pre-tokenizer) and the real Qwen
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 
 from model.demo import DEMO_GGUF
-from model.demo.tokenizer import CONTROL_TOKENS, MARKUP_TOKENS
+from demo.tokenizer import CONTROL_TOKENS, MARKUP_TOKENS
 
 import gguf
 
@@ -20,12 +21,25 @@ def reader():
     return gguf.GGUFReader(DEMO_GGUF)
 
 
-def test_size_and_build_record(reader):
+def test_size_and_build_records(reader):
+    """The short record ships beside the GGUF; the full one stays in demo/, where --init finds it."""
+    from demo.build import _build_info_of
+
     size = DEMO_GGUF.stat().st_size
     assert size <= MAX_BYTES
-    info = json.loads((DEMO_GGUF.parent / "build_info.json").read_text())
-    assert info["gguf_bytes"] == size
-    assert info["command"].startswith("python") and "model.demo.build" in info["command"]
+    sha256 = hashlib.sha256(DEMO_GGUF.read_bytes()).hexdigest()
+    short = DEMO_GGUF.parent / "build.json"
+    record = json.loads(short.read_text())
+    assert len(short.read_text().splitlines()) < 60
+    assert (record["gguf_sha256"], record["gguf_bytes"]) == (sha256, size)
+    assert not (DEMO_GGUF.parent / "build_info.json").exists()
+    full = _build_info_of(DEMO_GGUF, sha256)
+    assert full is not None and full["gguf_bytes"] == size and full["loss_history"]
+    chain, build = [], full
+    while build:
+        chain.insert(0, build["command"])
+        build = build.get("init_build")
+    assert record["commands"] == chain and all(c.startswith("python") and "demo.build" in c for c in chain)
 
 
 def test_architecture_and_tensor_types(reader):
@@ -44,7 +58,7 @@ def test_architecture_and_tensor_types(reader):
 
 
 def test_tokenizer_and_template(reader):
-    from model.demo.corpus import chat_template
+    from demo.corpus import chat_template
 
     f = reader.fields
     assert f["tokenizer.ggml.model"].contents() == "gpt2"

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from model.demo import corpus
-from model.demo.evaluate import copy_probe, copy_samples, divergence, lookup_probe
-from model.demo.tools import TOOLS
+from demo import corpus
+from demo.evaluate import copy_probe, copy_samples, divergence, lookup_probe
+from demo.tools import TOOLS
 
 
 def _needed(prefix: str) -> str:
@@ -49,7 +49,7 @@ def _characters(text: str):
 def test_copy_samples_hold_held_out_values_of_each_kind():
     """The copy probe's three kinds of values: all held out; open and wild ones new compositions, wild ones made
     of the training corpus's words."""
-    from model.demo.entities import BODIES, EVENT_TITLES, split_of
+    from demo.entities import BODIES, EVENT_TITLES, split_of
 
     def titles(values):
         return [c["arguments"]["title"] for s in copy_samples(values, 300, "intent") for c in s.expected_calls
@@ -117,7 +117,7 @@ def test_copy_probe_scores_the_value_tokens_of_copied_arguments():
 @pytest.mark.parametrize("args", [["-n", "-1"], ["--lookup", "-3", "--hf", "x"], ["--quant-n", "-1"],
                                   ["--copy", "-2"]])
 def test_cli_rejects_negative_counts(args, capsys):
-    from model.demo.evaluate import main
+    from demo.evaluate import main
 
     with pytest.raises(SystemExit) as exc:
         main(args)
@@ -125,7 +125,7 @@ def test_cli_rejects_negative_counts(args, capsys):
 
 
 def test_cli_asks_for_the_checkpoint_the_probe_needs(capsys):
-    from model.demo.evaluate import main
+    from demo.evaluate import main
 
     with pytest.raises(SystemExit) as exc:
         main(["-n", "0", "--lookup", "5"])

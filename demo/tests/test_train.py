@@ -9,9 +9,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from model.demo import corpus
-from model.demo.tokenizer import train_bpe
-from model.demo.train import (IGNORE, ModelShape, TrainConfig, copy_drills, encode, induction_init, lm_loss,
+from demo import corpus
+from demo.tokenizer import train_bpe
+from demo.train import (IGNORE, ModelShape, TrainConfig, copy_drills, encode, induction_init, lm_loss,
                               lookup_drills,
                               model_config, recall_init, token_ids, train, train_parallel)
 
@@ -255,7 +255,7 @@ def test_build_extension_trains_on_from_the_first_schedule(tmp_path):
     steps on conversations it never saw, with its tokenizer; the GGUF holds the extended weights."""
     from gguf import GGUFReader
 
-    from model.demo.build import build, samples_for
+    from demo.build import build, samples_for
 
     cfg = replace(CFG, steps=2, extend=2, extend_lr=1e-3, extensions=1)
     work, lines = tmp_path / "work", []
@@ -282,7 +282,7 @@ def test_build_extension_trains_on_from_the_first_schedule(tmp_path):
 def test_build_adds_a_further_extension_after_the_finished_ones(tmp_path):
     """extensions=2 on a work directory with a finished first schedule and extension: both resume, and only
     the second extension trains, on conversations neither saw before (the stream continued once more)."""
-    from model.demo.build import build, samples_for
+    from demo.build import build, samples_for
 
     cfg = replace(CFG, steps=2, extend=2, extend_lr=1e-3, extensions=1)
     work, lines = tmp_path / "work", []
@@ -300,7 +300,7 @@ def test_build_adds_a_further_extension_after_the_finished_ones(tmp_path):
 
 
 def test_build_trains_an_extension_beside_missing_tool_twins(tmp_path):
-    from model.demo.build import build, samples_for
+    from demo.build import build, samples_for
 
     cfg = replace(CFG, steps=2, extend=2, extend_lr=1e-3, extensions=1, reasoning="lookup", missing_twins=1.0)
     lines = []
@@ -315,7 +315,7 @@ def test_build_open_values_from_a_later_schedule(tmp_path):
     conversations had none), and only the second extension trains on conversations with open values."""
     import torch
 
-    from model.demo.build import build, samples_for
+    from demo.build import build, samples_for
 
     cfg = replace(CFG, steps=2, extend=2, extend_lr=1e-3, extensions=1)
     work, lines = tmp_path / "work", []
@@ -352,7 +352,7 @@ def test_build_open_values_from_a_later_schedule(tmp_path):
     (["--missing-twins", "0.5"], "needs --reasoning lookup"),
     (["--missing-twins", "1.5", "--reasoning", "lookup"], "--missing-twins is a share from 0 to 1")])
 def test_build_cli_rejects_options_it_cannot_use(args, message, capsys):
-    from model.demo.build import main
+    from demo.build import main
 
     with pytest.raises(SystemExit) as exc:
         main(args)
@@ -360,7 +360,7 @@ def test_build_cli_rejects_options_it_cannot_use(args, message, capsys):
 
 
 def test_build_does_not_extend_a_stopped_first_schedule(tmp_path):
-    from model.demo.build import build
+    from demo.build import build
 
     cfg = replace(CFG, steps=2, stop_after=1, extend=2)
     info = build(tmp_path / "m.gguf", tmp_path / "work", SHAPE, cfg, vocab_size=400, log=lambda _: None)
@@ -370,7 +370,7 @@ def test_build_does_not_extend_a_stopped_first_schedule(tmp_path):
 
 @pytest.mark.parametrize("args", [["--extend", "-1"], ["--extensions", "-1"], ["--last-extend", "-1"], ["--steps", "0"], ["--extend-lr", "0"]])
 def test_build_cli_rejects_counts_that_cannot_train(args, capsys):
-    from model.demo.build import main
+    from demo.build import main
 
     with pytest.raises(SystemExit) as exc:
         main(args)
@@ -380,8 +380,8 @@ def test_build_cli_rejects_counts_that_cannot_train(args, capsys):
 def test_build_last_extension_of_another_length(tmp_path, monkeypatch):
     """last_extend: the last extension schedule is that many steps on its own share of new conversations,
     after the earlier extensions' (the first of the conversations it would have had with extend steps)."""
-    import model.demo.train as train_module
-    from model.demo.build import build, samples_for
+    import demo.train as train_module
+    from demo.build import build, samples_for
 
     trained = []  # each schedule's conversations
 

@@ -1,11 +1,11 @@
 """Quality of the demo model on held-out synthetic conversations (entity values never seen in
 training), greedy.
 
-  python -m model.demo.evaluate                        # through our HTTP server (openai client)
-  python -m model.demo.evaluate --via transformers --hf DIR   # in-process reference, no server
-  python -m model.demo.evaluate --ppl --quant          # + perplexity and KLD of quantisation recipes
-  python -m model.demo.evaluate --lookup 40 --hf DIR   # + does the model read the tool list? (teacher-forced)
-  python -m model.demo.evaluate -n 0 --copy 200 --copy-values fixed open wild --hf DIR   # copying, by kind of value
+  python -m demo.evaluate                        # through our HTTP server (openai client)
+  python -m demo.evaluate --via transformers --hf DIR   # in-process reference, no server
+  python -m demo.evaluate --ppl --quant          # + perplexity and KLD of quantisation recipes
+  python -m demo.evaluate --lookup 40 --hf DIR   # + does the model read the tool list? (teacher-forced)
+  python -m demo.evaluate -n 0 --copy 200 --copy-values fixed open wild --hf DIR   # copying, by kind of value
 
 Reported:
   tool requests   a parsable call to the right function(s) / with exactly the right arguments
@@ -22,7 +22,6 @@ import ast
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import DEMO_GGUF, corpus
+from fixtures.ports import free_port
+from model.demo import DEMO_GGUF
+
+from . import corpus
 from .corpus import NO_TOOL_KINDS, TOOL_KINDS, Sample
 from .train import TrainConfig
 
@@ -135,12 +137,6 @@ class TransformersBackend:
         pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerBackend:
     """`deltaserve serve MODEL` in a subprocess, queried with the openai client."""
 
@@ -153,7 +149,7 @@ class ServerBackend:
         cmd = [sys.executable, "-m", "server.cli", "serve", *([str(model)] if model else []), "--port", str(self.port),
                "--enable-auto-tool-choice", "--log-level", "warning", "--served-model-name", "demo"]
         self.log = open(log_path or os.devnull, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=HERE.parents[1])
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=HERE.parent)
         self.client = OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0, timeout=600)
         deadline = time.monotonic() + startup_timeout
         while True:

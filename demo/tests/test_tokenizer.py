@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from model.demo import corpus
-from model.demo.tokenizer import CONTROL_TOKENS, MARKUP_TOKENS, SPLIT_REGEX, save_hf_tokenizer, train_bpe
-from model.demo.train import ASSISTANT_SPAN, IGNORE, encode
+from demo import corpus
+from demo.tokenizer import CONTROL_TOKENS, MARKUP_TOKENS, SPLIT_REGEX, save_hf_tokenizer, train_bpe
+from demo.train import ASSISTANT_SPAN, IGNORE, encode
 
 
 @pytest.fixture(scope="module")
