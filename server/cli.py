@@ -1,18 +1,16 @@
 """`deltaserve` command line. Each subcommand is registered by one function taking the argparse
-subparsers object; `serve` lives here, others (e.g. `convert`) register from their own package
-by adding "package.module:function" to COMMANDS."""
+subparsers object; `serve` lives here, `convert` and `validate` in convert.cli."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-COMMANDS = ["server.cli:register_serve", "convert.cli:register"]
+from convert.cli import register as register_convert
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -62,8 +60,10 @@ def register_serve(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                               description="Serve a Qwen3.5 model over an OpenAI-compatible HTTP API.")
     p.add_argument("model", nargs="?", default=None,
-                   help="MLX directory, HF checkpoint directory or GGUF file (first split part); "
+                   help="MLX directory, HF checkpoint directory, GGUF file (any split part), or a Hugging Face "
+                        "repo ORG/NAME (ORG/NAME:TAG picks a GGUF quantisation, e.g. :Q4_K_M, :BF16); "
                         "default: the embedded demo model")
+    p.add_argument("--revision", help="branch, tag or commit of a Hugging Face MODEL (default: main)")
     p.add_argument("--config", help="YAML/TOML/JSON file of options (flag names as keys); flags override it")
     g = p.add_argument_group("HTTP")
     g.add_argument("--host", default="127.0.0.1")
@@ -105,7 +105,8 @@ def register_serve(subparsers) -> None:
     g.add_argument("--q-bits", type=int)
     g.add_argument("--q-group-size", type=int)
     g.add_argument("--q-recipe", help="quantisation recipe (name or configs/ file)")
-    g.add_argument("--imatrix-path", type=Path)
+    g.add_argument("--imatrix-path", help="local imatrix file, or a file in a Hugging Face repo: ORG/NAME:PATH "
+                                          "(ORG/NAME alone: its one file named *imatrix*)")
     p.set_defaults(func=run_serve, _parser=p)
 
 
@@ -165,7 +166,7 @@ def run_serve(args) -> int:
     options = {"dtype": args.dtype, "quantize": args.quantize, "q_bits": args.q_bits,
                "q_group_size": args.q_group_size, "q_recipe": args.q_recipe, "imatrix_path": args.imatrix_path}
     try:
-        path = resolve_model(args.model, options, args.cache_dir)
+        path = resolve_model(args.model, options, args.cache_dir, args.revision)
         print(f"deltaserve: loading {path}", file=sys.stderr, flush=True)
         model, tokenizer = load(path, dtype=args.dtype)
     except (ModelSourceError, ModelLoadError) as e:
@@ -201,25 +202,11 @@ def _serve(settings, model, tokenizer) -> int:
 
 # ---------------------------------------------------------------- entry point
 
-def _registrars():
-    for spec in COMMANDS:
-        module, _, func = spec.partition(":")
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as e:
-            if not (isinstance(e, ModuleNotFoundError) and e.name and module.startswith(e.name)):
-                print(f"deltaserve: warning: {module} could not be loaded ({e})", file=sys.stderr)
-            continue  # that subcommand's package is missing or broken; the others still work
-        register = getattr(mod, func, None)
-        if register is not None:
-            yield register
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltaserve", description="Qwen3.5 hybrid models on MLX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in _registrars():
-        register(sub)
+    register_serve(sub)
+    register_convert(sub)
     return parser
 
 

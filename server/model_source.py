@@ -1,5 +1,6 @@
 """What `deltaserve serve [MODEL]` loads: an MLX or HF checkpoint directory as it is, a GGUF file
-converted once into a cache directory (reused afterwards), or the embedded default model."""
+converted once into a cache directory (reused afterwards), a Hugging Face repo id (fetched by
+server.hub, then either of those), or the embedded default model."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import re
 import sys
 from pathlib import Path
 from typing import Optional
+
+from . import hub
 
 _SPLIT = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$")
 QUANT_OPTIONS = ("quantize", "q_bits", "q_group_size", "q_recipe", "imatrix_path")
@@ -48,16 +51,14 @@ def _is_gguf(path: Path) -> bool:
 
 
 def _convert(path: Path, options: dict, cache_root: Optional[Path]) -> Path:
-    try:
-        from convert import cached_conversion
-    except ImportError:
-        raise ModelSourceError(
-            f"{path}: serving a GGUF file (or quantising an HF checkpoint) needs the converter, which this "
-            "installation lacks (the convert package has no cached_conversion yet); convert it to an MLX "
-            "directory first, or pass an HF or MLX checkpoint directory") from None
+    from convert import ConvertError, cached_conversion
+
     print(f"deltaserve: preparing {path} (converted on first use, then reused from the cache)...",
           file=sys.stderr, flush=True)
-    return Path(cached_conversion(path, cache_root=cache_root, **options))
+    try:
+        return Path(cached_conversion(path, cache_root=cache_root, **options))
+    except ConvertError as e:
+        raise ModelSourceError(str(e)) from None
 
 
 def _is_mlx_dir(path: Path) -> bool:
@@ -70,15 +71,38 @@ def _is_mlx_dir(path: Path) -> bool:
     return "quantization" in config or "quantization_config" in config and "bits" in config["quantization_config"]
 
 
-def resolve_model(arg: Optional[str], options: Optional[dict] = None, cache_root: Optional[Path] = None) -> Path:
-    """MODEL argument -> a directory model.load can read. options: convert flags (None = unset)."""
-    options = {k: v for k, v in (options or {}).items() if v not in (None, False)}
-    if arg is None:
-        return _convert(default_model_path(), options, cache_root)
+def _local_or_hub(arg: str, revision: Optional[str], fetch, what: str) -> Path:
+    """A local path that exists wins; otherwise ORG/NAME[:TAG] is a Hugging Face repo."""
     path = Path(arg).expanduser()
-    if not path.exists():
-        raise ModelSourceError(f"{arg}: no such file or directory (MODEL is a local MLX or HF directory, "
-                               "or a GGUF file)")
+    if path.exists():
+        return path
+    ref = hub.parse_ref(arg)
+    if ref is None:
+        raise ModelSourceError(f"{arg}: no such file or directory ({what})")
+    try:
+        return fetch(ref, revision)
+    except hub.HubError as e:
+        raise ModelSourceError(str(e)) from None
+
+
+def resolve_model(arg: Optional[str], options: Optional[dict] = None, cache_root: Optional[Path] = None,
+                  revision: Optional[str] = None) -> Path:
+    """MODEL argument -> a directory model.load can read. options: convert flags (None = unset);
+    revision: of a hub MODEL (and of an --imatrix-path naming the same repo)."""
+    options = {k: v for k, v in (options or {}).items() if v not in (None, False)}
+    if revision and (arg is None or Path(arg).expanduser().exists()):
+        raise ModelSourceError("--revision applies only to a Hugging Face repo id given as MODEL")
+    if arg is None:
+        path = default_model_path()
+    else:
+        path = _local_or_hub(arg, revision, hub.model_path, "MODEL is a local MLX or HF directory, a GGUF "
+                             "file, or a Hugging Face repo ORG/NAME[:TAG]")
+    if "imatrix_path" in options:
+        imatrix = str(options["imatrix_path"])
+        ref = hub.parse_ref(imatrix)
+        same_repo = ref is not None and arg is not None and ref.repo == arg.partition(":")[0]
+        options["imatrix_path"] = _local_or_hub(imatrix, revision if same_repo else None, hub.file_path,
+                                                "--imatrix-path is a local file or a Hugging Face ORG/NAME[:PATH]")
     if path.is_file():
         if not _is_gguf(path):
             raise ModelSourceError(f"{arg}: not a GGUF file; pass a GGUF file or a checkpoint directory")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from fixtures import get_fixture
@@ -26,21 +27,26 @@ def cli(*args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+def wait_healthy(proc, port: int, timeout: float = 180) -> bool:
+    """Until /health answers 200 (it answers 503 while the server warms up); False if the server died."""
+    def healthy():
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        except httpx.TransportError:
+            return proc.poll() is not None  # stop waiting if it died
+
+    return wait_until(healthy, timeout=timeout, interval=0.5) and proc.poll() is None
+
+
 def test_serve_subprocess_with_the_seed_flags():
     port = free_port()
     proc = cli("serve", str(get_fixture("moe_r4").hf_dir), "--port", str(port), "--host", "127.0.0.1", *SEED_FLAGS,
                "--api-key", "k", "--served-model-name", "tiny", "--max-model-len", "1024", "--dtype", "float32",
                "--log-level", "warning")
     try:
+        assert wait_healthy(proc, port)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=30)
-
-        def up():
-            try:
-                return [m.id for m in client.models.list().data] == ["tiny"]
-            except openai.APIConnectionError:
-                return proc.poll() is not None  # stop waiting if it died
-
-        assert wait_until(up, timeout=120, interval=0.5) and proc.poll() is None
+        assert [m.id for m in client.models.list().data] == ["tiny"]
         tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
         r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], tools=tools,
                                            max_tokens=4)
