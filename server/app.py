@@ -1,6 +1,12 @@
 """The HTTP layer: `create_app(settings, engine)` builds a FastAPI app with the OpenAI routes.
 No module state: everything hangs off the ServerState made here. Errors of every kind leave as
-OpenAI's error JSON from the handlers at the bottom."""
+OpenAI's error JSON from the handlers at the bottom.
+
+While the server warms up (server/warmup.py), /health answers 503 {"status": "starting"} and the
+/v1 routes answer 503 (type service_unavailable, code server_starting) with Retry-After: 1, rather
+than holding requests until ready: orchestrators route no traffic before /health says ok, and
+clients that come early learn why at once (OpenAI's clients retry a 503 by themselves) instead of
+waiting on an open connection for a warm-up that can outlast their timeouts."""
 
 from __future__ import annotations
 
@@ -19,12 +25,13 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .constrained import GrammarCompiler
-from .errors import APIError, BadRequest, NotFound, Unauthorized
+from .errors import APIError, BadRequest, NotFound, Unauthorized, Unavailable
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
 from .responses import chat_stream, chat_whole, completion_stream, completion_whole
 from .serving import Generation, ServerState, chat_job, completion_job
 from .settings import Settings
+from .warmup import WarmUp
 
 log = logging.getLogger("deltaserve.server")
 
@@ -100,8 +107,22 @@ def _api_key_check(api_key: Optional[str]):
     return check
 
 
-def _v1_routes(state: ServerState) -> APIRouter:
-    router = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(state.settings.api_key))])
+def _starting(warm_up: Optional[WarmUp]) -> bool:
+    return warm_up is not None and not warm_up.ready.is_set()
+
+
+def _ready_check(warm_up: Optional[WarmUp]):
+    async def check() -> None:
+        if _starting(warm_up):
+            raise Unavailable("the server is starting (warming up the model); retry in a moment",
+                              code="server_starting")
+
+    return check
+
+
+def _v1_routes(state: ServerState, warm_up: Optional[WarmUp]) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(state.settings.api_key)),
+                                                   Depends(_ready_check(warm_up))])
 
     def card(name: str) -> ModelCard:
         return ModelCard(id=name, created=state.started, max_model_len=state.max_model_len)
@@ -140,7 +161,7 @@ def _v1_routes(state: ServerState) -> APIRouter:
 def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     def reply(status: int, body: dict) -> JSONResponse:
         metrics.errors.labels(str(status)).inc()
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers={"Retry-After": "1"} if status == 503 else None)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -162,8 +183,11 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         return reply(500, APIError(f"internal error: {type(e).__name__}").body())
 
 
-def create_app(settings: Settings, engine, tokenizer=None, *, max_model_len: Optional[int] = None) -> FastAPI:
-    """engine: a started server.engine.Engine (the caller shuts it down)."""
+def create_app(settings: Settings, engine, tokenizer=None, *, max_model_len: Optional[int] = None,
+               warm_up: bool = False) -> FastAPI:
+    """engine: a started server.engine.Engine (the caller shuts it down). warm_up: start the warm-up
+    (app.state.warm_up) on its own thread now and answer 503 until it is over; without it the app
+    is ready at once and the first requests pay for what a warm-up would have done."""
     tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
     max_len = max_model_len or engine.max_model_len
     vocab = engine.vocab_size
@@ -172,15 +196,20 @@ def create_app(settings: Settings, engine, tokenizer=None, *, max_model_len: Opt
 
     app = FastAPI(title="deltaserve", version="0.1.0")
     app.state.server = state
+    app.state.warm_up = WarmUp(state) if warm_up else None
 
     @app.get("/health")
     async def health():
+        if _starting(app.state.warm_up):
+            return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(_v1_routes(state))
+    app.include_router(_v1_routes(state, app.state.warm_up))
     _install_error_handlers(app, metrics)
+    if app.state.warm_up is not None:
+        app.state.warm_up.start()
     return app

@@ -186,9 +186,9 @@ def _serve(settings, model, tokenizer) -> int:
         logging.getLogger("deltaserve").warning("listening on %s without --api-key", settings.host)
     engine = Engine(model, tokenizer, settings.engine_config())
     try:
-        app = create_app(settings, engine, tokenizer)
+        app = create_app(settings, engine, tokenizer, warm_up=True)  # /health says ok once it is over
         print(f"deltaserve: serving {', '.join(settings.served_model_names)} on "
-              f"http://{settings.host}:{settings.port}/v1", file=sys.stderr, flush=True)
+              f"http://{settings.host}:{settings.port}/v1 (warming up)", file=sys.stderr, flush=True)
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="off")
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled; the shutdown was clean
         pass

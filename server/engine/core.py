@@ -118,6 +118,42 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._cancelled)
 
+    def warm_up(self, prompt_ids: list[int], processors: list = ()) -> None:
+        """Runs `prompt_ids` through each kind of step before any request comes, so that MLX builds
+        its kernels now: it compiles a fused kernel per input layout on first use (the CPU backend
+        runs a C++ compiler for each, seconds apiece). The kinds: one row alone (prefill, decode),
+        rows that start together (a right-padded batched prefill, then a batched decode; their
+        kernels differ from one row's), and a row whose `processors` pick its tokens on the host.
+        Meant for an engine that has served nothing yet: afterwards its prefix cache is empty (its
+        counters at zero) and the step count is back where it was, so later answers and stats do
+        not depend on the warm-up having run."""
+        if self.requests:
+            raise RuntimeError("warm up before serving: requests are in flight")
+        width = min(2, self.config.max_num_seqs, self.config.max_queue)
+        # Rows prefill as one batch only when all of them fit one step's prefill budget. 32 tokens
+        # still take the chunked prefill form (gated_delta uses it from 16), and are quick.
+        short = prompt_ids[: max(1, min(32, self.config.prefill_tokens_per_step // width))]
+        rounds = [[(prompt_ids, [])]]
+        if width > 1:
+            rounds.append([(short, [])] * width)
+        if processors:
+            rounds.append([(short, list(processors))])
+        steps = self.steps
+        try:
+            for rows in rounds:
+                for ids, procs in rows:
+                    self.add(ids, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, seed=0,
+                                                 logits_processors=procs))
+                while self.has_work():
+                    self.step()
+                self.prefix_cache.clear()  # the next round's rows must prefill from nothing, as new prompts do
+        except BaseException:
+            self.fail_all("warm-up failed")
+            self.prefix_cache.clear()
+            raise
+        finally:
+            self.steps = steps
+
     # ---- the step ----
     def step(self) -> None:
         self._apply_cancellations()

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import queue
 import threading
+from concurrent.futures import Future
 
 from .core import EngineConfig, EngineCore
 from .request import Delta, EngineStopped, SamplingParams
@@ -74,7 +75,8 @@ class Engine:
         self.core = EngineCore(model, tokenizer, config, emit=self._emit)
         self._streams: dict[str, Stream] = {}  # whose readers are still listening
         self._live: set[str] = set()  # ids submitted and not yet finished, listened to or not
-        self._inbox: list[tuple[str, object]] = []  # ("add", Request) | ("cancel", request id)
+        # ("add", Request) | ("cancel", request id) | ("warm_up", (prompt ids, processors, Future))
+        self._inbox: list[tuple[str, object]] = []
         self._queued = 0  # adds in the inbox: they count against max_queue before they reach the scheduler
         self._lock = threading.Lock()  # guards the four above; never held over a step
         self._stats = self.core.stats()
@@ -121,6 +123,17 @@ class Engine:
             self._inbox.append(("cancel", request_id))
         self._wake.set()
 
+    def warm_up(self, prompt_ids: list[int], processors: list = ()) -> None:
+        """Runs EngineCore.warm_up on the engine thread and returns when it is done (raising what it
+        raised). Meant for before serving: requests submitted meanwhile wait until it is over."""
+        done: Future = Future()
+        with self._lock:
+            if self._stop:
+                raise EngineStopped("the engine is shutting down")
+            self._inbox.append(("warm_up", (list(prompt_ids), list(processors), done)))
+        self._wake.set()
+        done.result()
+
     def stats(self) -> dict:
         """As of the end of the engine's last step."""
         return self._stats
@@ -135,19 +148,33 @@ class Engine:
         if stream is not None:
             stream._put(delta)
 
-    def _drain(self) -> None:  # engine thread, before each step: also publishes the last step's stats
+    def _drain(self) -> list:  # engine thread, before each step: also publishes the last step's stats
+        """Takes in the inbox's requests and cancellations; returns its warm-ups, to run outside the lock."""
+        warm_ups = []
         with self._lock:
             inbox, self._inbox, self._queued = self._inbox, [], 0
             for kind, item in inbox:
                 if kind == "add":
                     self.core.enqueue(item)  # submit checked its id and the room in the queue
-                else:
+                elif kind == "cancel":
                     self.core.cancel(item)
+                else:
+                    warm_ups.append(item)
             self._stats = self.core.stats()
+        return warm_ups
+
+    def _warm_up(self, prompt_ids: list[int], processors: list, done: Future) -> None:  # engine thread
+        try:
+            self.core.warm_up(prompt_ids, processors)
+        except Exception as e:
+            done.set_exception(e)
+        else:
+            done.set_result(None)
 
     def _loop(self) -> None:
         while not self._stop:
-            self._drain()
+            for warm_up in self._drain():
+                self._warm_up(*warm_up)
             if self.core.has_work():
                 try:
                     self.core.step()
@@ -157,7 +184,8 @@ class Engine:
             else:
                 self._wake.wait(0.05)
                 self._wake.clear()
-        self._drain()
+        for *_, done in self._drain():
+            done.set_exception(EngineStopped("the engine is shutting down"))
         self.core.fail_all("shutdown")
         self._stats = self.core.stats()
 
