@@ -1,4 +1,8 @@
-"""Tokenizer files for the output: rebuilt from GGUF metadata by transformers, or copied from HF."""
+"""Tokenizer files for the output: rebuilt from GGUF metadata, or copied from HF.
+
+A GGUF carries its tokenizer as tokenizer.* metadata. We read it with our own header parser and hand
+it to transformers' GGUF tokenizer builder and Qwen3.5 tokenizer class, the pieces
+`AutoTokenizer.from_pretrained(gguf_file=...)` uses, without its GGUF reader, which needs torch."""
 
 from __future__ import annotations
 
@@ -8,9 +12,13 @@ from collections import OrderedDict
 from pathlib import Path
 
 from .errors import ConvertError
+from .gguf_reader import ARCHITECTURES, open_header
 from .hf_reader import TOKENIZER_FILES
 
 SPECIAL = ("<|im_end|>", "<|endoftext|>")
+# tokenizer_config's special tokens, from the metadata key holding each one's id
+_SPECIAL_TOKEN_KEYS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
+                       "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
 _MEMO: OrderedDict = OrderedDict()  # tokenizer metadata digest -> (files, special ids): building is slow
 _MEMO_SIZE = 4
 
@@ -46,13 +54,16 @@ def write_gguf_tokenizer(gguf_path: Path, out: Path, key: str | None = None) -> 
 def _build_gguf_tokenizer(gguf_path: Path) -> tuple[dict, dict]:
     import tempfile
 
-    from transformers import AutoTokenizer
+    from transformers import Qwen3_5Tokenizer  # what AutoTokenizer picks for qwen3_5 and qwen3_5_moe
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
     from transformers.utils import logging as hf_logging
 
+    architecture, tokenizer_dict, tokenizer_config = _read_metadata(gguf_path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+        tok = Qwen3_5Tokenizer(tokenizer_object=backend, **tokenizer_config, **extra)
     except Exception as e:  # transformers raises many types for metadata it cannot use
         raise ConvertError(f"{gguf_path}: cannot build a tokenizer from its metadata ({type(e).__name__}: {e})") from None
     finally:
@@ -61,6 +72,36 @@ def _build_gguf_tokenizer(gguf_path: Path) -> tuple[dict, dict]:
         tok.save_pretrained(tmp)
         files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir())}
     return files, _special_ids(tok)
+
+
+def _read_metadata(gguf_path: Path) -> tuple[str, dict, dict]:
+    """(architecture, tokenizer fields, tokenizer_config fields) under transformers' names, as its
+    get_gguf_tokenizer gives them."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
+
+    f, mm, head = open_header(gguf_path)
+    try:
+        architecture = head.value("general.architecture")
+        groups = {group: {name: head.value(f"tokenizer.{key}") for key, name in renames.items()
+                          if f"tokenizer.{key}" in head.raw_fields}
+                  for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+        ids = {name: head.value(f"tokenizer.ggml.{key}") for name, key in _SPECIAL_TOKEN_KEYS.items()}
+    finally:
+        mm.close()
+        f.close()
+    if architecture not in ARCHITECTURES:
+        raise ConvertError(f"{gguf_path}: unsupported architecture {architecture!r}; "
+                           f"supported: {', '.join(ARCHITECTURES)}")
+    tokenizer, config = groups["tokenizer"], groups["tokenizer_config"]
+    tokens = tokenizer.get("tokens")
+    if not tokens:
+        raise ConvertError(f"{gguf_path}: no tokenizer.ggml.tokens in its metadata")
+    for name, token_id in ids.items():
+        if token_id is not None and not 0 <= token_id < len(tokens):
+            raise ConvertError(f"{gguf_path}: tokenizer.ggml.{_SPECIAL_TOKEN_KEYS[name]} = {token_id} is not "
+                               f"a token id (the vocabulary has {len(tokens)})")
+        config[name] = None if token_id is None else tokens[token_id]
+    return architecture, tokenizer, config
 
 
 def copy_hf_tokenizer(src: Path, out: Path) -> dict:
