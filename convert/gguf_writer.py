@@ -25,6 +25,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 ARCHS = {"Qwen3_5MoeForCausalLM": "qwen35moe", "Qwen3_5MoeForConditionalGeneration": "qwen35moe",
@@ -210,8 +211,6 @@ class _Converter:
 
 
 def _qtype(gguf_name: str, ndim: int, outtype: str):
-    import gguf
-
     if ndim <= 1 or gguf_name.endswith("_norm.weight") or F32_NAMES.search(gguf_name) \
             or not gguf_name.endswith(".weight") or outtype == "f32":
         return gguf.GGMLQuantizationType.F32
@@ -294,8 +293,6 @@ SPECIAL_TYPES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
 
 def _add_tokenizer_keys(w, hf_dir: Path, hp: dict, pre: str) -> None:
     """A byte-level BPE tokenizer (tokenizer.json) as llama.cpp's gpt2 vocabulary."""
-    import gguf
-
     tj = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
     tc_path = hf_dir / "tokenizer_config.json"
     tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
@@ -374,8 +371,6 @@ def _add_tokenizer_keys(w, hf_dir: Path, hp: dict, pre: str) -> None:
 
 def write_gguf(hf_dir, out_path, *, name: str | None = None, outtype: str = "bf16", tokenizer_pre: str = "qwen35") -> Path:
     """Write `hf_dir` (a Qwen3.5 / Qwen3.5-MoE HF checkpoint with tokenizer.json) as one GGUF file."""
-    import gguf
-
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     if outtype not in FILE_TYPES:
         raise GGUFWriteError(f"outtype must be one of {sorted(FILE_TYPES)}, not {outtype!r}")

@@ -1,21 +1,18 @@
-"""HF checkpoint directories (and unquantised MLX ones): memory-mapped safetensors -> our layout.
-
-Accepts the published layout (model.language_model. prefixes, fused experts.gate_up_proj, vision
-weights, mtp.*), transformers 5's per-expert tensors, plain model. prefixes, and our own output.
-"""
+"""HF checkpoint directories (and unquantised MLX ones): memory-mapped safetensors -> our layout,
+by the rules of model/layout.py (which layouts are accepted and how each maps to ours)."""
 
 from __future__ import annotations
 
 import json
 import mmap
-import re
 import struct
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from model.qwen3_5 import ZERO_CENTRED_NORMS, canonical_key
+from model import layout
+from model.config import ModelLoadError, periodic_layer_types
 
 from . import tensor as T
 from .errors import ConvertError
@@ -26,7 +23,6 @@ MODEL_TYPES = {"qwen3_5_moe": "qwen3_5_moe", "qwen3_5_moe_text": "qwen3_5_moe",
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json")
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
-_EXPERT = re.compile(r"^(?P<p>.*\.mlp)\.experts\.(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight$")
 _PAGE = mmap.PAGESIZE
 
 
@@ -95,11 +91,12 @@ def read_hf_config(path: Path) -> dict:
         raise ConvertError(f"{config_path}: unsupported model_type {model_type!r}; supported: "
                            f"{', '.join(MODEL_TYPES)}")
     text["model_type"] = MODEL_TYPES[model_type]
-    n_layers = int(text["num_hidden_layers"])
-    interval = int(text.get("full_attention_interval", 4))
-    text.setdefault("layer_types", ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
-                                    for i in range(n_layers)])
-    text.setdefault("full_attention_interval", interval)
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads"):
+        if key not in text:
+            raise ConvertError(f"{config_path}: missing required key {key!r}")
+    if "layer_types" not in text:
+        text["layer_types"] = periodic_layer_types(int(text["num_hidden_layers"]),
+                                                   int(text.get("full_attention_interval", 4)))
     text.setdefault("head_dim", text["hidden_size"] // text["num_attention_heads"])
     rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
     rope.setdefault("rope_theta", text.get("rope_theta", 1e7))
@@ -141,46 +138,26 @@ class HFCheckpoint:
         return sorted({info["dtype"] for f in self.files for info in f.header.values()})
 
     def tensors(self) -> dict[str, LazyTensor]:
-        raw: dict[str, LazyTensor] = {}
-        for f in self.files:
-            for key in f.header:
-                name = canonical_key(key, keep_mtp=True)
-                if name is not None:
-                    raw[name] = f.lazy(key)
-        return _to_our_layout(raw, self.path)
+        """Every tensor in our layout and names, the MTP block included."""
+        file_of = {key: f for f in self.files for key in f.header}
+        try:
+            steps = layout.plan({k: f.header[k]["shape"] for k, f in file_of.items()},
+                                self.config["tie_word_embeddings"], keep_mtp=True)
+        except ModelLoadError as e:
+            raise ConvertError(f"{self.path}: {e}") from None
+        return {name: _APPLY[step.op]([file_of[k].lazy(k) for k in step.sources]) for name, step in steps.items()}
 
 
-def _to_our_layout(raw: dict[str, LazyTensor], path: Path) -> dict[str, LazyTensor]:
-    is_hf = any(k.endswith("conv1d.weight") and v.shape[-1] != 1 for k, v in raw.items())
-    out: dict[str, LazyTensor] = {}
-    experts: dict[tuple[str, str], dict[int, LazyTensor]] = {}
-    for name, t in raw.items():
-        m = _EXPERT.match(name)
-        if m:
-            experts.setdefault((m["p"], m["w"]), {})[int(m["e"])] = t
-        elif name.endswith(".mlp.experts.gate_up_proj"):
-            p = name[: -len(".experts.gate_up_proj")]
-            half = t.shape[1] // 2
-            out[f"{p}.switch_mlp.gate_proj.weight"] = T.slice_axis1(t, 0, half)
-            out[f"{p}.switch_mlp.up_proj.weight"] = T.slice_axis1(t, half, 2 * half)
-        elif name.endswith(".mlp.experts.down_proj"):
-            out[name[: -len(".experts.down_proj")] + ".switch_mlp.down_proj.weight"] = t
-        elif is_hf and name.endswith("conv1d.weight") and len(t.shape) == 3:
-            out[name] = T.reshape(t, (t.shape[0], t.shape[2], 1))  # [C, 1, K] -> [C, K, 1]
-        elif is_hf and len(t.shape) == 1 and _zero_centred(name):
-            out[name] = T.map_values(t, lambda x: x.astype(mx.float32) + 1.0)
-        else:
-            out[name] = t
-    for (p, w), per in experts.items():
-        n = max(per) + 1
-        if sorted(per) != list(range(n)):
-            missing = next(e for e in range(n) if e not in per)
-            raise ConvertError(f"{path}: per-expert tensors of {p} lack expert {missing} ({w})")
-        out[f"{p}.switch_mlp.{w}.weight"] = T.stack([per[e] for e in range(n)])
-    return out
+def _half(t: LazyTensor, i: int) -> LazyTensor:
+    n = t.shape[1] // 2
+    return T.slice_axis1(t, i * n, (i + 1) * n)
 
 
-def _zero_centred(name: str) -> bool:
-    if name.startswith("mtp."):  # the MTP block is full attention: every norm in it is (1 + w)
-        return name.endswith("norm.weight") or name.endswith(("norm_embedding.weight", "norm_hidden.weight"))
-    return name.endswith(ZERO_CENTRED_NORMS)
+_APPLY = {  # layout.OPS on lazy tensors
+    "take": lambda ts: ts[0],
+    "stack": T.stack,
+    "gate_half": lambda ts: _half(ts[0], 0),
+    "up_half": lambda ts: _half(ts[0], 1),
+    "conv": lambda ts: T.reshape(ts[0], (ts[0].shape[0], ts[0].shape[2], 1)),  # [C, 1, K] -> [C, K, 1]
+    "plus_one": lambda ts: T.map_values(ts[0], lambda x: x.astype(mx.float32) + 1.0),
+}

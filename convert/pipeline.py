@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model.config import full_attention_interval
+
 from . import awq as awq_mod
 from . import writer
 from .errors import ConvertError
@@ -210,12 +212,9 @@ def _write_item(shard, item: Item, awq_plan, bar: Progress, chunk_bytes: int) ->
 
 
 def _layer_type_warnings(config: dict) -> list[str]:
-    interval = config.get("full_attention_interval", 4)
-    periodic = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
-                for i in range(config["num_hidden_layers"])]
-    if list(config["layer_types"]) != periodic:
-        return ["layer_types is not periodic with full_attention_interval: mlx-lm (which reads only the "
-                "interval) will build the wrong layers; deltaserve's loader reads layer_types"]
+    if full_attention_interval(config["layer_types"]) is None:
+        return ["layer_types has no fixed full-attention interval: mlx-lm (which reads only "
+                "full_attention_interval) will build the wrong layers; deltaserve's loader reads layer_types"]
     return []
 
 
@@ -223,6 +222,11 @@ def _output_config(src: dict, options: Options, quant: dict | None, special: dic
     c = {k: v for k, v in src.items() if k not in ("quantization", "quantization_config", "torch_dtype",
                                                       "text_config", "auto_map")}
     c["architectures"] = [ARCHITECTURES[c["model_type"]]]
+    # The source's interval may be missing (transformers does not save it) or disagree with its
+    # layer_types (llama.cpp's converter then writes 4); mlx-lm builds its layers from the interval.
+    interval = full_attention_interval(c["layer_types"])
+    if interval is not None:
+        c["full_attention_interval"] = interval
     c["dtype"] = options.dtype
     if special.get("eos_token_ids"):
         c["eos_token_id"] = special["eos_token_ids"]

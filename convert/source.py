@@ -7,9 +7,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.config import ModelConfig, ModelLoadError
+from model.loader import check_weights
+from model.qwen3_5 import Model
+
 from .errors import ConvertError
 from .gguf_inverse import Geometry, gguf_tensors
+from .gguf_reader import GGUFFile, find_parts, text_config
+from .hf_reader import HFCheckpoint
 from .tensor import LazyTensor
+from .tokenizer import copy_hf_tokenizer, write_gguf_tokenizer
 
 
 @dataclass
@@ -66,8 +73,6 @@ def open_source(path) -> Source:
 
 
 def _open_gguf(path: Path) -> Source:
-    from .gguf_reader import GGUFFile, text_config
-
     g = GGUFFile(path)
     try:
         config = text_config(g)
@@ -82,62 +87,32 @@ def _open_gguf(path: Path) -> Source:
             f"the source is already quantised ({', '.join(quantized)}): re-quantising compounds its "
             "error; convert from the BF16 GGUF where you can")
     types = sorted({t.source_dtype for t in tensors.values()})
+    digest = g.header.digest("tokenizer.")
 
     def tokenizer(out: Path) -> dict:
-        from .tokenizer import write_gguf_tokenizer
-
         return write_gguf_tokenizer(g.parts[0], out, digest)
-
-    digest = g.header.digest("tokenizer.")
 
     return Source("gguf", path, config, tensors, g.identity(), types, tokenizer, g.close, warnings)
 
 
 def _open_hf(path: Path) -> Source:
-    from .hf_reader import HFCheckpoint
-
     ckpt = HFCheckpoint(path)
     tensors = ckpt.tensors()
 
     def tokenizer(out: Path) -> dict:
-        from .tokenizer import copy_hf_tokenizer
-
         return copy_hf_tokenizer(path, out)
 
     return Source("hf", path, ckpt.config, tensors, ckpt.identity(), ckpt.source_types(), tokenizer)
 
 
-def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of our model for this config (the loader's own module tree)."""
-    from mlx.utils import tree_flatten
-
-    from model.config import ModelConfig, ModelLoadError
-    from model.qwen3_5 import Model
-
+def _check_against_model(source: Source) -> None:
+    """The tensors are exactly what our model has for this config (the MTP block aside)."""
+    shapes = {k: t.shape for k, t in source.tensors.items() if not k.startswith("mtp.")}
     try:
-        model = Model(ModelConfig.from_dict(config, source="the input's config"))
+        model = Model(ModelConfig.from_dict(source.config, source=f"{source.path} (config)"))
+        check_weights(model, shapes, source.path)
     except ModelLoadError as e:
         raise ConvertError(str(e)) from None
-    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
-
-
-def _check_against_model(source: Source) -> None:
-    expected = expected_shapes(source.config)
-    tensors = source.tensors
-    if source.config.get("tie_word_embeddings"):
-        tensors.pop("language_model.lm_head.weight", None)
-    where = source.path
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ConvertError(f"{where}: the checkpoint lacks {missing[0]}{more}")
-    for name, t in tensors.items():
-        if name.startswith("mtp."):
-            continue
-        if name not in expected:
-            raise ConvertError(f"{where}: unexpected tensor {name} for this config")
-        if tuple(t.shape) != expected[name]:
-            raise ConvertError(f"{where}: tensor {name} has shape {tuple(t.shape)}, expected {expected[name]}")
 
 
 def input_identity(path) -> list[tuple[str, int, int]]:
@@ -150,8 +125,6 @@ def input_identity(path) -> list[tuple[str, int, int]]:
         if not (path / "config.json").is_file():
             raise ConvertError(f"{path}: no config.json (not a checkpoint directory)")
     elif path.is_file():
-        from .gguf_reader import find_parts
-
         files = find_parts(path)
     else:
         raise ConvertError(f"{path}: no such file or directory")

@@ -14,6 +14,20 @@ class ModelLoadError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file or tensor at fault."""
 
 
+def periodic_layer_types(n_layers: int, interval: int) -> list[str]:
+    """Full attention at every interval-th layer (layer i when (i + 1) % interval == 0)."""
+    return ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n_layers)]
+
+
+def full_attention_interval(layer_types: list[str]) -> int | None:
+    """The interval whose periodic pattern is exactly `layer_types`, None if there is none.
+    mlx-lm builds its layers from the interval alone, so a config must carry this one."""
+    if "full_attention" not in layer_types:
+        return None
+    interval = layer_types.index("full_attention") + 1
+    return interval if periodic_layer_types(len(layer_types), interval) == list(layer_types) else None
+
+
 @dataclass
 class ModelConfig:
     model_type: str
@@ -73,11 +87,7 @@ class ModelConfig:
         n_layers = int(need("num_hidden_layers"))
         layer_types = text.get("layer_types")
         if layer_types is None:
-            interval = int(text.get("full_attention_interval", 4))
-            layer_types = [
-                "full_attention" if (i + 1) % interval == 0 else "linear_attention"
-                for i in range(n_layers)
-            ]
+            layer_types = periodic_layer_types(n_layers, int(text.get("full_attention_interval", 4)))
         if len(layer_types) != n_layers or any(t not in LAYER_TYPES for t in layer_types):
             raise ModelLoadError(
                 f"{source}: layer_types must list {n_layers} entries from {LAYER_TYPES}, got {layer_types}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import mlx.core as mx
@@ -77,24 +78,20 @@ def _quantize(model: Model, config: ModelConfig, weights: dict) -> None:
     )
 
 
-def _check(model: Model, weights: dict, sources: dict, origin: dict, path: Path) -> None:
-    def where(key):
-        src = sources.get(key, [key])
-        return f"{src[0]!r} in {origin.get(src[0], path.name)}"
-
-    expected = dict(tree_flatten(model.parameters()))
-    missing = [k for k in expected if k not in weights]
+def check_weights(model: Model, shapes: Mapping[str, Sequence[int]], where: str | Path,
+                  name: Callable[[str], str] = repr) -> None:
+    """The checkpoint's tensors (our name -> shape) are exactly `model`'s parameters, shapes included.
+    The first mismatch raises ModelLoadError, prefixed by `where`; `name(key)` says which tensor."""
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    missing = [k for k in expected if k not in shapes]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ModelLoadError(f"{path}: checkpoint lacks tensor {missing[0]!r}{more}")
-    unexpected = [k for k in weights if k not in expected]
-    if unexpected:
-        raise ModelLoadError(f"{path}: unexpected tensor {where(unexpected[0])} for this config")
-    for k, v in weights.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise ModelLoadError(
-                f"{path}: tensor {where(k)} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
-            )
+        raise ModelLoadError(f"{where}: the checkpoint lacks tensor {missing[0]!r}{more}")
+    for k, shape in shapes.items():
+        if k not in expected:
+            raise ModelLoadError(f"{where}: unexpected tensor {name(k)} for this config")
+        if tuple(shape) != expected[k]:
+            raise ModelLoadError(f"{where}: tensor {name(k)} has shape {tuple(shape)}, expected {expected[k]}")
 
 
 def load_model(path, dtype: str | None = None) -> Model:
@@ -103,13 +100,17 @@ def load_model(path, dtype: str | None = None) -> Model:
         raise ModelLoadError(f"{path}: not a model directory")
     config = ModelConfig.from_file(path / "config.json")
     raw, origin = read_safetensors(path)
-    weights, sources = sanitize(raw, config)
+    try:
+        weights, sources = sanitize(raw, config)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
     compute = _resolve_dtype(dtype, config, weights)
 
     model = Model(config)
     model.compute_dtype = compute
     _quantize(model, config, weights)
-    _check(model, weights, sources, origin, path)
+    check_weights(model, {k: v.shape for k, v in weights.items()}, path,
+                  lambda k: f"{sources[k][0]!r} in {origin[sources[k][0]]}")
     cast = {}
     for k, v in weights.items():
         if not mx.issubdtype(v.dtype, mx.floating):

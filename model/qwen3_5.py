@@ -13,8 +13,9 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import layout
 from .cache import Cache, KVLayer, LinearLayer
-from .config import ModelConfig, ModelLoadError
+from .config import ModelConfig
 from .gated_delta import gated_delta, l2norm
 from .quantized import Linear
 from .switch import SwitchGLU, swiglu
@@ -323,85 +324,23 @@ class Model(nn.Module):
         return lm.lm_head(x)
 
 
-ZERO_CENTRED_NORMS = (  # stored as w in HF checkpoints, applied as (1 + w): we hold 1 + w
-    ".input_layernorm.weight",
-    ".post_attention_layernorm.weight",
-    "model.norm.weight",
-    ".q_norm.weight",
-    ".k_norm.weight",
-)
-_VISION_PREFIXES = ("model.visual.", "visual.", "vision_tower.", "model.vision_tower.", "model.multi_modal_projector.")
-_MTP_PREFIXES = ("mtp.", "model.mtp.")
 _FLOAT32_PARAMS = ("A_log", "dt_bias", "norm.weight", "layernorm.weight")
-
-
-def canonical_key(key: str, keep_mtp: bool = False) -> str | None:
-    """Our module path for a checkpoint key (raw HF, published or mlx-lm layout). None for weights
-    we do not load: vision, and the MTP block unless keep_mtp (then named mtp.*, as the converter
-    writes it for speculative decoding later)."""
-    if key.startswith(_VISION_PREFIXES):
-        return None
-    if key.startswith(_MTP_PREFIXES):
-        return key.removeprefix("model.") if keep_mtp else None
-    if key.startswith("model.language_model."):
-        return "language_model.model." + key[len("model.language_model.") :]
-    if key.startswith("language_model."):
-        return key
-    if key.startswith("model."):
-        return "language_model." + key
-    if key.startswith("lm_head."):
-        return "language_model." + key
-    return key
+_APPLY = {  # layout.OPS on MLX arrays
+    "take": lambda xs: xs[0],
+    "stack": mx.stack,
+    "gate_half": lambda xs: xs[0][:, : xs[0].shape[1] // 2],
+    "up_half": lambda xs: xs[0][:, xs[0].shape[1] // 2 :],
+    "conv": lambda xs: xs[0].swapaxes(1, 2),
+    "plus_one": lambda xs: xs[0].astype(mx.float32) + 1.0,
+}
 
 
 def sanitize(weights: dict, config: ModelConfig) -> tuple[dict, dict]:
-    """Map a raw HF checkpoint (or our/mlx-lm's own layout, unchanged) to this module tree.
-
-    Returns (weights, sources) where sources[new_key] lists the checkpoint keys it came from.
-    A raw HF checkpoint is recognised in one place: its conv1d weight is [C, 1, K], not [C, K, 1].
-    Running sanitize on its own output changes nothing.
-    """
-    out, sources = {}, {}
-    for key, value in weights.items():
-        new = canonical_key(key)
-        if new is not None:
-            out[new], sources[new] = value, [key]
-    raw = any(k.endswith("conv1d.weight") and v.shape[-1] != 1 for k, v in out.items())
-
-    for layer in range(config.num_hidden_layers):
-        p = f"language_model.model.layers.{layer}.mlp"
-        fused = f"{p}.experts.gate_up_proj"
-        if fused in out:
-            gate_up, src = out.pop(fused), sources.pop(fused)
-            mid = gate_up.shape[-2] // 2
-            for name, part in (("gate_proj", gate_up[..., :mid, :]), ("up_proj", gate_up[..., mid:, :])):
-                out[f"{p}.switch_mlp.{name}.weight"], sources[f"{p}.switch_mlp.{name}.weight"] = part, src
-            if f"{p}.experts.down_proj" in out:
-                out[f"{p}.switch_mlp.down_proj.weight"] = out.pop(f"{p}.experts.down_proj")
-                sources[f"{p}.switch_mlp.down_proj.weight"] = sources.pop(f"{p}.experts.down_proj")
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            keys = [f"{p}.experts.{e}.{name}.weight" for e in range(config.num_experts)]
-            present = [k for k in keys if k in out]
-            if not present:
-                continue
-            if len(present) != len(keys):
-                missing = next(k for k in keys if k not in out)
-                raise ModelLoadError(f"checkpoint has per-expert tensors for {p} but lacks {missing!r}")
-            dst = f"{p}.switch_mlp.{name}.weight"
-            out[dst] = mx.stack([out.pop(k) for k in keys])
-            sources[dst] = [s for k in keys for s in sources.pop(k)]
-
-    if raw:
-        for key in list(out):
-            value = out[key]
-            if key.endswith("conv1d.weight") and value.ndim == 3 and value.shape[-1] != 1:
-                out[key] = value.swapaxes(1, 2)  # [C, 1, K] -> [C, K, 1]
-            elif key.endswith(ZERO_CENTRED_NORMS) and value.ndim == 1:
-                out[key] = value.astype(mx.float32) + 1.0
-    if config.tie_word_embeddings:
-        out.pop("language_model.lm_head.weight", None)
-        sources.pop("language_model.lm_head.weight", None)
-    return out, sources
+    """Map a checkpoint in any layout `layout` accepts to this module tree; the output is unchanged
+    by a second run. Returns (weights, sources): sources[new_key] lists the checkpoint keys it came from."""
+    steps = layout.plan({k: v.shape for k, v in weights.items()}, config.tie_word_embeddings)
+    out = {name: _APPLY[step.op]([weights[k] for k in step.sources]) for name, step in steps.items()}
+    return out, {name: list(step.sources) for name, step in steps.items()}
 
 
 def keeps_float32(key: str) -> bool:

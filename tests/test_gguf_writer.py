@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 
 from convert.gguf_writer import GGUFWriteError, write_gguf
 from fixtures import GGUF_FIXTURES, get_fixture
-
-gguf = pytest.importorskip("gguf")
 
 # The two keys our writer sets from its arguments instead of deriving them like llama.cpp:
 # general.name (llama.cpp: from the directory name or a model card) and tokenizer.ggml.pre

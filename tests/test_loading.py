@@ -152,6 +152,13 @@ def test_missing_tensor_is_named(tmp_path):
         load_model(d)
 
 
+def test_missing_expert_is_named(tmp_path):
+    d = copy_fixture("moe_r1_tied", tmp_path)
+    rewrite_weights(d, lambda w: {k: v for k, v in w.items() if k != "model.layers.2.mlp.experts.3.up_proj.weight"})
+    with pytest.raises(ModelLoadError, match=r"layers\.2\.mlp but lacks expert 3 \(up_proj\)"):
+        load_model(d)
+
+
 def test_misshaped_tensor_is_named_with_its_file(tmp_path):
     d = copy_fixture("dense_r2_tied", tmp_path)
     key = "model.layers.0.linear_attn.in_proj_z.weight"
