@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .constrained import GrammarCompiler
 from .errors import APIError, BadRequest, NotFound, Unauthorized, Unavailable
 from .metrics import Metrics
+from .openai_responses import responses_routes
 from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
 from .responses import chat_stream, chat_whole, completion_stream, completion_whole
 from .serving import Generation, ServerState, chat_job, completion_job
@@ -155,6 +156,7 @@ def _v1_routes(state: ServerState, warm_up: Optional[WarmUp]) -> APIRouter:
         result = await until_disconnect(request, completion_whole(state, gen))
         return Response(status_code=204) if result is None else result.model_dump()
 
+    router.include_router(responses_routes(state, parse_body, until_disconnect))
     return router
 
 

@@ -99,6 +99,9 @@ def register_serve(subparsers) -> None:
                    help="split <think> text into reasoning_content (default qwen3; 'none' leaves it in content)")
     g.add_argument("--chat-template-kwargs", type=_json_object, default={},
                    help='default template variables, e.g. \'{"enable_thinking": false}\'; requests override')
+    g.add_argument("--responses-store-size", type=parse_size, default=64 << 20, dest="responses_store_bytes",
+                   help="memory for stored /v1/responses (previous_response_id, GET), e.g. 256M (default 64M; "
+                        "least recently used out)")
     g = p.add_argument_group("conversion (GGUF or HF inputs; passed to the converter)")
     g.add_argument("--cache-dir", type=Path, help="where converted models are kept")
     g.add_argument("--quantize", action="store_true", default=None, help="quantise while converting")
@@ -147,6 +150,7 @@ def settings_from_args(args):
         memory_budget_bytes=args.memory_budget_bytes, prefill_tokens_per_step=args.prefill_tokens_per_step,
         enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser, chat_template_kwargs=dict(args.chat_template_kwargs or {}),
+        responses_store_bytes=args.responses_store_bytes,
         log_level=args.log_level,
     )
 

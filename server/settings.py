@@ -28,6 +28,7 @@ class Settings:
     tool_call_parser: Optional[str] = "qwen3"
     reasoning_parser: Optional[str] = "qwen3"
     chat_template_kwargs: dict = field(default_factory=dict)
+    responses_store_bytes: int = 64 << 20  # stored /v1/responses (previous_response_id), least recently used out
     log_level: str = "info"
 
     def __post_init__(self):
