@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .anthropic_messages import messages_routes
 from .constrained import GrammarCompiler
 from .errors import APIError, BadRequest, NotFound, Unauthorized, Unavailable
 from .metrics import Metrics
@@ -101,8 +102,10 @@ def _api_key_check(api_key: Optional[str]):
         if expected is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
-            raise Unauthorized("a valid API key is needed: send 'Authorization: Bearer <key>'",
+        bearer = token.strip() if scheme.lower() == "bearer" else ""
+        x_api_key = request.headers.get("x-api-key", "").strip()  # Anthropic's clients send this
+        if not any(hmac.compare_digest(key.encode(), expected) for key in (bearer, x_api_key) if key):
+            raise Unauthorized("a valid API key is needed: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
                                code="invalid_api_key")
 
     return check
@@ -157,6 +160,7 @@ def _v1_routes(state: ServerState, warm_up: Optional[WarmUp]) -> APIRouter:
         return Response(status_code=204) if result is None else result.model_dump()
 
     router.include_router(responses_routes(state, parse_body, until_disconnect))
+    router.include_router(messages_routes(state, until_disconnect))
     return router
 
 
