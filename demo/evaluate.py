@@ -2,6 +2,7 @@
 training), greedy.
 
   python -m demo.evaluate                        # through our HTTP server (openai client)
+  python -m demo.evaluate --api responses        # the same, through /v1/responses instead of chat completions
   python -m demo.evaluate --via transformers --hf DIR   # in-process reference, no server
   python -m demo.evaluate --ppl --quant          # + perplexity and KLD of quantisation recipes
   python -m demo.evaluate --lookup 40 --hf DIR   # + does the model read the tool list? (teacher-forced)
@@ -142,9 +143,11 @@ class ServerBackend:
 
     name = "server"
 
-    def __init__(self, model: Path | None, startup_timeout: float = 1800, log_path: Path | None = None):
+    def __init__(self, model: Path | None, startup_timeout: float = 1800, log_path: Path | None = None,
+                 api: str = "chat"):
         from openai import OpenAI
 
+        self.api = api
         self.port = free_port()
         cmd = [sys.executable, "-m", "server.cli", "serve", *([str(model)] if model else []), "--port", str(self.port),
                "--enable-auto-tool-choice", "--log-level", "warning", "--served-model-name", "demo"]
@@ -165,6 +168,8 @@ class ServerBackend:
                 time.sleep(1)
 
     def chat(self, messages, tools, thinking: bool) -> Reply:
+        if self.api == "responses":
+            return self._responses(messages, tools, thinking)
         extra = {} if thinking else {"chat_template_kwargs": {"enable_thinking": False}}
         r = self.client.chat.completions.create(model="demo", messages=openai_messages(messages), tools=tools or None,
                                                 temperature=0, max_tokens=MAX_TOKENS, extra_body=extra or None)
@@ -178,6 +183,23 @@ class ServerBackend:
             calls.append({"name": c.function.name, "arguments": args})
         reasoning = getattr(m, "reasoning_content", None) or (m.model_extra or {}).get("reasoning_content") or ""
         return Reply(m.content or "", reasoning, calls)
+
+    def _responses(self, messages, tools, thinking: bool) -> Reply:
+        r = self.client.responses.create(model="demo", input=responses_items(messages), temperature=0,
+                                         tools=[{"type": "function", **t["function"]} for t in tools or []],
+                                         max_output_tokens=MAX_TOKENS, store=False,
+                                         reasoning=None if thinking else {"effort": "none"})
+        reasoning, calls = "", []
+        for item in r.output:
+            if item.type == "reasoning":
+                reasoning += "".join(c.text for c in item.content or [])
+            elif item.type == "function_call":
+                try:
+                    args = json.loads(item.arguments)
+                except ValueError:
+                    args = None
+                calls.append({"name": item.name, "arguments": args})
+        return Reply(r.output_text, reasoning, calls)
 
     def close(self):
         if self.proc.poll() is None:
@@ -204,6 +226,24 @@ def openai_messages(messages: list[dict]) -> list[dict]:
             m["tool_call_id"] = ids.pop(0) if ids else "call_x"
         out.append(m)
     return out
+
+
+def responses_items(messages: list[dict]) -> list[dict]:
+    """The same conversation as Responses input items: reasoning, message, function_call and
+    function_call_output items, in the order the Responses API returns and takes them."""
+    items = []
+    for m in openai_messages(messages):
+        if m["role"] == "tool":
+            items.append({"type": "function_call_output", "call_id": m["tool_call_id"], "output": m["content"]})
+            continue
+        if m.get("reasoning_content") is not None:
+            items.append({"type": "reasoning", "summary": [],
+                          "content": [{"type": "reasoning_text", "text": m["reasoning_content"]}]})
+        if m["content"] or not m.get("tool_calls"):
+            items.append({"type": "message", "role": m["role"], "content": m["content"]})
+        items += [{"type": "function_call", "call_id": c["id"], "name": c["function"]["name"],
+                   "arguments": c["function"]["arguments"]} for c in m.get("tool_calls") or []]
+    return items
 
 
 # ---------------------------------------------------------------- scoring
@@ -481,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=None,
                    help="what the server serves (GGUF or checkpoint dir; default: the committed GGUF)")
     p.add_argument("--via", choices=["server", "transformers"], default="server")
+    p.add_argument("--api", choices=["chat", "responses"], default="chat",
+                   help="which of the server's APIs --via server asks: chat completions or /v1/responses")
     p.add_argument("--hf", type=Path, help="HF checkpoint for --via transformers and the imatrix")
     p.add_argument("-n", type=int, default=200, help="held-out conversations (0: skip the end-to-end evaluation)")
     p.add_argument("--ppl", action="store_true", help="perplexity of the BF16 HF checkpoint (transformers)")
@@ -512,8 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.via == "server":
             model = args.model or DEMO_GGUF
             args.work.mkdir(parents=True, exist_ok=True)
-            backend = ServerBackend(model, log_path=args.work / "server.log")
-            results["model"] = str(model)
+            backend = ServerBackend(model, log_path=args.work / "server.log", api=args.api)
+            results["model"], results["api"] = str(model), args.api
         else:
             backend = TransformersBackend(args.hf, args.threads)
             results["model"] = str(args.hf)
