@@ -8,6 +8,20 @@ and the older Qwen3 JSON form `<tool_call>{"name": ..., "arguments": {...}}</too
 header (index, id, name), fragments of its JSON arguments, its end. Concatenating one call's
 fragments gives its arguments as a JSON object. Feeding a text whole or in any chunking gives
 the same events, merged. Text that only looks like a call (`<tool_call>` in prose) stays text.
+
+Where a value ends is decided with the tool's schema, so that code written into a string value
+(a coding agent editing a parser or a chat template) stays in the value:
+- a value ends at `</parameter>` followed by a new parameter, `</function>`, `</tool_call>`, the
+  next call or the end of the output; any other `</parameter>` is text;
+- `<parameter=NAME>` starts a new parameter only for a NAME the tool has and was not given yet
+  (after a closed non-string value, any NAME not given yet); otherwise it is text, so a call
+  never repeats a JSON key. A value whose `</parameter>` is missing ends there too, or at a
+  `</function>` that closes the call (followed by `</tool_call>`, the next call or the end);
+- a `<function=` inside a value opens a quoted call: until its `</function>`, markup is text,
+  unless that `</function>` is followed by the end of the output or by the next call (then the
+  quote was never closed and this was the real end).
+String values stream as they are generated; text that may still turn out to be a tag is held
+back until it is decided.
 """
 
 from __future__ import annotations
@@ -25,8 +39,12 @@ FUNCTION_OPEN = "<function="
 FUNCTION_CLOSE = "</function>"
 PARAM_OPEN = "<parameter="
 PARAM_CLOSE = "</parameter>"
-# a value ends at the first </parameter> that is followed by one of these (after whitespace)
-_VALUE_END_FOLLOWERS = (PARAM_OPEN, FUNCTION_CLOSE, TOOL_CALL_CLOSE)
+# what may follow </parameter> at a value's end (whitespace between)
+_VALUE_END_FOLLOWERS = (PARAM_OPEN, FUNCTION_CLOSE, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, FUNCTION_OPEN)
+# tags that may end a value or change how later tags in it are read
+_VALUE_MARKERS = (PARAM_CLOSE, PARAM_OPEN, FUNCTION_CLOSE, FUNCTION_OPEN)
+# a string token of the JSON form (possibly unterminated, so a partial string hides its tags) or its end
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|' + TOOL_CALL_CLOSE, re.S)
 MAX_NAME_CHARS = 256
 
 
@@ -81,9 +99,15 @@ class CallCounter:
 
 # ---- typing parameter values by the tool's JSON schema ----
 
+# Python's names, which hand-written tool schemas use for JSON Schema's
+_TYPE_ALIASES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean",
+                 "dict": "object", "list": "array"}
+
+
 def _schema_types(schema: dict) -> list[str]:
     t = schema.get("type")
     types = list(t) if isinstance(t, list) else [t] if isinstance(t, str) else []
+    types = [_TYPE_ALIASES.get(x, x) for x in types]
     for key in ("anyOf", "oneOf"):
         for sub in schema.get(key) or []:
             if isinstance(sub, dict):
@@ -169,18 +193,32 @@ def _partial_suffix(buf: str, *markers: str) -> int:
     return best
 
 
+def _tag_name(rest: str, final: bool) -> Optional[str]:
+    """NAME from the `NAME>` that rest starts with: "" if it is not one, None until `>` comes."""
+    k = rest.find(">")
+    name = rest[:k] if k >= 0 else rest
+    if "\n" in name or "<" in name or len(name) > MAX_NAME_CHARS:
+        return ""
+    if k < 0:
+        return "" if final else None
+    return name.strip()
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
 class _Call:
-    def __init__(self, index: int, call_id: str, name: str, params: dict):
+    def __init__(self, index: int, call_id: str, name: str, params: dict, wrapped: bool):
         self.index, self.id, self.name, self.params = index, call_id, name, params
+        self.wrapped = wrapped  # opened by <tool_call>, so closed by </function></tool_call>
         self.num_args = 0
         self.arg_name = ""
         self.arg_streams = False
         self.value = ""  # raw text of the current value not yet emitted (string) or all of it
         self.started_value = False
+        self.given: set[str] = set()
+        self.quotes = 0  # calls quoted in the current value whose </function> has not come yet
 
 
 class ToolCallParser:
@@ -261,18 +299,16 @@ class ToolCallParser:
         return True
 
     def _s_name(self, out, final):
-        k = self.buf.find(">")
-        if k < 0:
-            if final or len(self.buf) > MAX_NAME_CHARS or "\n" in self.buf or "<" in self.buf:
-                return self._not_a_call(out)
+        name = _tag_name(self.buf, final)
+        if name is None:
             return False
-        name = self.buf[:k].strip()
-        if not name or len(name) > MAX_NAME_CHARS or "\n" in name or "<" in name:
+        if not name:
             return self._not_a_call(out)
-        self.buf = self.buf[k + 1:]
+        self.buf = self.buf[self.buf.find(">") + 1:]
+        wrapped = self.pending_open.startswith(TOOL_CALL_OPEN)
         self.pending_open = ""
         index, call_id = self.counter.take()
-        self.call = _Call(index, call_id, name, self.schemas.get(name, {}))
+        self.call = _Call(index, call_id, name, self.schemas.get(name, {}), wrapped)
         out.append(CallStart(index, call_id, name))
         self.state = "params"
         return True
@@ -288,7 +324,11 @@ class ToolCallParser:
                 else:
                     self.state = state
                 return True
-        if not final and any(m.startswith(rest) for m in (PARAM_OPEN, FUNCTION_CLOSE, TOOL_CALL_CLOSE)):
+        if rest.startswith((TOOL_CALL_OPEN, FUNCTION_OPEN)):  # the next call: this one lacked its end tags
+            self.buf = rest
+            self._end_call(out)
+            return True
+        if not final and any(m.startswith(rest) for m in _VALUE_END_FOLLOWERS):
             return False
         k = rest.find("<", 1)  # stray text inside a call is dropped
         self.buf = rest[k:] if k >= 0 else ""
@@ -314,6 +354,8 @@ class ToolCallParser:
             return False
         call = self.call
         call.arg_name = self.buf[:k].strip()
+        call.given.add(call.arg_name)
+        call.quotes = 0
         schema = call.params.get(call.arg_name)
         call.arg_streams = is_string_param(schema)
         call.value, call.started_value = "", False
@@ -330,24 +372,94 @@ class ToolCallParser:
                 self.buf = self.buf[1:]
             call.started_value = True
             self._open_arg(out)
-        start = 0
-        while (k := self.buf.find(PARAM_CLOSE, start)) >= 0:
-            after = self.buf[k + len(PARAM_CLOSE):].lstrip()
-            if any(after.startswith(m) for m in _VALUE_END_FOLLOWERS) or (final and not after):
+        while True:
+            hits = [(k, m) for m in _VALUE_MARKERS if (k := self.buf.find(m)) >= 0]
+            if not hits:
+                if not final:
+                    self._emit_value(out, len(self.buf) - _partial_suffix(self.buf, *_VALUE_MARKERS))
+                return False
+            k, marker = min(hits)
+            ends = self._ends_value(marker, self.buf[k + len(marker):], final)
+            if ends is None:  # wait to see what follows this tag
+                self._emit_value(out, k)
+                return False
+            if ends:
                 self._end_value(out, self.buf[:k])
-                self.buf = self.buf[k + len(PARAM_CLOSE):]
+                self.buf = self.buf[k + len(marker):] if marker == PARAM_CLOSE else self.buf[k:]
                 self.state = "params"
                 return True
-            if not final and (not after or any(m.startswith(after) for m in _VALUE_END_FOLLOWERS)):
-                self._emit_value(out, k)  # wait to see what follows this </parameter>
-                return False
-            start = k + 1  # a literal </parameter> inside the value
-        if not final:
-            self._emit_value(out, len(self.buf) - _partial_suffix(self.buf, PARAM_CLOSE))
+            if marker == FUNCTION_OPEN:
+                call.quotes += 1
+            elif marker == FUNCTION_CLOSE:
+                call.quotes = max(0, call.quotes - 1)
+            self._emit_value(out, k + len(marker))  # the tag is text
+
+    # ---- deciding where a value ends: True, False, or None while the text so far cannot tell ----
+    def _ends_value(self, marker: str, rest: str, final: bool) -> Optional[bool]:
+        """Does the value end at this tag? `rest` is the text after it."""
+        call = self.call
+        if marker == FUNCTION_OPEN:
+            return False
+        if marker == PARAM_OPEN:
+            return False if call.quotes else self._new_param(rest, final, closed=False)
+        if marker == FUNCTION_CLOSE:
+            return self._call_ends(rest, final)
+        after = rest.lstrip()  # after </parameter>
+        if not after:
+            return True if final else None
+        if after.startswith(PARAM_OPEN):
+            return self._new_param(after[len(PARAM_OPEN):], final, closed=True)
+        if after.startswith(FUNCTION_CLOSE):
+            return self._call_ends(after[len(FUNCTION_CLOSE):], final)
+        if after.startswith(TOOL_CALL_CLOSE):
+            return True if not call.quotes else self._next_call(after[len(TOOL_CALL_CLOSE):], final)
+        if not final and any(m.startswith(after) for m in _VALUE_END_FOLLOWERS):
+            return None
+        return self._next_call(after, final)
+
+    def _new_param(self, rest: str, final: bool, closed: bool) -> Optional[bool]:
+        """After `<parameter=`: a parameter the tool has and was not given yet. After a closed
+        value that is not a string, any name not given yet (markup is no text there)."""
+        name, call = _tag_name(rest, final), self.call
+        if not name:
+            return None if name is None else False
+        known = not call.params or name in call.params or (closed and not call.arg_streams)
+        return known and name not in call.given
+
+    def _call_ends(self, rest: str, final: bool) -> Optional[bool]:
+        """After `</function>` inside a value: the call's end if `</tool_call>` (of a call that
+        opened with one), the next call or the end of the output follows; inside a quoted call,
+        only the next call or the end."""
+        call, after = self.call, rest.lstrip()
+        if not call.quotes and not call.wrapped:
+            return True
+        if after.startswith(TOOL_CALL_CLOSE):
+            if not call.quotes:
+                return True
+            after = after[len(TOOL_CALL_CLOSE):]
+        elif after and TOOL_CALL_CLOSE.startswith(after) and not final:
+            return None
+        return self._next_call(after, final)
+
+    def _next_call(self, rest: str, final: bool) -> Optional[bool]:
+        """Is `rest` the end of the output or the start of a call to an offered tool?"""
+        rest = rest.lstrip()
+        if rest.startswith(TOOL_CALL_OPEN):
+            rest = rest[len(TOOL_CALL_OPEN):].lstrip()
+        if not rest:
+            return True if final else None
+        if rest.startswith(FUNCTION_OPEN):
+            name = _tag_name(rest[len(FUNCTION_OPEN):], final)
+            if not name:
+                return None if name is None else False
+            return not self.schemas or name in self.schemas
+        if not final and any(m.startswith(rest) for m in (TOOL_CALL_OPEN, FUNCTION_OPEN)):
+            return None
         return False
 
     def _s_json(self, out, final):
-        k = self.buf.find(TOOL_CALL_CLOSE)
+        """The JSON form ends at the first </tool_call> outside a JSON string."""
+        k = next((m.start() for m in _JSON_TOKEN.finditer(self.buf) if m.group() == TOOL_CALL_CLOSE), -1)
         if k < 0:
             return False
         body = self.buf[:k]

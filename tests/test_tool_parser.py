@@ -37,9 +37,16 @@ def run_chunked(case, sizes):
     return ChatMessageParts().add(pieces), pieces
 
 
+def _no_repeated_keys(pairs):
+    keys = [k for k, _ in pairs]
+    assert len(keys) == len(set(keys)), f"repeated JSON keys: {keys}"
+    return dict(pairs)
+
+
 def as_plain(msg: ChatMessageParts):
     return {"reasoning": msg.reasoning, "content": msg.content,
-            "tool_calls": [{"name": c.name, "arguments": json.loads(c.arguments)} for c in msg.tool_calls.values()]}
+            "tool_calls": [{"name": c.name, "arguments": json.loads(c.arguments, object_pairs_hook=_no_repeated_keys)}
+                           for c in msg.tool_calls.values()]}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -68,6 +75,49 @@ def test_random_chunkings_match_whole(name):
                     assert p.call.id is None and p.call.name is None
             elif not any(m in case["expect"]["content"] + case["expect"]["reasoning"] for m in XML_MARKERS):
                 assert not any(m in p.text for m in XML_MARKERS), f"raw XML leaked: {p.text!r}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_two_piece_split_and_one_character_at_a_time_match_whole(name):
+    text = CASES[name]["text"]
+    whole, _ = run_chunked(CASES[name], [len(text)])
+    for i in range(1, len(text)):
+        assert run_chunked(CASES[name], [i])[0] == whole, f"split at {i}: {text[:i]!r} | {text[i:]!r}"
+    assert run_chunked(CASES[name], [1] * len(text))[0] == whole
+
+
+def streamed_arguments(case, text):
+    """The argument fragments streamed while feeding `text` one character at a time (no finish)."""
+    parser, out = make_parser(case), ""
+    for ch in text:
+        out += "".join(p.call.arguments for p in parser.feed(ch) if p.channel == "tool_call")
+    return parser, out
+
+
+def test_literal_tags_in_a_string_value_stream_before_the_value_ends():
+    """Every tag written as code is streamed as soon as it is decided, before the value's end is fed."""
+    case = CASES["markup_strings_in_python_code"]
+    code = case["expect"]["tool_calls"][0]["arguments"]["content"]
+    end = case["text"].index(code) + len(code)  # up to the newline before the real </parameter>
+    _, args = streamed_arguments(case, case["text"][:end])
+    assert args == '{"content": "' + json.dumps(code)[1:-1]
+
+
+def test_closing_tags_after_a_never_closed_quote_are_held_until_decided():
+    """`<function=` in the value quotes a call; its closing tags are held back until the end of the
+    output shows they closed the real call, then the value closes without them."""
+    case = CASES["quoted_call_never_closed_value_ends_at_end"]
+    code = case["expect"]["tool_calls"][0]["arguments"]["content"]
+    parser, args = streamed_arguments(case, case["text"])
+    assert args == '{"path": "names.py", "content": "' + json.dumps(code)[1:-1]
+    rest = "".join(p.call.arguments for p in parser.finish() if p.channel == "tool_call")
+    assert rest == '"}'
+
+
+def test_repeated_parameter_without_schema_stays_in_value():
+    text = "<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n<parameter=a>\n2\n</parameter>\n</function>\n</tool_call>"
+    [call] = parse_tool_calls(text, None).calls.values()
+    assert json.loads(call.arguments, object_pairs_hook=_no_repeated_keys) == {"a": "1\n</parameter>\n<parameter=a>\n2"}
 
 
 def test_one_character_at_a_time_streams_string_arguments_before_the_call_ends():
@@ -123,6 +173,8 @@ def test_prompt_opens_reasoning(prompt, expected):
     ("7", {"enum": [1, 7]}, 7),
     ("x", {"enum": ["x", "y"]}, "x"),
     ("3", None, "3"),
+    ("3.14", {"type": "float"}, 3.14),
+    ("[1]", {"type": "list"}, [1]),
 ])
 def test_coerce_value(raw, schema, expected):
     assert coerce_value(raw, schema) == expected
