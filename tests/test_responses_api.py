@@ -119,7 +119,8 @@ def test_create_is_the_chat_completions_path(client):
 
 
 def test_instructions_and_reasoning_effort_none(client):
-    r = _valid_response(client, input="Hello! How are you?", instructions="You are a helpful assistant.",
+    # a string input longer than the item limit is still one item
+    r = _valid_response(client, input="Hello! How are you?" + " " * 5000, instructions="You are a helpful assistant.",
                         reasoning={"effort": "none"}, **ASK)
     assert [item.type for item in r.output] == ["message"]
     assert r.output_text.strip() and r.usage.output_tokens_details.reasoning_tokens == 0
@@ -281,6 +282,9 @@ def test_built_in_tools_are_refused_by_name(client, tool):
     ({"input": "Hi", "tool_choice": {"type": "function", "name": "nope"}, "tools": TOOLS_OFFERED}, "nope"),
     ({"input": "Hi", "tool_choice": {"type": "allowed_tools"}}, "allowed_tools"),
     ({"input": "Hi", "tools": [{"type": "function"}]}, "name"),
+    ({"input": [{"role": "user", "content": "Hi"}] * 4097}, "4096"),
+    ({"input": "Hi", "background": True}, "background"),
+    ({"input": "Hi", "conversation": "conv_1"}, "conversation"),
 ])
 def test_bad_input_is_a_400_naming_it(base_url, body, words):
     import httpx
@@ -340,3 +344,58 @@ def test_langchain_chat_openai_responses_api(base_url):
     answer = llm.bind_tools(CHAT_TOOLS).invoke([question, asked,
                                                 ToolMessage(json.dumps(RESULT), tool_call_id=call["id"])])
     assert not answer.tool_calls and str(RESULT["temperature"]) in answer.text
+
+
+# ---------------------------------------------------------------- the store and the fold, without a server
+
+def test_store_keeps_the_most_recently_used_within_its_bytes():
+    from server.openai_responses.store import ResponseStore, Stored
+
+    def entry(name: str) -> Stored:
+        return Stored({"id": name, "output": [{"type": "message", "content": "x" * 100}]},
+                      [{"role": "user", "content": "y" * 100}])
+
+    def size(s: Stored) -> int:
+        return len(json.dumps([s.response, s.items], ensure_ascii=False).encode())
+
+    a, b, c, d = map(entry, "abcd")
+    store = ResponseStore(max_bytes=size(a) * 5 // 2)  # room for two
+    for s in (a, b, c):
+        store.put(s)
+    assert store.get("a") is None and store.get("b") is b and store.get("c") is c
+    store.get("b")  # b is now the most recently used: d pushes c out
+    store.put(d)
+    assert store.get("c") is None and store.get("b") is b and store.get("d") is d
+    assert store.nbytes == size(b) + size(d)
+    assert store.delete("b") and not store.delete("b") and store.nbytes == size(d)
+    store.put(Stored({"id": "big", "output": [{"text": "z" * 10_000}]}, []))
+    assert store.get("big") is None and store.get("d") is d
+    assert b.conversation() == [*b.items, *b.response["output"]]
+
+
+def test_an_engine_error_ends_the_stream_with_response_failed():
+    from types import SimpleNamespace
+
+    from openai.types.responses import ResponseStreamEvent
+
+    from server.engine.request import Delta, Usage
+    from server.openai_responses.fold import ResponseFold, base_response
+    from server.openai_responses.protocol import ResponsesRequest
+    from server.output import ChatOutputParser
+
+    job = SimpleNamespace(created=0, model="demo", params=SimpleNamespace(temperature=0.0, top_p=1.0))
+    parser = ChatOutputParser(reasoning=True, starts_in_reasoning=True, tools=None, parse_tools=False)
+    fold = ResponseFold(base_response(ResponsesRequest(input="Hi"), job, True), parser)
+    events = fold.start() + fold.add(Delta("r", [1, 2, 3], "Let me think.</think>Hel"))
+    events += fold.add(Delta("r", [], "", finish_reason="error", usage=Usage(5, 3)))
+    adapter = TypeAdapter(ResponseStreamEvent)
+    for e in events:
+        adapter.validate_python(e)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    last = events[-1]
+    assert last["type"] == "response.failed" and last["response"]["status"] == "failed"
+    assert last["response"]["error"]["code"] == "server_error"
+    assert [(i["type"], i["status"]) for i in last["response"]["output"]] == [("reasoning", "completed"),
+                                                                               ("message", "incomplete")]
+    assert last["response"]["output"][1]["content"][0]["text"] == "Hel"
+    assert last["response"]["usage"]["output_tokens_details"]["reasoning_tokens"] == 3

@@ -136,7 +136,7 @@ class ResponseFold:
 
     def _finish(self, d: Delta) -> list[dict]:
         status = _STATUS.get(d.finish_reason, "failed")
-        events = self._close("incomplete" if status == "incomplete" else "completed")
+        events = self._close("completed" if status == "completed" else "incomplete")
         r = self.response
         r["status"] = status
         if status == "incomplete":

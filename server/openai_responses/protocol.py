@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_ITEMS = 4096
 MAX_TOOLS = 256
@@ -35,7 +35,7 @@ class ReasoningConfig(_In):
 
 class ResponsesRequest(_In):
     model: Optional[str] = None
-    input: Union[str, list[dict[str, Any]]] = Field(default_factory=list, max_length=MAX_ITEMS)
+    input: Union[str, list[dict[str, Any]]] = Field(default_factory=list)
     instructions: Optional[str] = None
     previous_response_id: Optional[str] = Field(default=None, max_length=256)
     tools: Optional[list[dict[str, Any]]] = Field(default=None, max_length=MAX_TOOLS)
@@ -52,3 +52,22 @@ class ResponsesRequest(_In):
     user: Optional[str] = None
     truncation: Optional[Literal["auto", "disabled"]] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None  # as on chat completions (vLLM's extension)
+    background: Optional[bool] = None
+    conversation: Union[str, dict[str, Any], None] = None
+
+    @field_validator("input")
+    @classmethod
+    def _few_items(cls, v):
+        if isinstance(v, list) and len(v) > MAX_ITEMS:
+            raise ValueError(f"at most {MAX_ITEMS} input items, got {len(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _served_here(self):
+        # both would be silently wrong if ignored: no polling queue, no Conversations API here
+        if self.background:
+            raise ValueError("background responses are not supported; stream, or wait for the response")
+        if self.conversation is not None:
+            raise ValueError("conversation is not supported (no Conversations API here); use previous_response_id "
+                             "or send the history as input")
+        return self
