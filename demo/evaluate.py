@@ -3,6 +3,7 @@ training), greedy.
 
   python -m demo.evaluate                        # through our HTTP server (openai client)
   python -m demo.evaluate --api responses        # the same, through /v1/responses instead of chat completions
+  python -m demo.evaluate --api messages         # the same, through /v1/messages (anthropic client)
   python -m demo.evaluate --via transformers --hf DIR   # in-process reference, no server
   python -m demo.evaluate --ppl --quant          # + perplexity and KLD of quantisation recipes
   python -m demo.evaluate --lookup 40 --hf DIR   # + does the model read the tool list? (teacher-forced)
@@ -20,6 +21,7 @@ Reported:
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import re
@@ -170,6 +172,8 @@ class ServerBackend:
     def chat(self, messages, tools, thinking: bool) -> Reply:
         if self.api == "responses":
             return self._responses(messages, tools, thinking)
+        if self.api == "messages":
+            return self._messages(messages, tools, thinking)
         extra = {} if thinking else {"chat_template_kwargs": {"enable_thinking": False}}
         r = self.client.chat.completions.create(model="demo", messages=openai_messages(messages), tools=tools or None,
                                                 temperature=0, max_tokens=MAX_TOKENS, extra_body=extra or None)
@@ -200,6 +204,26 @@ class ServerBackend:
                     args = None
                 calls.append({"name": item.name, "arguments": args})
         return Reply(r.output_text, reasoning, calls)
+
+    @functools.cached_property
+    def anthropic(self):
+        from anthropic import Anthropic
+
+        return Anthropic(base_url=f"http://127.0.0.1:{self.port}", api_key="none", max_retries=0, timeout=600)
+
+    def _messages(self, messages, tools, thinking: bool) -> Reply:
+        system, conversation = anthropic_messages(messages)
+        kwargs = {"system": system} if system else {}
+        if tools:
+            kwargs["tools"] = [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
+                                "input_schema": t["function"]["parameters"]} for t in tools]
+        if not thinking:
+            kwargs["thinking"] = {"type": "disabled"}
+        r = self.anthropic.messages.create(model="demo", messages=conversation, max_tokens=MAX_TOKENS,
+                                           extra_body={"temperature": 0}, **kwargs)  # the SDK takes no temperature
+        return Reply("".join(b.text for b in r.content if b.type == "text"),
+                     "".join(b.thinking for b in r.content if b.type == "thinking"),
+                     [{"name": b.name, "arguments": b.input} for b in r.content if b.type == "tool_use"])
 
     def close(self):
         if self.proc.poll() is None:
@@ -244,6 +268,31 @@ def responses_items(messages: list[dict]) -> list[dict]:
         items += [{"type": "function_call", "call_id": c["id"], "name": c["function"]["name"],
                    "arguments": c["function"]["arguments"]} for c in m.get("tool_calls") or []]
     return items
+
+
+def anthropic_messages(messages: list[dict]) -> tuple[str | None, list[dict]]:
+    """The same conversation for /v1/messages: the system prompt apart, reasoning as a thinking block,
+    tool calls as tool_use blocks and each run of tool results as one user turn of tool_result blocks."""
+    system, out = None, []
+    for m in openai_messages(messages):
+        if m["role"] == "system":
+            system = m["content"]
+        elif m["role"] == "tool":
+            result = {"type": "tool_result", "tool_use_id": m["tool_call_id"], "content": m["content"]}
+            if out and out[-1]["role"] == "user" and isinstance(out[-1]["content"], list):
+                out[-1]["content"].append(result)
+            else:
+                out.append({"role": "user", "content": [result]})
+        elif m["role"] == "user":
+            out.append({"role": "user", "content": m["content"]})
+        else:
+            blocks = [{"type": "thinking", "thinking": m["reasoning_content"], "signature": ""}
+                      ] if m.get("reasoning_content") is not None else []
+            blocks += [{"type": "text", "text": m["content"]}] if m["content"] else []
+            blocks += [{"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
+                        "input": json.loads(c["function"]["arguments"])} for c in m.get("tool_calls") or []]
+            out.append({"role": "assistant", "content": blocks})
+    return system, out
 
 
 # ---------------------------------------------------------------- scoring
@@ -521,8 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=None,
                    help="what the server serves (GGUF or checkpoint dir; default: the committed GGUF)")
     p.add_argument("--via", choices=["server", "transformers"], default="server")
-    p.add_argument("--api", choices=["chat", "responses"], default="chat",
-                   help="which of the server's APIs --via server asks: chat completions or /v1/responses")
+    p.add_argument("--api", choices=["chat", "responses", "messages"], default="chat",
+                   help="which of the server's APIs --via server asks: chat completions, /v1/responses or "
+                        "/v1/messages (Anthropic)")
     p.add_argument("--hf", type=Path, help="HF checkpoint for --via transformers and the imatrix")
     p.add_argument("-n", type=int, default=200, help="held-out conversations (0: skip the end-to-end evaluation)")
     p.add_argument("--ppl", action="store_true", help="perplexity of the BF16 HF checkpoint (transformers)")

@@ -13,12 +13,10 @@ import logging
 from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
-from starlette.exceptions import HTTPException
 
 from server.errors import APIError, BadRequest
 from server.serving import Generation, ServerState, chat_job
@@ -75,10 +73,6 @@ def messages_routes(state: ServerState, until_disconnect: Callable) -> APIRouter
                     return await handler(request)
                 except APIError as e:
                     return reply(e.status, e.message)
-                except RequestValidationError as e:
-                    return reply(400, "; ".join(f"{_path(x['loc'][1:])}: {x['msg']}" for x in e.errors()[:3]))
-                except HTTPException as e:
-                    return reply(e.status_code, str(e.detail))
                 except Exception as e:
                     log.exception("unhandled error on %s", request.url.path)
                     return reply(500, f"internal error: {type(e).__name__}")
