@@ -10,7 +10,7 @@ import pytest
 
 from server.output import ChatMessageParts, ChatOutputParser
 from server.reasoning import ReasoningParser, prompt_opens_reasoning
-from server.tool_parser import coerce_value, parse_tool_calls
+from server.tool_parser import CallCounter, ParsedCalls, ToolCallParser, coerce_value, parse_tool_calls
 
 CORPUS = json.loads((Path(__file__).parent / "data" / "tool_call_corpus.json").read_text())
 CASES = {c["name"]: c for c in CORPUS["cases"]}
@@ -84,6 +84,35 @@ def test_every_two_piece_split_and_one_character_at_a_time_match_whole(name):
     for i in range(1, len(text)):
         assert run_chunked(CASES[name], [i])[0] == whole, f"split at {i}: {text[:i]!r} | {text[i:]!r}"
     assert run_chunked(CASES[name], [1] * len(text))[0] == whole
+
+
+FRAGMENTS = ["<tool_call>", "</tool_call>", "<function=write_file>", "<function=get_weather>", "<function=",
+             "</function>", "<parameter=path>", "<parameter=content>", "<parameter=city>", "<parameter=x>",
+             "<parameter=", "</parameter>", "\n", "\n", " ", "code", '"', "<", ">", "/", "\\",
+             '{"name": "run", "arguments": {"cmd": "ls"}}']
+
+
+def parse_in_chunks(text, tools, sizes):
+    ids = iter(f"call_{i}" for i in range(100))
+    parser, events, i = ToolCallParser(tools, CallCounter(lambda: next(ids))), [], 0
+    for n in sizes:
+        events += parser.feed(text[i:i + n])
+        i += n
+    return ParsedCalls().add(events + parser.feed(text[i:]) + parser.finish())
+
+
+def test_random_markup_soup_streams_like_whole():
+    """Any text, however broken its markup, parses the same in chunks as whole, into JSON
+    arguments without repeated keys."""
+    for seed in range(400):
+        rng = random.Random(seed)
+        text = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 40)))
+        tools = CORPUS["tools"][rng.choice(["weather", "code"])] if seed % 5 else None
+        whole = parse_in_chunks(text, tools, [])
+        for call in whole.calls.values():
+            json.loads(call.arguments, object_pairs_hook=_no_repeated_keys)
+        for sizes in ([1] * len(text), [rng.choice([2, 3, 7]) for _ in text]):
+            assert parse_in_chunks(text, tools, sizes) == whole, f"seed {seed}: {text!r}"
 
 
 def streamed_arguments(case, text):
