@@ -268,8 +268,10 @@ def test_thinking_switch(client, hf_tokenizer):
 def test_stop_sequence(client, stream):
     messages = [{"role": "user", "content": SMALL_TALK}]
     free = _text(_create(client, messages=messages, thinking={"type": "disabled"}))
-    word = free.split()[1]
-    kwargs = dict(messages=messages, thinking={"type": "disabled"}, stop_sequences=["no such text", word])
+    word, later = free.split()[1], free.split()[-1]
+    assert free.index(later) > free.index(word)
+    # the one that ends the answer is the first in the text, not in the list
+    kwargs = dict(messages=messages, thinking={"type": "disabled"}, stop_sequences=[later, "no such text", word])
     if stream:
         with client.messages.stream(model="demo", max_tokens=200, **kwargs, **GREEDY) as s:
             m = s.get_final_message()
