@@ -40,12 +40,28 @@ def _arguments(raw: str | dict, where: str) -> dict:
     return args
 
 
+LATER_SYSTEM_PREFIX = "System: "
+
+
 def template_messages(messages: list[Message]) -> list[dict]:
-    out = []
+    """Messages as the template takes them. Qwen3.5's template takes one system message, first:
+    the leading system and developer messages are merged into it (blank-line separated), and a
+    later one becomes a user turn that says where it comes from ("System: ...")."""
+    out, leading = [], True
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
-                               "content": _text_content(m, where)}
+        leading = leading and m.role in ("system", "developer")
+        if m.role in ("system", "developer"):
+            content = _text_content(m, where)
+            if leading:
+                if out:
+                    out[0]["content"] += "\n\n" + content
+                else:
+                    out.append({"role": "system", "content": content})
+            else:
+                out.append({"role": "user", "content": LATER_SYSTEM_PREFIX + content})
+            continue
+        msg: dict[str, Any] = {"role": m.role, "content": _text_content(m, where)}
         if m.name is not None:
             msg["name"] = m.name
         if m.role == "assistant":
@@ -64,6 +80,13 @@ def template_messages(messages: list[Message]) -> list[dict]:
             msg["tool_call_id"] = m.tool_call_id
         out.append(msg)
     return out
+
+
+def template_takes_tools(tokenizer) -> bool:
+    """Whether the checkpoint's chat template renders a `tools` list (Qwen3.5's does); without a
+    template at all, render_prompt gives the error."""
+    template = getattr(tokenizer, "chat_template", None)
+    return not isinstance(template, str) or "tools" in template
 
 
 def template_tools(tools: list[Tool] | None) -> list[dict] | None:

@@ -91,8 +91,10 @@ def register_serve(subparsers) -> None:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: the checkpoint's)")
     g = p.add_argument_group("chat")
-    g.add_argument("--enable-auto-tool-choice", action="store_true",
-                   help="parse tool calls when a request leaves tool_choice to the model")
+    g.add_argument("--enable-auto-tool-choice", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the model decide whether to call a tool (tool_choice auto, the default when tools "
+                        "are given; default on; --no-enable-auto-tool-choice answers such requests with a 400, "
+                        "as vLLM does without the flag)")
     g.add_argument("--tool-call-parser", default="qwen3", choices=["qwen3", "qwen3_coder", "qwen3_xml", "hermes"],
                    help="Qwen3.5 XML and Qwen3 JSON tool calls (every choice reads both)")
     g.add_argument("--reasoning-parser", default="qwen3", choices=["qwen3", "deepseek_r1", "none"],

@@ -4,7 +4,8 @@ processor (a token mask per step, inside the batch).
 Grammars cover the whole output. When the prompt leaves a <think> block open, the model may
 reason freely until </think>; then the body is enforced: a JSON value for response_format, or
 Qwen3.5 XML tool calls whose parameters follow each tool's JSON schema for tool_choice
-required / named."""
+required / named. Under tool_choice auto with strict tools the grammar is lazy: it starts at
+each <tool_call> the model opens (TriggeredGrammar)."""
 
 from __future__ import annotations
 
@@ -70,8 +71,14 @@ def _param_rules(rule: str, name: str, schema: dict) -> list[str]:
     return [f"{rule}: {head} {_json_rule(schema)} {close}"]
 
 
-def _call_rules(i: int, tool: dict, specials: Optional[dict]) -> list[str]:
+def _call_rules(i: int, tool: dict, specials: Optional[dict], free_arguments: bool = False) -> list[str]:
     fn = tool.get("function", tool)
+    head = _lit(f"<tool_call>\n<function={fn['name']}>\n", specials)
+    if free_arguments:  # a non-strict tool beside strict ones: its name is checked, its arguments are not
+        if "</tool_call>" in (specials or {}):
+            return [f"call{i}: {head} call{i}_a <[{specials['</tool_call>']}]>",
+                    f"call{i}_a[lazy]: /(?s:.*)<\\/function>\\n/"]
+        return [f"call{i}: {head} call{i}_a", f"call{i}_a[lazy]: /(?s:.*)<\\/function>\\n<\\/tool_call>/"]
     params = fn.get("parameters") or {}
     props = params.get("properties") or {}
     required = set(params.get("required") or [])
@@ -80,15 +87,16 @@ def _call_rules(i: int, tool: dict, specials: Optional[dict]) -> list[str]:
         rule = f"p{i}_{j}"
         rules += _param_rules(rule, pname, pschema if isinstance(pschema, dict) else {})
         parts.append(rule if pname in required else f"{rule}?")
-    head = _lit(f"<tool_call>\n<function={fn['name']}>\n", specials)
     tail = _lit("</function>\n</tool_call>", specials)
     rules.insert(0, f"call{i}: {head} {' '.join(parts)} {tail}")
     return rules
 
 
 def tool_call_grammar(tools: list[dict], only: Optional[str] = None, parallel: bool = True,
-                      open_reasoning: bool = False, specials: Optional[dict] = None) -> str:
-    """One or more calls (exactly one with a named function or parallel=False), nothing else."""
+                      open_reasoning: bool = False, specials: Optional[dict] = None,
+                      strict_only: bool = False) -> str:
+    """One or more calls (exactly one with a named function or parallel=False), nothing else.
+    strict_only: only tools marked `strict` have their arguments enforced."""
     chosen = [t for t in tools if only is None or t.get("function", t)["name"] == only]
     if not chosen:
         raise BadRequest(f"tool_choice names {only!r}, which is not among the tools", param="tool_choice")
@@ -97,8 +105,20 @@ def tool_call_grammar(tools: list[dict], only: Optional[str] = None, parallel: b
     lines.append("call: " + " | ".join(f"call{i}" for i in range(len(chosen))))
     lines.append('body: call ("\\n" call)*' if parallel and only is None else "body: call")
     for i, tool in enumerate(chosen):
-        lines += _call_rules(i, tool, specials)
+        lines += _call_rules(i, tool, specials, strict_only and not is_strict(tool))
     return "\n".join(lines) + "\n"
+
+
+def is_strict(tool: dict) -> bool:
+    return bool(tool.get("function", tool).get("strict"))
+
+
+def _masked(matcher, logits: mx.array) -> mx.array:
+    bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+    allowed = np.zeros(logits.shape[-1], dtype=bool)
+    n = min(len(bits), logits.shape[-1])
+    allowed[:n] = bits[:n]
+    return mx.where(mx.array(allowed), logits, mx.array(-float("inf"), dtype=logits.dtype))
 
 
 class GrammarProcessor:
@@ -119,11 +139,44 @@ class GrammarProcessor:
         self.consumed = len(generated)
         if self.failed:
             return logits
-        bits = np.unpackbits(np.frombuffer(m.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        allowed = np.zeros(logits.shape[-1], dtype=bool)
-        n = min(len(bits), logits.shape[-1])
-        allowed[:n] = bits[:n]
-        return mx.where(mx.array(allowed), logits, mx.array(-float("inf"), dtype=logits.dtype))
+        return _masked(m, logits)
+
+
+class TriggeredGrammar:
+    """A lazy grammar for tool_choice auto: text is free until the model opens a call (the
+    <tool_call> token); from there the matcher (a grammar of one call) holds it to an offered
+    tool and that tool's schema. When the call closes, text is free again until the next one,
+    or, with `once` (parallel_tool_calls false), only the end of the turn may follow."""
+
+    def __init__(self, matcher, trigger_id: int, once: bool):
+        self.matcher = matcher
+        self.trigger_id = trigger_id
+        self.once = once
+        self.active = False  # inside a call (or, with once, after it)
+        self.used = False
+        self.consumed = 0
+        self.failed = False
+
+    def __call__(self, generated: list[int], logits: mx.array) -> mx.array:
+        m = self.matcher
+        for tok in generated[self.consumed:]:
+            if self.failed:
+                break
+            if not self.active:
+                if tok != self.trigger_id:
+                    continue
+                if self.used:
+                    m.reset()
+                self.active = self.used = True
+            if not m.consume_token(tok):
+                self.failed = True
+                log.warning("tool-call grammar rejected token %d: %s", tok, m.get_error())
+            elif m.is_accepting() and not self.once:
+                self.active = False  # the call is complete
+        self.consumed = len(generated)
+        if self.failed or not self.active:
+            return logits
+        return _masked(m, logits)
 
 
 class LogitBias:
@@ -177,8 +230,24 @@ class GrammarCompiler:
     def for_tools(self, tools: list[dict], only: Optional[str], parallel: bool, open_reasoning: bool):
         return self.processor(tool_call_grammar(tools, only, parallel, open_reasoning, self.specials()), "tools")
 
+    def for_auto_tools(self, tools: list[dict], parallel: bool) -> Optional[TriggeredGrammar]:
+        """tool_choice auto with a strict tool: each call the model opens is held to the offered
+        tools (strict ones to their schema). None where there is nothing to enforce, or where
+        this tokenizer has no single <tool_call> token to trigger on."""
+        if not any(is_strict(t) for t in tools):
+            return None
+        trigger = self.tokenizer.convert_tokens_to_ids("<tool_call>")
+        if not isinstance(trigger, int) or trigger == self.tokenizer.unk_token_id:
+            log.warning("strict tools are not enforced: this tokenizer has no <tool_call> token")
+            return None
+        lark = tool_call_grammar(tools, None, False, False, self.specials(), strict_only=True)
+        return TriggeredGrammar(self._matcher(lark, "tools"), trigger, once=not parallel)
+
     def processor(self, lark: str, param: str = "response_format") -> GrammarProcessor:
         """Compile a grammar (call it off the event loop: big schemas take a while)."""
+        return GrammarProcessor(self._matcher(lark, param), self.vocab_size)
+
+    def _matcher(self, lark: str, param: str):
         import llguidance
 
         ll = self._ll_tokenizer()
@@ -189,4 +258,4 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(ll, grammar, log_level=0)
         if matcher.is_error():
             raise BadRequest(f"cannot enforce this schema: {matcher.get_error()}", param=param)
-        return GrammarProcessor(matcher, self.vocab_size)
+        return matcher

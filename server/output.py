@@ -2,12 +2,15 @@
 
 Reasoning splitting runs first; each channel then has its own tool-call parser (models do emit
 calls inside <think>), sharing one call counter. Whitespace at the edges of each channel is
-trimmed, in the stream and in the whole message alike."""
+trimmed, in the stream and in the whole message alike. Stop sequences and parallel_tool_calls:
+false end the answer here, where reasoning and markup are already told apart from it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable, Optional
+
+from server.engine.detokenizer import StopStrings
 
 from .reasoning import ReasoningParser
 from .tool_parser import CallArgs, CallCounter, CallStart, Text, ToolCall, ToolCallParser, new_call_id
@@ -51,25 +54,68 @@ class _Trim:
 
 
 class ChatOutputParser:
+    """stops: stop sequences, matched in the content only (never in the reasoning, the blank
+    lines after </think> or tool-call markup); max_calls: the calls allowed (1 for
+    parallel_tool_calls false). Once either ends the answer, `done` is set and the rest of the
+    text is dropped; the reader should stop the generation then."""
+
     def __init__(self, *, reasoning: bool, starts_in_reasoning: bool, tools: list[dict] | None,
-                 parse_tools: bool, make_id: Callable[[], str] = new_call_id):
+                 parse_tools: bool, stops: list[str] = (), max_calls: Optional[int] = None,
+                 make_id: Callable[[], str] = new_call_id):
         self.reasoning = ReasoningParser(starts_in_reasoning) if reasoning else None
         counter = CallCounter(make_id)
         channels = ("reasoning", "content") if parse_tools else ()
         self.tool_parsers = {ch: ToolCallParser(tools, counter) for ch in channels}
         self.trims = {"reasoning": _Trim(), "content": _Trim()}
+        self.stops = StopStrings(list(stops))
+        self.max_calls = max_calls
         self.num_calls = 0
+        self.done = False
+
+    @property
+    def in_reasoning(self) -> bool:
+        return self.reasoning is not None and self.reasoning.in_reasoning
 
     def feed(self, text: str) -> list[Piece]:
+        if self.done:
+            return []
         split = self.reasoning.feed(text) if self.reasoning else [("content", text)]
-        return _merge([p for ch, t in split for p in self._channel(ch, t, final=False)])
+        return self._answer([p for ch, t in split for p in self._channel(ch, t, final=False)])
 
     def finish(self) -> list[Piece]:
+        if self.done:
+            return []
         split = self.reasoning.finish() if self.reasoning else []
         pieces = [p for ch, t in split for p in self._channel(ch, t, final=False)]
         for ch in ("reasoning", "content"):
             pieces += self._channel(ch, "", final=True)
-        return _merge(pieces)
+        pieces = self._answer(pieces)
+        held = "" if self.done else self.stops.flush()
+        return _merge(pieces + [Piece("content", held)] if held else pieces)
+
+    def _answer(self, pieces: list[Piece]) -> list[Piece]:
+        """Applies stop sequences to the content and the call limit; held-back content that
+        cannot be part of a stop sequence any more (a call follows) is let out."""
+        out: list[Piece] = []
+        for p in _merge(pieces):
+            if p.channel == "content":
+                text, hit = self.stops.feed(p.text)
+                if text:
+                    out.append(Piece("content", text))
+                if hit:
+                    self.done = True
+                    break
+                continue
+            if p.channel == "tool_call" and p.call.name is not None:
+                if self.max_calls is not None and self.num_calls >= self.max_calls:
+                    self.done = True
+                    break
+                self.num_calls += 1
+            held = self.stops.flush()
+            if held:
+                out.append(Piece("content", held))
+            out.append(p)
+        return _merge(out)
 
     def _channel(self, channel: str, text: str, final: bool) -> list[Piece]:
         parser = self.tool_parsers.get(channel)
@@ -84,7 +130,6 @@ class ChatOutputParser:
                 if kept:
                     out.append(Piece(channel, kept))
             elif isinstance(e, CallStart):
-                self.num_calls += 1
                 out.append(Piece("tool_call", call=ToolCallDelta(e.index, e.id, e.name)))
             elif isinstance(e, CallArgs):
                 out.append(Piece("tool_call", call=ToolCallDelta(e.index, arguments=e.fragment)))
@@ -102,6 +147,57 @@ def _merge(pieces: list[Piece]) -> list[Piece]:
         else:
             out.append(p)
     return out
+
+
+class AnswerLogprobs:
+    """Keeps, of the logprobs of each step, those of the tokens whose text went into the content,
+    so that `logprobs.content` adds up to `message.content`: reasoning and its markup, tool calls,
+    trimmed whitespace and text past a stop sequence are left out (a token whose leading
+    whitespace was trimmed is reported as the rest of its text). Tokens wait here until the
+    parser lets their text out (it holds text back that may be markup or a stop sequence)."""
+
+    def __init__(self):
+        self.pending: list = []  # entries with a .token text
+        self.partial = 0  # characters of pending[0]'s text already seen in the content
+        self.skipped = 0  # its leading whitespace, trimmed from the content
+
+    def step(self, parser: ChatOutputParser, entries: list, pieces: list[Piece]) -> list:
+        if parser.in_reasoning:
+            self.pending.clear()
+            self.partial = self.skipped = 0
+            return []
+        self.pending += entries
+        out = []
+        for p in pieces:
+            if p.channel == "content":
+                out += self._match(p.text)
+            else:
+                self.pending.clear()  # what was not content so far is markup or reasoning
+                self.partial = self.skipped = 0
+        return out
+
+    def _match(self, text: str) -> list:
+        out, pos = [], 0
+        while self.pending and pos < len(text):
+            token = self.pending[0].token
+            if self.partial == 0 and token[:1].isspace() and not text.startswith(token[:1], pos):
+                self.skipped = self.partial = len(token) - len(token.lstrip())  # whitespace trimmed at the start
+            rest = token[self.partial:]
+            n = min(len(rest), len(text) - pos)
+            if rest and text[pos:pos + n] == rest[:n]:
+                pos += n
+                self.partial += n
+                if self.partial == len(token):  # the token's text is all out
+                    entry = self.pending.pop(0)
+                    if self.skipped:  # the part of it that is in the content
+                        entry = entry.model_copy(update={"token": token[self.skipped:],
+                                                         "bytes": list(token[self.skipped:].encode())})
+                    out.append(entry)
+                    self.partial = self.skipped = 0
+            else:
+                self.pending.pop(0)
+                self.partial = self.skipped = 0
+        return out
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The OpenAI wire protocol: every request and response body, with limits on every field, and
 the one conversion from a request to engine SamplingParams.
 
-Unknown request fields are tolerated (clients send many); wrong types and impossible values fail
-validation, which the app turns into a 400 naming the field."""
+Unknown request fields are tolerated (clients send many), and so is null for any field (it means
+the default); wrong types and impossible values fail validation, which the app turns into a 400
+naming the field."""
 
 from __future__ import annotations
 
@@ -21,6 +22,14 @@ MAX_TOOLS = 256
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data):
+        """OpenAI reads an explicit null as "not given" (clients send `"n": null` and the like)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class _Response(BaseModel):

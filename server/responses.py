@@ -5,20 +5,13 @@ from __future__ import annotations
 from typing import AsyncIterator, Optional
 
 from .errors import APIError
-from .output import ChatMessageParts, Piece
+from .output import AnswerLogprobs, ChatMessageParts, Piece
 from .protocol import (
     ChatChoice, ChatCompletion, ChatCompletionChunk, ChatMessageOut, ChoiceLogprobs, ChunkChoice, ChunkDelta,
     Completion, CompletionChoice, CompletionLogprobs, FunctionDelta, FunctionOut, ToolCallDeltaOut, ToolCallOut,
     dump_chunk,
 )
 from .serving import Generation, ServerState, _usage, chat_logprobs, completion_logprobs, finish_reason
-
-
-def _pieces(parser, d) -> list[Piece]:
-    pieces = parser.feed(d.text) if d.text else []
-    if d.finish_reason is not None:
-        pieces += parser.finish()
-    return pieces
 
 
 def error_event(e: APIError) -> str:
@@ -32,10 +25,12 @@ def error_event(e: APIError) -> str:
 async def chat_whole(state: ServerState, gen: Generation) -> ChatCompletion:
     job = gen.job
     parser, parts, logprobs, last = job.make_parser(), ChatMessageParts(), [], None
+    answer_logprobs = AnswerLogprobs()
     async for d in gen.deltas():
-        parts.add(_pieces(parser, d))
+        pieces = gen.pieces(parser, d)
+        parts.add(pieces)
         if job.params.logprobs:
-            logprobs += chat_logprobs(state, d)
+            logprobs += answer_logprobs.step(parser, chat_logprobs(state, d), pieces)
         last = d
     calls = [ToolCallOut(id=c.id, function=FunctionOut(name=c.name, arguments=c.arguments))
              for c in parts.tool_calls.values()]
@@ -44,7 +39,7 @@ async def chat_whole(state: ServerState, gen: Generation) -> ChatCompletion:
         content = None
     reasoning = parts.reasoning or None
     message = ChatMessageOut(content=content, reasoning_content=reasoning, reasoning=reasoning, tool_calls=calls or None)
-    choice = ChatChoice(message=message, finish_reason=finish_reason(last, len(calls)),
+    choice = ChatChoice(message=message, finish_reason=finish_reason(last, len(calls), parser.done),
                         logprobs=ChoiceLogprobs(content=logprobs) if job.params.logprobs else None)
     return ChatCompletion(id=job.id, created=job.created, model=job.model, choices=[choice], usage=_usage(last))
 
@@ -69,17 +64,20 @@ async def chat_stream(state: ServerState, gen: Generation) -> AsyncIterator[str]
         return dump_chunk(c, usage_null=job.include_usage)
 
     yield chunk(ChunkDelta(role="assistant", content=""))
-    parser = job.make_parser()
+    parser, answer_logprobs = job.make_parser(), AnswerLogprobs()
     try:
         async for d in gen.deltas():
-            lp = ChoiceLogprobs(content=chat_logprobs(state, d)) if job.params.logprobs and d.token_ids else None
-            for p in _pieces(parser, d):
-                yield chunk(_chunk_delta(p), logprobs=lp)
-                lp = None
-            if lp is not None:
-                yield chunk(ChunkDelta(), logprobs=lp)
+            pieces = gen.pieces(parser, d)
+            lp = None
+            if job.params.logprobs:
+                tokens = answer_logprobs.step(parser, chat_logprobs(state, d), pieces)
+                lp = ChoiceLogprobs(content=tokens) if tokens else None
+            for p in pieces:
+                # a step's answer tokens ride on its content chunk
+                yield chunk(_chunk_delta(p), logprobs=lp if p.channel == "content" else None)
+                lp = None if p.channel == "content" else lp
             if d.finish_reason is not None:
-                yield chunk(ChunkDelta(), finish=finish_reason(d, parser.num_calls))
+                yield chunk(ChunkDelta(), finish=finish_reason(d, parser.num_calls, parser.done))
                 if job.include_usage:
                     yield dump_chunk(ChatCompletionChunk(id=job.id, created=job.created, model=job.model,
                                                          choices=[], usage=_usage(d)))

@@ -10,11 +10,11 @@ from typing import AsyncIterator, Callable, Optional
 
 from server.engine import Delta, EngineStopped, PromptTooLong, QueueFull, SamplingParams, TokenLogprob
 
-from .chat import encode_prompt, history_end, render_prompt
+from .chat import encode_prompt, history_end, render_prompt, template_takes_tools
 from .constrained import GrammarCompiler, LogitBias
-from .errors import APIError, BadRequest, TooManyRequests, Unavailable
+from .errors import APIError, BadRequest, NotFound, TooManyRequests, Unavailable
 from .metrics import Metrics, RequestTimer
-from .output import ChatOutputParser
+from .output import ChatOutputParser, Piece
 from .protocol import (
     ChatCompletionRequest, CompletionLogprobs, CompletionRequest, NamedToolChoice,
     TokenLogprobOut, TopLogprob, UsageInfo, PromptTokensDetails, new_id, now, sampling_params,
@@ -23,6 +23,10 @@ from .reasoning import prompt_opens_reasoning
 from .settings import Settings
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+class ModelNotFound(NotFound):
+    type = "invalid_request_error"  # OpenAI's type for an unknown model, with a 404
 
 
 @dataclass
@@ -44,9 +48,9 @@ class ServerState:
 
     def check_model(self, name: Optional[str]) -> None:
         if name is not None and name not in self.settings.served_model_names:
-            raise BadRequest(f"the model {name!r} does not exist; this server serves "
-                             f"{', '.join(map(repr, self.settings.served_model_names))}",
-                             param="model", code="model_not_found")
+            raise ModelNotFound(f"the model {name!r} does not exist; this server serves "
+                                f"{', '.join(map(repr, self.settings.served_model_names))}",
+                                param="model", code="model_not_found")
 
 
 @dataclass
@@ -91,8 +95,10 @@ def _tool_mode(state: ServerState, req: ChatCompletionRequest) -> tuple[str, Opt
     if isinstance(choice, NamedToolChoice):
         return "named", choice.function.name
     if choice == "auto" and req.tools and not state.settings.enable_auto_tool_choice:
-        raise BadRequest('"auto" tool choice needs the server started with --enable-auto-tool-choice '
-                         "and --tool-call-parser", param="tool_choice")
+        raise BadRequest('"auto" tool choice is off on this server (--no-enable-auto-tool-choice); '
+                         'send tool_choice "required", "none" or a named function', param="tool_choice")
+    if choice != "none" and req.tools and not template_takes_tools(state.tokenizer):
+        raise BadRequest("this model's chat template does not take tools", param="tools")
     return choice, None
 
 
@@ -120,17 +126,24 @@ async def chat_job(state: ServerState, req: ChatCompletionRequest) -> Job:
     elif mode in ("required", "named"):
         processors.append(await asyncio.to_thread(state.grammars.for_tools, tool_dicts, named,
                                                   req.parallel_tool_calls, open_reasoning))
+    elif mode == "auto":
+        lazy = await asyncio.to_thread(state.grammars.for_auto_tools, tool_dicts, req.parallel_tool_calls)
+        processors += [lazy] if lazy is not None else []
     if req.logit_bias:
         processors.append(LogitBias(req.logit_bias))
 
     parse_tools = mode != "none" and not (fmt is not None and fmt.type != "text")
     reasoning = state.settings.reasoning_parser is not None
 
+    stops = list(req.stop or [])
+    max_calls = None if req.parallel_tool_calls or not parse_tools else 1
+
     def make_parser() -> ChatOutputParser:
         return ChatOutputParser(reasoning=reasoning, starts_in_reasoning=open_reasoning,
-                                tools=tool_dicts, parse_tools=parse_tools)
+                                tools=tool_dicts, parse_tools=parse_tools, stops=stops, max_calls=max_calls)
 
     params = sampling_params(req, max_tokens, req.logprobs, req.top_logprobs or 0, processors)
+    params.stop = []  # the parser matches them in the answer alone (see Generation.pieces)
     return Job("chat", ids, params, req.model or state.settings.model_name, req.stream,
                bool(req.stream_options and req.stream_options.include_usage), make_parser,
                id=new_id("chatcmpl"), snapshot_at=(cut,) if cut else ())
@@ -165,7 +178,7 @@ class Generation:
     streaming starts; leaving `deltas()` early (a disconnect) cancels the request."""
 
     def __init__(self, state: ServerState, job: Job):
-        self.job = job
+        self.state, self.job = state, job
         self.timer = RequestTimer(state.metrics, job.endpoint)
         try:
             self.stream = state.engine.submit(job.prompt_ids, job.params, snapshot_at=job.snapshot_at)
@@ -177,6 +190,20 @@ class Generation:
             raise Unavailable(str(e)) from None
         except ValueError as e:
             raise BadRequest(str(e)) from None
+
+    def pieces(self, parser: ChatOutputParser, d: Delta) -> list[Piece]:
+        """A chat delta through the job's parser; when the parser says the answer is over (a stop
+        sequence, or a call past parallel_tool_calls: false), the generation is stopped: the
+        next delta is the last, with finish_reason "stop" and the usage."""
+        if d.finish_reason in ("error", "cancelled"):
+            return []
+        done = parser.done
+        out = parser.feed(d.text) if d.text else []
+        if d.finish_reason is not None:
+            out += parser.finish()
+        elif parser.done and not done:
+            self.state.engine.stop(self.stream.request_id)
+        return out
 
     async def deltas(self) -> AsyncIterator[Delta]:
         try:
@@ -222,9 +249,10 @@ def completion_logprobs(state: ServerState, d: Delta, acc: CompletionLogprobs, o
     return offset
 
 
-def finish_reason(d: Delta, num_calls: int) -> str:
+def finish_reason(d: Delta, num_calls: int, answer_done: bool = False) -> str:
+    """answer_done: the parser ended the answer (the engine may have reached the length first)."""
     if d.finish_reason in ("error", "cancelled"):
         raise APIError(f"generation ended early ({d.finish_reason})")
-    if d.finish_reason == "stop" and num_calls:
+    if (d.finish_reason == "stop" or answer_done) and num_calls:
         return "tool_calls"
-    return d.finish_reason
+    return "stop" if answer_done else d.finish_reason

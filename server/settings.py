@@ -24,7 +24,7 @@ class Settings:
     prefix_cache_bytes: Optional[int] = None  # default: the engine's share of the memory budget
     memory_budget_bytes: Optional[int] = None
     prefill_tokens_per_step: int = 512
-    enable_auto_tool_choice: bool = False
+    enable_auto_tool_choice: bool = True  # False: vLLM's default, "auto" gets a 400
     tool_call_parser: Optional[str] = "qwen3"
     reasoning_parser: Optional[str] = "qwen3"
     chat_template_kwargs: dict = field(default_factory=dict)

@@ -4,6 +4,7 @@ arguments -> the tool's result -> an answer that uses it; non-streamed and strea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -25,13 +26,20 @@ RESULT = {"city": CITY, "temperature": 23, "unit": "celsius", "condition": "sunn
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
+    with serve_demo(tmp_path_factory, "--enable-auto-tool-choice") as c:  # the flag is the default; still accepted
+        yield c
+
+
+@contextlib.contextmanager
+def serve_demo(tmp_path_factory, *options: str):
+    """`deltaserve serve` of the demo GGUF as model "demo" on a free port -> an openai client for it."""
     from openai import OpenAI
 
     port = free_port()
     cache = tmp_path_factory.mktemp("converted")
     log = tmp_path_factory.mktemp("log") / "server.log"
     cmd = [sys.executable, "-m", "server.cli", "serve", str(DEMO_GGUF), "--port", str(port), "--cache-dir", str(cache),
-           "--enable-auto-tool-choice", "--served-model-name", "demo", "--log-level", "warning"]
+           "--served-model-name", "demo", "--log-level", "warning", *options]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
     c = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)

@@ -132,3 +132,10 @@ def test_config_values_go_through_the_flag_types(tmp_path):
     args = build_parser().parse_args(["serve", "--config", str(config)])
     _apply_config(args)
     assert (args.prefix_cache_bytes, args.served_model_name, args.cache_dir) == (1 << 30, ["one"], Path("/tmp/x"))
+
+
+def test_auto_tool_choice_is_on_by_default_and_can_be_turned_off():
+    parse = build_parser().parse_args
+    assert settings_from_args(parse(["serve"])).enable_auto_tool_choice
+    assert settings_from_args(parse(["serve", "--enable-auto-tool-choice"])).enable_auto_tool_choice
+    assert not settings_from_args(parse(["serve", "--no-enable-auto-tool-choice"])).enable_auto_tool_choice

@@ -70,9 +70,10 @@ def test_empty_messages(server):
 
 
 def test_unknown_model(client):
-    with pytest.raises(openai.BadRequestError) as e:
+    with pytest.raises(openai.NotFoundError) as e:  # 404, as OpenAI answers
         client.chat.completions.create(model="gpt-9", messages=HI)
     assert e.value.body["code"] == "model_not_found" and "gpt-9" in e.value.body["message"]
+    assert e.value.body["type"] == "invalid_request_error"
 
 
 def test_context_too_long(client):
@@ -120,11 +121,12 @@ def test_unknown_route_and_method(server):
     error_of(httpx.get(server.base_url + "/v1/chat/completions"), 405)
 
 
-def test_auto_tool_choice_needs_the_flag(keyed):
+def test_auto_tool_choice_off(keyed):
+    """--no-enable-auto-tool-choice: vLLM's behaviour without its flag."""
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
     err = error_of(post(keyed, {"model": "tiny", "messages": HI, "tools": tools},
                         headers={"authorization": f"Bearer {KEY}"}))
-    assert "--enable-auto-tool-choice" in err["message"]
+    assert "--no-enable-auto-tool-choice" in err["message"] and err["param"] == "tool_choice"
 
 
 def test_api_key(keyed):

@@ -77,7 +77,7 @@ class EngineCore:
         self.emit = emit or (lambda d: None)
         self.requests: dict[str, Request] = {}
         self._outputs: dict[str, _Output] = {}
-        self._cancelled: set[str] = set()
+        self._cancelled: dict[str, str] = {}  # request id -> finish reason
         eos = set(model.config.eos_token_id)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -110,10 +110,11 @@ class EngineCore:
         self.enqueue(req)
         return req
 
-    def cancel(self, request_id: str) -> None:
-        """Takes effect at the start of the next step (within one step)."""
+    def cancel(self, request_id: str, reason: str = "cancelled") -> None:
+        """Takes effect at the start of the next step (within one step). reason "stop": the
+        reader decided the output is complete (a stop sequence it matches itself)."""
         if request_id in self.requests:
-            self._cancelled.add(request_id)
+            self._cancelled.setdefault(request_id, reason)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._cancelled)
@@ -277,11 +278,12 @@ class EngineCore:
     def _apply_cancellations(self) -> None:
         if not self._cancelled:
             return
-        reqs = [self.requests[r] for r in self._cancelled if r in self.requests]
+        reasons = {r: why for r, why in self._cancelled.items() if r in self.requests}
+        reqs = [self.requests[r] for r in reasons]
         self._cancelled.clear()
         for req in reqs:
-            req.finish_reason = "cancelled"
-            self.emit(Delta(req.id, [], "", finish_reason="cancelled", usage=self._usage(req)))
+            req.finish_reason = reasons[req.id]
+            self.emit(Delta(req.id, [], "", finish_reason=req.finish_reason, usage=self._usage(req)))
         self._retire(reqs, remember=False)
 
     def fail_all(self, message: str) -> None:

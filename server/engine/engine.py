@@ -1,5 +1,5 @@
 """The engine on its own thread, with a small API for the HTTP layer:
-`submit(prompt_ids, params) -> Stream` (iterate it, sync or async, for deltas) and `cancel(id)`."""
+`submit(prompt_ids, params) -> Stream` (iterate it, sync or async, for deltas), `cancel(id)` and `stop(id)`."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class Engine:
         self.core = EngineCore(model, tokenizer, config, emit=self._emit)
         self._streams: dict[str, Stream] = {}  # whose readers are still listening
         self._live: set[str] = set()  # ids submitted and not yet finished, listened to or not
-        # ("add", Request) | ("cancel", request id) | ("warm_up", (prompt ids, processors, Future))
+        # ("add", Request) | ("cancel" | "stop", request id) | ("warm_up", (prompt ids, processors, Future))
         self._inbox: list[tuple[str, object]] = []
         self._queued = 0  # adds in the inbox: they count against max_queue before they reach the scheduler
         self._lock = threading.Lock()  # guards the four above; never held over a step
@@ -123,6 +123,13 @@ class Engine:
             self._inbox.append(("cancel", request_id))
         self._wake.set()
 
+    def stop(self, request_id: str) -> None:
+        """Ends the request as a stop sequence would: its stream gets a last delta with
+        finish_reason "stop" and the usage so far (the server matches chat stop sequences itself)."""
+        with self._lock:
+            self._inbox.append(("stop", request_id))
+        self._wake.set()
+
     def warm_up(self, prompt_ids: list[int], processors: list = ()) -> None:
         """Runs EngineCore.warm_up on the engine thread and returns when it is done (raising what it
         raised). Meant for before serving: requests submitted meanwhile wait until it is over."""
@@ -158,6 +165,8 @@ class Engine:
                     self.core.enqueue(item)  # submit checked its id and the room in the queue
                 elif kind == "cancel":
                     self.core.cancel(item)
+                elif kind == "stop":
+                    self.core.cancel(item, "stop")
                 else:
                     warm_ups.append(item)
             self._stats = self.core.stats()
