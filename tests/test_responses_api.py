@@ -167,6 +167,20 @@ def test_function_call_round_trip_by_resending_history(client):
     assert second.usage.input_tokens_details.cached_tokens > 0
 
 
+def test_parallel_tool_calls_false_keeps_one_call(client):
+    question = f"What's the weather in {CITY} and in Paris?"
+    both = client.responses.create(input=question, tools=TOOLS_OFFERED, store=False, **ASK)
+    assert [json.loads(c.arguments)["city"] for c in _calls(both)] == [CITY, "Paris"]  # what the model does
+    one = client.responses.create(input=question, tools=TOOLS_OFFERED, parallel_tool_calls=False, store=False, **ASK)
+    assert one.status == "completed" and one.parallel_tool_calls is False
+    assert [json.loads(c.arguments)["city"] for c in _calls(one)] == [CITY]
+    assert one.usage.output_tokens < both.usage.output_tokens  # the generation stopped at the first call
+    events = list(client.responses.create(input=question, tools=TOOLS_OFFERED, parallel_tool_calls=False,
+                                          store=False, stream=True, **ASK))
+    streamed = _check_events(events)
+    assert [c.arguments for c in _calls(streamed)] == [c.arguments for c in _calls(one)]
+
+
 def test_retrieve_delete_and_not_stored(client):
     import openai
 
@@ -385,7 +399,11 @@ def test_an_engine_error_ends_the_stream_with_response_failed():
 
     job = SimpleNamespace(created=0, model="demo", params=SimpleNamespace(temperature=0.0, top_p=1.0))
     parser = ChatOutputParser(reasoning=True, starts_in_reasoning=True, tools=None, parse_tools=False)
-    fold = ResponseFold(base_response(ResponsesRequest(input="Hi"), job, True), parser)
+
+    def read(d):
+        return parser.feed(d.text) + (parser.finish() if d.finish_reason else [])
+
+    fold = ResponseFold(base_response(ResponsesRequest(input="Hi"), job, True), parser, read)
     events = fold.start() + fold.add(Delta("r", [1, 2, 3], "Let me think.</think>Hel"))
     events += fold.add(Delta("r", [], "", finish_reason="error", usage=Usage(5, 3)))
     adapter = TypeAdapter(ResponseStreamEvent)

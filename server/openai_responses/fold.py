@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import uuid
-from typing import Optional
+from typing import Callable, Optional
 
 from server.engine import Delta
 from server.output import Piece
@@ -38,12 +38,15 @@ def base_response(req: ResponsesRequest, job: Job, store: bool) -> dict:
 
 
 class ResponseFold:
-    def __init__(self, response: dict, parser):
+    """parser: the job's ChatOutputParser; read: a delta -> its pieces through that parser (the
+    chat routes' own reading, so stopping rules apply here as there)."""
+
+    def __init__(self, response: dict, parser, read: Callable[[Delta], list[Piece]]):
         self.response = response
-        self.parser = parser  # a ChatOutputParser from the job
+        self.parser = parser
+        self.read = read
         self.seq = 0
         self.item: Optional[dict] = None  # the output item now streaming
-        self.call_index: Optional[int] = None
         self.reasoning_tokens = 0
 
     def _event(self, kind: str, **fields) -> dict:
@@ -59,16 +62,17 @@ class ResponseFold:
                 self._event("response.in_progress", response=self._snapshot())]
 
     def add(self, d: Delta) -> list[dict]:
-        thinking = self.parser.reasoning is not None and self.parser.reasoning.in_reasoning
-        pieces = self.parser.feed(d.text) if d.text else []
-        if d.finish_reason is not None:
-            pieces += self.parser.finish()
-        if thinking or self.parser.reasoning is not None and self.parser.reasoning.in_reasoning:
+        thinking = self._thinking()
+        pieces = self.read(d)
+        if thinking or self._thinking():
             self.reasoning_tokens += len(d.token_ids)  # the </think> markup counts as reasoning
         events = [e for p in pieces for e in self._piece(p)]
         if d.finish_reason is not None:
             events += self._finish(d)
         return events
+
+    def _thinking(self) -> bool:
+        return self.parser.in_reasoning
 
     # ------------------------------------------------------------ items
 
@@ -84,7 +88,7 @@ class ResponseFold:
         return events
 
     def _close(self, status: str) -> list[dict]:
-        item, self.item, self.call_index = self.item, None, None
+        item, self.item = self.item, None
         if item is None:
             return []
         index = len(self.response["output"]) - 1
@@ -109,7 +113,6 @@ class ResponseFold:
                 events += self._close("completed")
                 events += self._open({"id": new_id("fc"), "type": "function_call", "status": "in_progress",
                                       "call_id": c.id, "name": c.name, "arguments": ""}, None)
-                self.call_index = c.index
             if c.arguments:
                 self.item["arguments"] += c.arguments
                 events.append(self._event("response.function_call_arguments.delta", item_id=self.item["id"],
@@ -136,6 +139,8 @@ class ResponseFold:
 
     def _finish(self, d: Delta) -> list[dict]:
         status = _STATUS.get(d.finish_reason, "failed")
+        if status == "incomplete" and self.parser.done:
+            status = "completed"  # the parser ended the answer (parallel_tool_calls false) as the length ran out
         events = self._close("completed" if status == "completed" else "incomplete")
         r = self.response
         r["status"] = status

@@ -43,8 +43,9 @@ def responses_routes(state: ServerState, parse_body: Callable, until_disconnect:
             items = previous.conversation() + items
         job = await chat_job(state, chat_request(body, items))
         keep = body.store is not False
-        fold = ResponseFold(base_response(body, job, keep), job.make_parser())
         gen = Generation(state, job)
+        parser = job.make_parser()
+        fold = ResponseFold(base_response(body, job, keep), parser, lambda d: gen.pieces(parser, d))
 
         def save() -> None:
             if keep and fold.response["status"] != "failed":
