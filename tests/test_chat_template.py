@@ -94,10 +94,29 @@ def test_image_content_is_refused(tok):
 
 def test_template_errors_become_bad_requests(tok):
     with pytest.raises(BadRequest) as e:
-        render(tok, [{"role": "user", "content": "a"}, {"role": "system", "content": "late"}])
-    assert "System message must be at the beginning" in e.value.message
+        render(tok, [{"role": "system", "content": "a"}, {"role": "developer", "content": "b"}])
+    assert "No user query found in messages" in e.value.message
 
 
 def test_reserved_template_kwargs_are_refused(tok):
     with pytest.raises(BadRequest):
         render(tok, [{"role": "user", "content": "a"}], tokenize=True)
+
+
+def test_leading_system_and_developer_messages_merge_and_later_ones_become_user_turns(tok):
+    """The template takes one system message, first; pydantic-ai sends two, and some clients send
+    one mid-conversation (the template would raise "System message must be at the beginning")."""
+    prompt = render(tok, [{"role": "system", "content": "Be brief."},
+                          {"role": "developer", "content": [{"type": "text", "text": "Use metric units."}]},
+                          {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello!"},
+                          {"role": "developer", "content": "The user is in Lisbon."},
+                          {"role": "user", "content": "Weather?"}])
+    assert prompt == (
+        "<|im_start|>system\nBe brief.\n\nUse metric units.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>user\nSystem: The user is in Lisbon.<|im_end|>\n"
+        "<|im_start|>user\nWeather?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n"
+    )

@@ -167,3 +167,63 @@ def test_special_token_markers_use_token_ids(compiler):
 
 def test_qwen_markers_are_text_in_the_fixture_tokenizer(compiler):
     assert compiler[0].specials() == {}
+
+
+def _lazy_decode(comp, tok, tools, forced: str, parallel: bool, seed: int, max_steps=200):
+    """Random logits through the auto-mode processor, with `forced` written first as a model would."""
+    proc = comp.for_auto_tools(tools, parallel)
+    rng = np.random.default_rng(seed)
+    out = list(tok.encode(forced, add_special_tokens=False))
+    masked_before = []
+    for i in range(len(out)):  # text before the call is free: the processor leaves the logits alone
+        logits = mx.array(rng.standard_normal(comp.vocab_size).astype(np.float32))
+        masked_before.append(bool(mx.any(proc(out[:i], logits) != logits).item()))
+    for _ in range(max_steps):
+        logits = mx.array(rng.standard_normal(comp.vocab_size).astype(np.float32) * 4)
+        tok_id = int(mx.argmax(proc(out, logits)).item())
+        if tok_id == tok.eos_token_id:
+            break
+        out.append(tok_id)
+    return tok.decode(out), masked_before
+
+
+@pytest.fixture(scope="module")
+def qwen_markers():
+    """The fixture tokenizer with Qwen's <tool_call> and </tool_call> as the single (added, not
+    special) tokens real Qwen3.5 tokenizers have: the lazy grammar is triggered by that token."""
+    tok = load_tokenizer(get_fixture("moe_r4").hf_dir)
+    tok.add_tokens(["<tool_call>", "</tool_call>"])
+    return GrammarCompiler(tok, vocab_size=151936 + 64), tok
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_strict_tool_under_auto_is_enforced_from_the_call_on(qwen_markers, seed):
+    comp, tok = qwen_markers
+    tools = [{"type": "function", "function": {**t["function"], "strict": True}} for t in (WEATHER, CLOCK)]
+    text, masked_before = _lazy_decode(comp, tok, tools, "Let me check.<tool_call>", False, seed)
+    assert not any(masked_before[:-1])
+    parsed = parse(text, tools)
+    assert parsed.content == "Let me check." and len(parsed.tool_calls) == 1
+    call = parsed.tool_calls[0]
+    schema = {"get_weather": WEATHER, "get_time": CLOCK}[call.name]["function"]["parameters"]
+    jsonschema.validate(json.loads(call.arguments), schema)
+    assert text.endswith("</tool_call>")  # parallel_tool_calls false: only the end may follow
+
+
+def test_non_strict_tool_beside_a_strict_one_keeps_free_arguments(qwen_markers):
+    comp, tok = qwen_markers
+    strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+    free = "<tool_call>\n<function=get_time>\n<parameter=anything>\nx\n</parameter>\n</function>\n</tool_call>"
+    wrong = "<tool_call>\n<function=get_weather>\n<parameter=anything>\n"
+    for text, ok in ((free, True), (wrong, False), ("<tool_call>\n<function=unknown>", False)):
+        proc = comp.for_auto_tools([strict, CLOCK], True)
+        ids = list(tok.encode("Sure. " + text, add_special_tokens=False))
+        proc(ids, mx.zeros(comp.vocab_size))
+        assert proc.failed != ok, text
+        assert not proc.active or not ok  # after a complete call the text is free again
+
+
+def test_no_strict_tool_means_no_lazy_grammar(qwen_markers, compiler):
+    assert qwen_markers[0].for_auto_tools([WEATHER, CLOCK], True) is None
+    strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+    assert compiler[0].for_auto_tools([strict], True) is None  # no <tool_call> token to trigger on

@@ -269,6 +269,27 @@ def test_threaded_engine_async_stream_and_close_cancels(lm):
         engine.shutdown()
 
 
+def test_stop_ends_a_request_with_stop_and_its_usage(lm):
+    """Engine.stop (the server matched a chat stop sequence itself): unlike a cancel, the stream
+    gets a last delta, finish_reason "stop", with the tokens generated so far counted."""
+    model, tok = lm
+    engine = Engine(model, tok, EngineConfig(prefix_cache_bytes=0, memory_budget_bytes=1 << 30))
+    try:
+        stream = engine.submit(prompts(1, seed=5)[0], SamplingParams(max_tokens=10_000, ignore_eos=True))
+        got = []
+        for d in stream:
+            got.append(d)
+            if len(got) == 3:
+                engine.stop(stream.request_id)
+        last = got[-1]
+        assert last.finish_reason == "stop" and not last.token_ids
+        generated = sum(len(d.token_ids) for d in got)
+        assert 3 <= generated < 100 and last.usage.completion_tokens == generated
+        assert wait_until(lambda: engine.stats()["running"] == 0)
+    finally:
+        engine.shutdown()
+
+
 def test_submit_cancel_and_stats_never_wait_for_a_step(lm):
     """The HTTP event loop calls submit, cancel and stats: a long step must not block them. The
     step is held open here until the test lets it go, so the old lock-for-a-step design hangs."""
