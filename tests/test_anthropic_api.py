@@ -77,12 +77,12 @@ def _create(client, **kwargs) -> Message:
     return Message.model_validate(raw.http_response.json())
 
 
-def _events(server, body: dict, headers: dict | None = None) -> list[tuple[str, dict]]:
+def _events(server, body: dict, headers: dict | None = None, params: dict | None = None) -> list[tuple[str, dict]]:
     """A streamed request read as raw SSE: (event name, data) in order, pings included."""
     events, name = [], None
     with httpx.stream("POST", f"{server.base_url}/v1/messages", json={"model": "demo", "stream": True, **body},
                       headers={"x-api-key": KEY, "anthropic-version": "2023-06-01", **(headers or {})},
-                      timeout=300) as r:
+                      params=params, timeout=300) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
             if line.startswith("event:"):
@@ -363,3 +363,42 @@ def test_errors_reach_the_sdk_as_its_exceptions(client, served):
     r = httpx.post(f"{served[0].base_url}/v1/messages/count_tokens", json={"model": "demo", "messages": "hi"},
                    headers={"x-api-key": KEY})
     assert r.status_code == 400 and r.json()["type"] == "error" and "messages" in r.json()["error"]["message"]
+
+
+def test_a_claude_code_shaped_request(served):
+    """What Claude Code sends: ?beta=true, anthropic-beta, system blocks with cache_control, metadata,
+    tool schemas with $schema and additionalProperties, thinking, output_config.effort, a stream."""
+    tool = _anthropic_tool("get_weather")
+    tool["input_schema"] = {**tool["input_schema"], "$schema": "http://json-schema.org/draft-07/schema#",
+                            "additionalProperties": False}
+    body = {"max_tokens": 200, "temperature": 0, "metadata": {"user_id": "user_abc_session_1"},
+            "system": [{"type": "text", "text": "You are a helpful assistant.", "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": QUESTION,
+                                                       "cache_control": {"type": "ephemeral"}}]}],
+            "tools": [{**tool, "cache_control": {"type": "ephemeral"}}],
+            "thinking": {"type": "enabled", "budget_tokens": 4096}, "output_config": {"effort": "high"}}
+    server, _ = served
+    events = _events(server, body, headers={"anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14"},
+                     params={"beta": "true"})
+    _check_sequence(events)
+    starts = [d["content_block"] for n, d in events if n == "content_block_start"]
+    assert [b["type"] for b in starts] == ["thinking", "tool_use"] and starts[1]["name"] == "get_weather"
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_a_stopped_engine_is_overloaded(served):
+    """Anthropic's shape for the engine's refusals too: a stopped engine answers 503 overloaded_error."""
+    from model import load
+    from server.app import create_app
+    from server.engine import Engine
+    from server.settings import Settings
+
+    model, tokenizer = load(served[1])
+    settings = Settings(served_model_names=["demo"], memory_budget_bytes=1 << 30)
+    engine = Engine(model, tokenizer, settings.engine_config())
+    engine.shutdown()
+    with ServerThread(create_app(settings, engine)) as server:
+        r = httpx.post(f"{server.base_url}/v1/messages", timeout=60,
+                       json={"model": "demo", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["type"] == "error" and r.json()["error"]["type"] == "overloaded_error"
