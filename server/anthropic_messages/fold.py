@@ -53,7 +53,7 @@ class MessageFold:
         return [("message_start", {"type": "message_start", "message": json.loads(json.dumps(self.message))})]
 
     def add(self, d: Delta) -> list[Event]:
-        """Events for one delta; the last delta's end the message. A generation that failed raises
+        """Events for one delta; the last delta ends the message. A generation that failed raises
         APIError (before or in the stream, the router answers it in Anthropic's error shape)."""
         self.text += d.text
         events = []
