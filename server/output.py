@@ -41,12 +41,13 @@ class _Trim:
         self.at_start = True
         self.pending = ""
 
-    def feed(self, text: str) -> str:
+    def lead(self, text: str) -> str:
         if self.at_start:
             text = text.lstrip()
-            if not text:
-                return ""
-            self.at_start = False
+            self.at_start = not text
+        return text
+
+    def tail(self, text: str) -> str:
         text = self.pending + text
         body = text.rstrip()
         self.pending = text[len(body):]
@@ -80,7 +81,7 @@ class ChatOutputParser:
         if self.done:
             return []
         split = self.reasoning.feed(text) if self.reasoning else [("content", text)]
-        return self._answer([p for ch, t in split for p in self._channel(ch, t, final=False)])
+        return _merge([p for ch, t in split for p in self._channel(ch, t, final=False)])
 
     def finish(self) -> list[Piece]:
         if self.done:
@@ -89,50 +90,46 @@ class ChatOutputParser:
         pieces = [p for ch, t in split for p in self._channel(ch, t, final=False)]
         for ch in ("reasoning", "content"):
             pieces += self._channel(ch, "", final=True)
-        pieces = self._answer(pieces)
-        held = "" if self.done else self.stops.flush()
-        return _merge(pieces + [Piece("content", held)] if held else pieces)
-
-    def _answer(self, pieces: list[Piece]) -> list[Piece]:
-        """Applies stop sequences to the content and the call limit; held-back content that
-        cannot be part of a stop sequence any more (a call follows) is let out."""
-        out: list[Piece] = []
-        for p in _merge(pieces):
-            if p.channel == "content":
-                text, hit = self.stops.feed(p.text)
-                if text:
-                    out.append(Piece("content", text))
-                if hit:
-                    self.done = True
-                    break
-                continue
-            if p.channel == "tool_call" and p.call.name is not None:
-                if self.max_calls is not None and self.num_calls >= self.max_calls:
-                    self.done = True
-                    break
-                self.num_calls += 1
-            held = self.stops.flush()
-            if held:
-                out.append(Piece("content", held))
-            out.append(p)
-        return _merge(out)
+        return _merge(pieces)
 
     def _channel(self, channel: str, text: str, final: bool) -> list[Piece]:
+        """Stop sequences are matched in the content's text after its leading whitespace is
+        trimmed (the template's blank lines after </think>) and before its trailing whitespace is
+        held back (so the content never ends in whitespace before a stop sequence)."""
+        if self.done:
+            return []
         parser = self.tool_parsers.get(channel)
         if parser is None:
             events = [Text(text)] if text else []
         else:
             events = parser.finish() if final else parser.feed(text)
         out, trim = [], self.trims[channel]
+        stops = self.stops if channel == "content" else None
+
+        def add_text(text: str) -> None:
+            kept = trim.tail(text)
+            if kept:
+                out.append(Piece(channel, kept))
+
         for e in events:
             if isinstance(e, Text):
-                kept = trim.feed(e.text)
-                if kept:
-                    out.append(Piece(channel, kept))
+                text, hit = stops.feed(trim.lead(e.text)) if stops else (trim.lead(e.text), False)
+                add_text(text)
+                if hit:
+                    self.done = True
+                    return out
             elif isinstance(e, CallStart):
+                if self.max_calls is not None and self.num_calls >= self.max_calls:
+                    self.done = True
+                    return out
+                self.num_calls += 1
+                if stops:  # a stop sequence cannot run across a call
+                    add_text(stops.flush())
                 out.append(Piece("tool_call", call=ToolCallDelta(e.index, e.id, e.name)))
             elif isinstance(e, CallArgs):
                 out.append(Piece("tool_call", call=ToolCallDelta(e.index, arguments=e.fragment)))
+        if final and stops:
+            add_text(stops.flush())
         return out
 
 

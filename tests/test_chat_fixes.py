@@ -226,3 +226,73 @@ def test_logprobs_add_up_to_the_content(client, stream):
                 tokens += chunk.choices[0].logprobs.content if chunk.choices[0].logprobs else []
     assert content and "".join(t.token for t in tokens) == content
     assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in tokens)
+
+
+# ---------------------------------------------------------------- the output parser, in every chunking
+
+def _chunkings(text: str):
+    yield [text]
+    yield list(text)
+    for cut in range(1, len(text)):
+        yield [text[:cut], text[cut:]]
+
+
+def _parse(chunks, **kwargs):
+    from server.output import ChatMessageParts, ChatOutputParser
+
+    parser = ChatOutputParser(reasoning=True, starts_in_reasoning=True, tools=[WEATHER, TIME], parse_tools=True,
+                              **kwargs)
+    parts = ChatMessageParts()
+    for chunk in chunks:
+        parts.add(parser.feed(chunk))
+    parts.add(parser.finish())
+    return parts, parser.done
+
+
+CALL = "<tool_call>\n<function=get_weather>\n<parameter=city>\n{}\n</parameter>\n</function>\n</tool_call>"
+
+
+def test_stop_sequences_match_in_the_answer_only():
+    text = "Think.\n\nMore.\n</think>\n\nPara one.\n\nPara two.\n\n" + CALL.format("Lisbon")
+    for chunks in _chunkings(text):
+        parts, done = _parse(chunks, stops=["\n\n"])
+        assert (parts.reasoning, parts.content, parts.tool_calls, done) == ("Think.\n\nMore.", "Para one.", {}, True)
+    for chunks in _chunkings(text):  # a stop that never comes holds nothing back in the end
+        parts, done = _parse(chunks, stops=["\n\nX"])
+        assert parts.content == "Para one.\n\nPara two." and len(parts.tool_calls) == 1 and not done
+
+
+def test_stop_sequences_do_not_cut_tool_call_markup_or_arguments():
+    text = "</think>\n\n" + CALL.format("Lisbon\n\nTown")
+    for chunks in _chunkings(text):
+        parts, done = _parse(chunks, stops=["\n\n", "<parameter"])
+        assert json.loads(parts.tool_calls[0].arguments) == {"city": "Lisbon\n\nTown"} and not done
+
+
+def test_one_call_with_parallel_tool_calls_false():
+    text = "</think>\n\nChecking.\n" + CALL.format("Lisbon") + "\n" + CALL.format("Paris")
+    for chunks in _chunkings(text):
+        parts, done = _parse(chunks, max_calls=1)
+        assert parts.content == "Checking." and done
+        assert [json.loads(c.arguments) for c in parts.tool_calls.values()] == [{"city": "Lisbon"}]
+
+
+@pytest.mark.parametrize("stops", [[], ["two"]])
+def test_answer_logprobs_add_up_to_the_content(stops):
+    """One token per delta, as the engine sends them: reasoning, markup, the first token's leading
+    space, trailing whitespace and a call are left out."""
+    from server.output import AnswerLogprobs, ChatMessageParts, ChatOutputParser
+    from server.protocol import TokenLogprobOut
+
+    tokens = ["Hmm", ".", "\n", "</think>", "\n\n", " Para", " one", ".\n\n", "Para", " two", ".", " \n",
+              "<tool_call>", "\n<function=get_weather>\n<parameter=city>\nLisbon\n</parameter>\n</function>\n",
+              "</tool_call>"]
+    parser = ChatOutputParser(reasoning=True, starts_in_reasoning=True, tools=[WEATHER], parse_tools=True,
+                              stops=stops)
+    parts, answer, kept = ChatMessageParts(), AnswerLogprobs(), []
+    for token in tokens + [""]:
+        pieces = parser.feed(token) if token else parser.finish()
+        parts.add(pieces)
+        kept += answer.step(parser, [TokenLogprobOut(token=token, logprob=-1.0)] if token else [], pieces)
+    assert parts.content == ("Para one.\n\nPara two." if not stops else "Para one.\n\nPara")
+    assert [k.token for k in kept] == ["Para", " one", ".\n\n", "Para"] + ([" two", "."] if not stops else [])
