@@ -264,11 +264,12 @@ def test_thinking_switch(client, hf_tokenizer):
         hf_tokenizer, chat)
 
 
+@pytest.mark.parametrize("lead", ["", " "], ids=["word", "space-word"])
 @pytest.mark.parametrize("stream", [False, True], ids=["create", "stream"])
-def test_stop_sequence(client, stream):
+def test_stop_sequence(client, stream, lead):
     messages = [{"role": "user", "content": SMALL_TALK}]
     free = _text(_create(client, messages=messages, thinking={"type": "disabled"}))
-    word, later = free.split()[1], free.split()[-1]
+    word, later = lead + free.split()[1], free.split()[-1]
     assert free.index(later) > free.index(word)
     # the one that ends the answer is the first in the text, not in the list
     kwargs = dict(messages=messages, thinking={"type": "disabled"}, stop_sequences=[later, "no such text", word])

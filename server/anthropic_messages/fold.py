@@ -11,6 +11,7 @@ cache lookup happens in the engine); message_delta carries the final split, whic
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Optional
 
@@ -136,11 +137,13 @@ class MessageFold:
 
     def _stop_sequence(self) -> Optional[str]:
         """Which stop sequence ended the answer: the parser matches them in the answer (after the
-        reasoning, outside tool-call markup) and cuts it where one begins, so it is the one that
-        follows the answer's last characters first in the generated text after </think>."""
+        reasoning, outside tool-call markup) and cuts it where one begins, so it is the one found
+        first after the answer's last characters (whitespace between them may have been trimmed)
+        in the generated text after </think>."""
         region = self.text.rpartition("</think>")[2]
-        for tail in (self.answer[-32:], ""):
-            found = [(i, k, s) for k, s in enumerate(self.stops) if (i := region.find(tail + s)) >= 0]
+        for anchor in (re.escape(self.answer[-32:].rstrip()) + r"\s*", ""):
+            found = [(m.end() - len(s), k, s) for k, s in enumerate(self.stops)
+                     if (m := re.search(anchor + re.escape(s), region))]
             if found:
                 return min(found)[2]
         return None
