@@ -137,8 +137,7 @@ def _v1_routes(state: ServerState, warm_up: Optional[WarmUp]) -> APIRouter:
 
     @router.get("/models/{name:path}")
     async def model(name: str):
-        if name not in state.settings.served_model_names:
-            raise NotFound(f"the model {name!r} does not exist", param="model", code="model_not_found")
+        state.check_model(name)  # 404 model_not_found, as for a request naming it
         return card(name).model_dump()
 
     @router.post("/chat/completions")

@@ -207,6 +207,10 @@ def test_unknown_model_is_404_model_not_found(client):
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "Hello!"}])
     assert e.value.body["code"] == "model_not_found" and e.value.body["type"] == "invalid_request_error"
     assert "gpt-9" in e.value.body["message"]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-9")
+    assert e.value.body["code"] == "model_not_found" and e.value.body["type"] == "invalid_request_error"
+    assert client.models.retrieve("demo").id == "demo"
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["non-streamed", "streamed"])
