@@ -98,15 +98,19 @@ def test_stop_ends_the_content_where_the_stop_string_begins(client, stream):
 TWO_CITIES = "What's the weather in Lisbon and in Paris?"
 
 
-def _calls(client, stream: bool, **kwargs) -> tuple[list[tuple[str, str]], str]:
+def _strict(tool: dict) -> dict:
+    return {"type": "function", "function": {**tool["function"], "strict": True}}
+
+
+def _calls(client, stream: bool, tools=(WEATHER, TIME), **kwargs) -> tuple[list[tuple[str, str]], str]:
     messages = [{"role": "user", "content": TWO_CITIES}]
+    tools = list(tools)
     if not stream:
-        r = client.chat.completions.create(messages=messages, tools=[WEATHER, TIME], **GREEDY, **kwargs)
+        r = client.chat.completions.create(messages=messages, tools=tools, **GREEDY, **kwargs)
         calls = r.choices[0].message.tool_calls or []
         return [(c.function.name, c.function.arguments) for c in calls], r.choices[0].finish_reason
     calls, finish = {}, None
-    for chunk in client.chat.completions.create(messages=messages, tools=[WEATHER, TIME], stream=True, **GREEDY,
-                                                **kwargs):
+    for chunk in client.chat.completions.create(messages=messages, tools=tools, stream=True, **GREEDY, **kwargs):
         for tc in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
             entry = calls.setdefault(tc.index, ["", ""])
             entry[0] += tc.function.name or ""
@@ -115,11 +119,15 @@ def _calls(client, stream: bool, **kwargs) -> tuple[list[tuple[str, str]], str]:
     return [tuple(v) for v in calls.values()], finish
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["plain", "strict"])
 @pytest.mark.parametrize("stream", [False, True], ids=["non-streamed", "streamed"])
-def test_parallel_tool_calls_false_gives_one_call(client, stream):
-    both, _ = _calls(client, stream)
+def test_parallel_tool_calls_false_gives_one_call(client, stream, strict):
+    """Plain tools: the generation stops where a second call begins; strict ones: the grammar
+    lets only the end of the turn follow the first call."""
+    tools = [_strict(t) for t in (WEATHER, TIME)] if strict else [WEATHER, TIME]
+    both, _ = _calls(client, stream, tools)
     assert len(both) >= 2, both  # the demo model calls once per city when allowed
-    one, finish = _calls(client, stream, parallel_tool_calls=False)
+    one, finish = _calls(client, stream, tools, parallel_tool_calls=False)
     assert one == both[:1] and finish == "tool_calls"
 
 
