@@ -5,7 +5,6 @@ that hit it, against the demo model served by `deltaserve serve` (started withou
 from __future__ import annotations
 
 import json
-import os
 
 import jsonschema
 import pytest
@@ -16,6 +15,7 @@ from test_demo_e2e import serve_demo
 WEATHER = TOOLS["get_weather"].definition()
 TIME = TOOLS["get_time"].definition()
 GREEDY = dict(model="demo", temperature=0, max_tokens=200)
+QUESTION = "What's the weather in Lisbon?"
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +55,6 @@ def test_developer_message_and_later_system_message(client):
     assert r.choices[0].message.content or r.choices[0].message.tool_calls
 
 
-QUESTION = "What's the weather in Lisbon?"
-
-
 # ---------------------------------------------------------------- stop sequences
 
 def _answer(client, stream: bool, **kwargs) -> str:
@@ -73,7 +70,7 @@ def test_langchain_stop_applies_to_the_answer_not_the_reasoning(client):
     from langchain_openai import ChatOpenAI
 
     llm = ChatOpenAI(model="demo", base_url=_base_url(client), api_key="none", temperature=0, max_tokens=200,
-                     stop=["\n\n"])
+                     use_responses_api=False, stop=["\n\n"])
     reply = llm.invoke("Hello! Who are you?")
     assert reply.content.strip() and "\n\n" not in reply.content
     assert reply.content == _answer(client, False).split("\n\n")[0]
