@@ -157,14 +157,21 @@ def test_codex_provider_through_the_openai_sdk(server):
     assert os.environ[provider["env_key"]]
     client = OpenAI(base_url=provider["base_url"].replace(DOC_URL, server.base_url),
                     api_key=os.environ[provider["env_key"]], max_retries=0, timeout=300)
-    events = list(client.responses.create(
-        model=config["model"], instructions="You are a helpful assistant.", stream=True, store=False,
-        input=[{"type": "message", "role": "user", "content": [{"type": "input_text", "text": QUESTION}]}],
-        tools=[{"type": "function", **WEATHER["function"]}], tool_choice="auto", parallel_tool_calls=False,
-        temperature=0, max_output_tokens=300))
+    # unstored and streamed, so each turn resends the whole conversation, reasoning items included
+    turn = dict(model=config["model"], instructions="You are a helpful assistant.", stream=True, store=False,
+                include=["reasoning.encrypted_content"], tools=[{"type": "function", **WEATHER["function"]}],
+                tool_choice="auto", parallel_tool_calls=False, temperature=0, max_output_tokens=300)
+    conversation = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": QUESTION}]}]
+    events = list(client.responses.create(input=conversation, **turn))
     assert events[-1].type == "response.completed"
-    calls = [item for item in events[-1].response.output if item.type == "function_call"]
+    output = events[-1].response.output
+    calls = [item for item in output if item.type == "function_call"]
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Lisbon"})]
+    conversation += [item.model_dump(exclude_none=True) for item in output]
+    conversation.append({"type": "function_call_output", "call_id": calls[0].call_id,
+                         "output": json.dumps({"city": "Lisbon", "temperature": 23, "condition": "sunny"})})
+    events = list(client.responses.create(input=conversation, **turn))
+    assert events[-1].type == "response.completed" and "23" in events[-1].response.output_text
 
 
 def test_opencode_provider_through_the_openai_sdk(served):
