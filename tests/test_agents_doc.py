@@ -143,6 +143,17 @@ def test_claude_code_environment_through_the_anthropic_sdk(server, monkeypatch, 
         client.messages.create(model="claude-haiku-4-5", **ask)
     assert refused.value.body["error"]["type"] == "not_found_error" and "claude-haiku-4-5" in str(refused.value)
 
+    # the doc's alternative: ANTHROPIC_API_KEY, sent as x-api-key
+    monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", env["ANTHROPIC_AUTH_TOKEN"])
+    keyed = anthropic.Anthropic(max_retries=0, timeout=300)
+    assert keyed.messages.create(model=env["ANTHROPIC_MODEL"], **ask).content[-1].text.strip()
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "wrong")
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(max_retries=0).messages.create(model=env["ANTHROPIC_MODEL"], **ask)
+    monkeypatch.setenv("ANTHROPIC_AUTH_TOKEN", env["ANTHROPIC_AUTH_TOKEN"])
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+
     namespace = run_python("anthropic-sdk", server)
     assert namespace["message"].content[-1].text.strip()
     assert namespace["message"].content[-1].text in capsys.readouterr().out
