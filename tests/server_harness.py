@@ -72,3 +72,17 @@ def wait_until(predicate, timeout=10.0, interval=0.02) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+class ModelSpy:
+    """The model, recording the token shape of every forward."""
+
+    def __init__(self, model):
+        self.model, self.shapes = model, []
+
+    def __call__(self, tokens, *args, **kwargs):
+        self.shapes.append(tuple(tokens.shape))
+        return self.model(tokens, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)

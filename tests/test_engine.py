@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from fixtures import get_fixture
-from server_harness import wait_until
+from server_harness import ModelSpy, wait_until
 
 from model import load
 from server.engine import Engine, EngineConfig, EngineCore, PromptTooLong, QueueFull, SamplingParams
@@ -75,20 +75,6 @@ def test_batch_of_eight_arriving_at_different_steps_equals_solo(lm):
     batched, core = run(lm, [(p, params) for p in ps], arrive=[0, 1, 2, 3, 5, 8, 13, 21])
     assert [tokens(d) for d in batched] == solo
     assert core.runner.batch is None and core.scheduler.reserved_bytes == 0
-
-
-class ModelSpy:
-    """The model, recording the token shape of every forward."""
-
-    def __init__(self, model):
-        self.model, self.shapes = model, []
-
-    def __call__(self, tokens, *args, **kwargs):
-        self.shapes.append(tuple(tokens.shape))
-        return self.model(tokens, *args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
 
 
 def test_new_prompts_prefilled_together_equal_solo(lm):

@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import jsonschema
 import pytest
-from fixtures.ports import free_port
 from pydantic import TypeAdapter
+from test_demo_e2e import serve_demo
 
 from demo.tools import TOOLS
-from model.demo import DEMO_GGUF
 
 CITY = "Lisbon"
 QUESTION = f"What's the weather in {CITY}?"
@@ -30,45 +25,15 @@ ASK = dict(model="demo", temperature=0, max_output_tokens=200)
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory):
+def client(tmp_path_factory):
     """`deltaserve serve` on the demo GGUF (prefix cache on, as by default)."""
-    import httpx
-
-    port = free_port()
-    cache = tmp_path_factory.mktemp("converted")
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    cmd = [sys.executable, "-m", "server.cli", "serve", str(DEMO_GGUF), "--port", str(port), "--cache-dir", str(cache),
-           "--enable-auto-tool-choice", "--served-model-name", "demo", "--log-level", "warning"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 600
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"deltaserve serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"deltaserve serve did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with serve_demo(tmp_path_factory) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
-def client(base_url):
-    from openai import OpenAI
-
-    return OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=300)
+def base_url(client):
+    return str(client.base_url).rstrip("/")
 
 
 def _valid_response(client, **kwargs):

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from fixtures import get_fixture
-from server_harness import ServerThread, tiny_engine, tiny_model, wait_until
+from server_harness import ModelSpy, ServerThread, tiny_engine, tiny_model, wait_until
 
 from server.app import create_app
 from server.constrained import GrammarProcessor
@@ -23,25 +23,11 @@ from server.warmup import MESSAGES, TOOL
 SETTINGS = dict(served_model_names=["tiny"], max_tokens=16)
 
 
-class ShapeLog:
-    """The model, recording the [batch, tokens] of every forward the runner makes."""
-
-    def __init__(self, model):
-        self.model, self.shapes = model, []
-
-    def __call__(self, tokens, *args, **kwargs):
-        self.shapes.append(tuple(tokens.shape))
-        return self.model(tokens, *args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-
 @pytest.fixture(scope="module")
 def starting():
     """A server whose warm-up waits at the engine for `gate`."""
     engine = tiny_engine()
-    log = ShapeLog(engine.core.runner.model)
+    log = ModelSpy(engine.core.runner.model)
     engine.core.runner.model = log
     gate, seen, warm_up = threading.Event(), {}, engine.warm_up
 
