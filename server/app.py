@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 from typing import Optional
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
@@ -27,9 +27,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .anthropic_messages import messages_routes
 from .constrained import GrammarCompiler
 from .errors import APIError, BadRequest, NotFound, Unauthorized, Unavailable
+from .guards import Guards, is_loopback
 from .metrics import Metrics
 from .openai_responses import responses_routes
-from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
+from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, load_json, now
 from .responses import chat_stream, chat_whole, completion_stream, completion_whole
 from .serving import Generation, ServerState, chat_job, completion_job
 from .settings import Settings
@@ -68,7 +69,7 @@ def validation_error(e: ValidationError) -> BadRequest:
 async def parse_body(request: Request, model: type[BaseModel]):
     raw = await request.body()
     try:
-        data = json.loads(raw)
+        data = load_json(raw)
     except ValueError as e:
         raise BadRequest(f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
@@ -215,6 +216,12 @@ def create_app(settings: Settings, engine, tokenizer=None, *, max_model_len: Opt
 
     app.include_router(_v1_routes(state, app.state.warm_up))
     _install_error_handlers(app, metrics)
+    if settings.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    # outermost: a refused request reaches nothing else, a preflight included
+    app.add_middleware(Guards, max_body_bytes=settings.max_body_bytes, host_check=is_loopback(settings.host),
+                       allowed_hosts=settings.allowed_hosts)
     if app.state.warm_up is not None:
         app.state.warm_up.start()
     return app

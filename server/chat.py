@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any
 
 import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import BadRequest
 from .protocol import Message, TextPart, Tool
 
-# template variables a request may not override through chat_template_kwargs
-_RESERVED_KWARGS = {"conversation", "messages", "tools", "tokenize", "return_dict", "return_tensors",
-                    "documents", "chat_template", "tokenizer_kwargs", "add_generation_prompt"}
+# Names a template sees besides chat_template_kwargs, which would replace them: jinja's globals,
+# filters and tests, transformers' additions, and what the renderer passes itself (the template's
+# variables, apply_chat_template's own parameters, the tokenizer's special tokens)
+_ENV = ImmutableSandboxedEnvironment()
+_TEMPLATE_NAMES = (set(_ENV.globals) | set(_ENV.filters) | set(_ENV.tests)
+                   | {"raise_exception", "strftime_now", "messages", "tools", "documents", "add_generation_prompt"})
+
+
+def _reserved_kwargs(tokenizer) -> set[str]:
+    params = inspect.signature(tokenizer.apply_chat_template).parameters.values()
+    own = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    specials = set(getattr(tokenizer, "special_tokens_map", {})) | set(getattr(tokenizer, "SPECIAL_TOKENS_ATTRIBUTES", ()))
+    return _TEMPLATE_NAMES | own | specials
 
 
 def _text_content(m: Message, where: str) -> Any:
@@ -98,15 +110,18 @@ def template_tools(tools: list[Tool] | None) -> list[dict] | None:
 def render_prompt(tokenizer, messages: list[Message], tools: list[Tool] | None,
                   template_kwargs: dict | None = None) -> str:
     kwargs = dict(template_kwargs or {})
-    bad = sorted(set(kwargs) & _RESERVED_KWARGS)
-    if bad:
-        raise BadRequest(f"chat_template_kwargs may not set {', '.join(bad)}", param="chat_template_kwargs")
     if getattr(tokenizer, "chat_template", None) is None:
         raise BadRequest("this model has no chat template; use /v1/completions")
+    bad = sorted(set(kwargs) & _reserved_kwargs(tokenizer))
+    if bad:
+        raise BadRequest(f"chat_template_kwargs may not set {', '.join(bad)} (the template's own names)",
+                         param="chat_template_kwargs")
     try:
         return _apply_template(tokenizer, messages, tools, kwargs, add_generation_prompt=True)
     except jinja2.TemplateError as e:
         raise BadRequest(f"the chat template rejected the messages: {e}", param="messages") from None
+    except (TypeError, ValueError) as e:  # e.g. a template kwarg of a type the template cannot use
+        raise BadRequest(f"the chat template could not render this request: {e}") from None
 
 
 def _apply_template(tokenizer, messages: list[Message], tools: list[Tool] | None, kwargs: dict | None,
@@ -126,7 +141,7 @@ def history_end(tokenizer, messages: list[Message], tools: list[Tool] | None, te
     generated text (its reasoning dropped), so a snapshot here is what the next turn resumes from."""
     try:
         history = _apply_template(tokenizer, messages, tools, template_kwargs, add_generation_prompt=False)
-    except jinja2.TemplateError:
+    except (jinja2.TemplateError, TypeError, ValueError):
         return None
     if not history or not prompt.startswith(history) or len(history) == len(prompt):
         return None

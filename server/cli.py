@@ -69,10 +69,32 @@ def register_serve(subparsers) -> None:
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--api-key", default=os.environ.get("DELTASERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (env DELTASERVE_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on /v1 routes; prefer the environment variable "
+                        "DELTASERVE_API_KEY (a command line is visible to other users of the machine)")
+    g.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                   help="origins that browsers may call from (CORS), e.g. http://localhost:3000, or '*' "
+                        "(default: none)")
+    g.add_argument("--allowed-hosts", nargs="+", default=[], metavar="HOST",
+                   help="Host header names answered besides loopback ones when bound to loopback (e.g. a "
+                        "reverse proxy's name; '*' for any; default: none, against DNS rebinding)")
     g.add_argument("--served-model-name", nargs="+", dest="served_model_name",
                    help="name(s) clients use in 'model' (default: the MODEL argument)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-body-size", type=parse_size, default=32 << 20, dest="max_body_bytes",
+                   help="largest request body, e.g. 64M (default 32M; larger gets 413 before it is read)")
+    g.add_argument("--max-prompt-chars", type=int,
+                   help="longest prompt in characters, checked before tokenizing (default: 16 per token of "
+                        "the context length)")
+    g.add_argument("--header-timeout", type=float, default=10.0, dest="header_timeout_s",
+                   help="seconds a connection has to send its request headers (default 10)")
+    g.add_argument("--keep-alive-timeout", type=float, default=5.0, dest="keep_alive_timeout_s",
+                   help="seconds an idle keep-alive connection stays open (default 5)")
+    g.add_argument("--max-connections", type=int, default=512,
+                   help="open connections at most; requests past it get 503 (default 512)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0, dest="shutdown_timeout_s",
+                   help="on SIGTERM/SIGINT, seconds running requests may go on before they are ended "
+                        "(default 30)")
     g = p.add_argument_group("generation")
     g.add_argument("--max-tokens", type=int, default=4096, help="default max_tokens of a request")
     g.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
@@ -153,7 +175,10 @@ def settings_from_args(args):
         enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser, chat_template_kwargs=dict(args.chat_template_kwargs or {}),
         responses_store_bytes=args.responses_store_bytes,
-        log_level=args.log_level,
+        log_level=args.log_level, max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
+        header_timeout_s=args.header_timeout_s, keep_alive_timeout_s=args.keep_alive_timeout_s,
+        max_connections=args.max_connections, shutdown_timeout_s=args.shutdown_timeout_s,
+        allowed_origins=list(args.allowed_origins or []), allowed_hosts=list(args.allowed_hosts or []),
     )
 
 
@@ -182,22 +207,20 @@ def run_serve(args) -> int:
 
 
 def _serve(settings, model, tokenizer) -> int:
-    import uvicorn
-
     from server.engine import Engine
 
     from .app import create_app
+    from .guards import is_loopback
+    from .http_server import serve
 
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+    if not is_loopback(settings.host) and not settings.api_key:
         logging.getLogger("deltaserve").warning("listening on %s without --api-key", settings.host)
     engine = Engine(model, tokenizer, settings.engine_config())
     try:
         app = create_app(settings, engine, tokenizer, warm_up=True)  # /health says ok once it is over
         print(f"deltaserve: serving {', '.join(settings.served_model_names)} on "
               f"http://{settings.host}:{settings.port}/v1 (warming up)", file=sys.stderr, flush=True)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="off")
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled; the shutdown was clean
-        pass
+        serve(app, settings, engine)  # returns after a SIGTERM/SIGINT and the drain
     finally:
         engine.shutdown()
     # MLX used from the engine thread can abort the interpreter's normal exit (ml-explore/mlx#3126)

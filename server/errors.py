@@ -40,3 +40,18 @@ class TooManyRequests(APIError):
 class Unavailable(APIError):
     status = 503
     type = "service_unavailable"
+
+
+class Forbidden(APIError):
+    status = 403
+    type = "permission_error"
+
+
+class PayloadTooLarge(APIError):
+    status = 413
+    type = "invalid_request_error"
+
+
+class UnsupportedMediaType(APIError):
+    status = 415
+    type = "invalid_request_error"

@@ -3,11 +3,13 @@ the one conversion from a request to engine SamplingParams.
 
 Unknown request fields are tolerated (clients send many), and so is null for any field (it means
 the default); wrong types and impossible values fail validation, which the app turns into a 400
-naming the field."""
+naming the field. Every sampling parameter is range-checked here so that nothing a client sends
+reaches the engine as an exception or as float32 arithmetic that overflows (a NaN row)."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any, Literal, Optional, Union
@@ -18,10 +20,48 @@ from server.engine import SamplingParams
 
 MAX_STOP = 16
 MAX_TOOLS = 256
+MAX_JSON_DEPTH = 128
+MIN_TEMPERATURE = 1e-2  # a positive temperature below this samples as this (vLLM's floor): logits / 1e-300 is inf
+TOOL_NAME = r"^[a-zA-Z0-9_.-]{1,64}$"  # OpenAI's rule; other names could break the tool-call markup
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def load_json(raw: bytes):
+    """A request body's JSON. Raises ValueError for what json.loads accepts or chokes on but no
+    later step can use: NaN and Infinity, nesting deeper than MAX_JSON_DEPTH (the recursion limit
+    of rendering, validation and grammars), and lone UTF-16 surrogates ("\\ud800": no UTF-8 text
+    holds them, so the tokenizer and the response encoder fail on them)."""
+    try:
+        data = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+    surrogates = _SURROGATE_ESCAPE.search(raw) is not None
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+            items = list(value.items()) if isinstance(value, dict) else [(None, v) for v in value]
+            for k, v in items:
+                if surrogates and k is not None:
+                    stack.append((k, depth))
+                stack.append((v, depth + 1))
+        elif surrogates and isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"a string holds a lone UTF-16 surrogate: {value[:40]!r}") from None
+    return data
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -77,10 +117,25 @@ class Message(_Request):
 
 
 class FunctionDef(_Request):
-    name: str = Field(min_length=1, max_length=256)
+    name: str = Field(pattern=TOOL_NAME)
     description: Optional[str] = None
     parameters: Optional[dict[str, Any]] = None
     strict: Optional[bool] = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _schema(cls, v):
+        """The parts of the schema our own code reads (the tool-call grammar, the parser)."""
+        if v is None:
+            return v
+        props = v.get("properties")
+        if props is not None and not (isinstance(props, dict)
+                                      and all(isinstance(p, (dict, bool)) for p in props.values())):
+            raise ValueError("properties must be an object of JSON schemas")
+        required = v.get("required")
+        if required is not None and not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
+            raise ValueError("required must be a list of property names")
+        return v
 
 
 class Tool(_Request):
@@ -126,11 +181,12 @@ class _Sampling(_Request):
     max_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    top_k: Optional[int] = Field(default=None, ge=-1)  # -1 or 0: off (vLLM uses -1)
+    top_k: Optional[int] = Field(default=None, ge=-1, lt=2**31)  # -1 or 0: off (vLLM uses -1)
     min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=10.0)
+    # vLLM's int64 range and the sampler's uint64 one, reduced modulo 2**64 (-1 samples as 2**64 - 1)
     seed: Optional[int] = Field(default=None, ge=-(2**63), lt=2**64)
     stop: Union[str, list[str], None] = None
     stop_token_ids: Optional[list[int]] = Field(default=None, max_length=64)
@@ -155,7 +211,7 @@ class _Sampling(_Request):
     @classmethod
     def _bias(cls, v):
         for key, bias in (v or {}).items():
-            if not key.isdigit():
+            if not re.fullmatch(r"[0-9]{1,10}", key):  # "²".isdigit() holds, and int() fails on it
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
@@ -205,19 +261,25 @@ class CompletionRequest(_Sampling):
         return v
 
 
+def _temperature(t: Optional[float]) -> float:
+    if t is None:
+        return 1.0
+    return max(t, MIN_TEMPERATURE) if t > 0 else 0.0
+
+
 def sampling_params(req: _Sampling, max_tokens: int, logprobs: bool, top_logprobs: int,
                     processors: list) -> SamplingParams:
     """The one conversion from a request to what the engine runs."""
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
+        temperature=_temperature(req.temperature),
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=max(req.top_k or 0, 0),
         min_p=req.min_p or 0.0,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty,
-        seed=req.seed,
+        seed=None if req.seed is None else req.seed % 2**64,
         stop=list(req.stop or []),
         stop_token_ids=list(req.stop_token_ids or []),
         ignore_eos=req.ignore_eos,

@@ -84,6 +84,25 @@ def _max_tokens(state: ServerState, requested: Optional[int], prompt_len: int) -
     return requested
 
 
+def _check_chars(state: ServerState, text: str, param: str) -> None:
+    """Before tokenizing: a prompt too long to fit is refused without spending the tokenizer's time on it."""
+    limit = state.settings.prompt_chars(state.max_model_len)
+    if len(text) > limit:
+        raise BadRequest(f"the prompt has {len(text)} characters, more than this server's limit of {limit} "
+                         "(--max-prompt-chars)", param=param, code="context_length_exceeded")
+
+
+def _logit_bias(state: ServerState, bias: Optional[dict[str, float]]) -> list:
+    """The processor for logit_bias, whose token ids must be in the vocabulary (as OpenAI checks)."""
+    if not bias:
+        return []
+    bad = [k for k in bias if int(k) >= state.grammars.vocab_size]
+    if bad:
+        raise BadRequest(f"logit_bias: token id {bad[0]} is outside the vocabulary ({state.grammars.vocab_size} "
+                         "tokens)", param="logit_bias")
+    return [LogitBias(bias)]
+
+
 def _check_n(n: int) -> None:
     if n != 1:
         raise BadRequest("n > 1 is not supported; send separate requests", param="n")
@@ -112,6 +131,7 @@ async def chat_job(state: ServerState, req: ChatCompletionRequest) -> Job:
     tools = req.tools if mode != "none" else None
     kwargs = {**state.settings.chat_template_kwargs, **(req.chat_template_kwargs or {})}
     prompt = await asyncio.to_thread(render_prompt, state.tokenizer, req.messages, tools, kwargs)
+    _check_chars(state, prompt, "messages")
     ids = await asyncio.to_thread(encode_prompt, state.tokenizer, prompt)
     cut = await asyncio.to_thread(history_end, state.tokenizer, req.messages, tools, kwargs, prompt, ids)
     max_tokens = _max_tokens(state, req.max_completion_tokens or req.max_tokens, len(ids))
@@ -129,8 +149,7 @@ async def chat_job(state: ServerState, req: ChatCompletionRequest) -> Job:
     elif mode == "auto":
         lazy = await asyncio.to_thread(state.grammars.for_auto_tools, tool_dicts, req.parallel_tool_calls)
         processors += [lazy] if lazy is not None else []
-    if req.logit_bias:
-        processors.append(LogitBias(req.logit_bias))
+    processors += _logit_bias(state, req.logit_bias)
 
     parse_tools = mode != "none" and not (fmt is not None and fmt.type != "text")
     reasoning = state.settings.reasoning_parser is not None
@@ -155,6 +174,7 @@ async def completion_job(state: ServerState, req: CompletionRequest) -> Job:
     if req.suffix:
         raise BadRequest("suffix is not supported", param="suffix")
     if isinstance(req.prompt, str):
+        _check_chars(state, req.prompt, "prompt")
         ids = await asyncio.to_thread(state.tokenizer.encode, req.prompt)
         ids = list(ids)
     else:
@@ -163,7 +183,7 @@ async def completion_job(state: ServerState, req: CompletionRequest) -> Job:
         if bad:
             raise BadRequest(f"prompt token id {bad[0]} is outside the vocabulary", param="prompt")
     max_tokens = _max_tokens(state, req.max_tokens if req.max_tokens is not None else 16, len(ids))
-    processors = [LogitBias(req.logit_bias)] if req.logit_bias else []
+    processors = _logit_bias(state, req.logit_bias)
     params = sampling_params(req, max_tokens, req.logprobs is not None, req.logprobs or 0, processors)
     echo = (req.prompt if isinstance(req.prompt, str) else state.tokenizer.decode(ids)) if req.echo else ""
     return Job("completions", ids, params, req.model or state.settings.model_name, req.stream,

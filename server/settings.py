@@ -7,6 +7,9 @@ from typing import Optional
 
 TOOL_CALL_PARSERS = ("qwen3", "qwen3_coder", "qwen3_xml", "hermes")  # one parser reads all these formats
 REASONING_PARSERS = ("qwen3", "deepseek_r1", "none")
+# A prompt with more characters than this per token of context cannot fit (English runs at ~4, code
+# a little more), so it is refused before the tokenizer spends seconds on it.
+PROMPT_CHARS_PER_TOKEN = 16
 
 
 @dataclass
@@ -30,6 +33,16 @@ class Settings:
     chat_template_kwargs: dict = field(default_factory=dict)
     responses_store_bytes: int = 64 << 20  # stored /v1/responses (previous_response_id), least recently used out
     log_level: str = "info"
+    # limits (docs/serving.md, "Limits"): what one client can make the server hold
+    max_body_bytes: int = 32 << 20
+    max_prompt_chars: Optional[int] = None  # default: PROMPT_CHARS_PER_TOKEN x the context length
+    header_timeout_s: float = 10.0  # from connecting (or the last response) to the end of the request headers
+    keep_alive_timeout_s: float = 5.0  # idle keep-alive connections are closed after this
+    max_connections: int = 512  # open connections; past it, requests get a 503
+    shutdown_timeout_s: float = 30.0  # SIGTERM: how long running requests may go on before they are ended
+    # browser safety (docs/serving.md, "Security")
+    allowed_origins: list[str] = field(default_factory=list)  # CORS; none by default
+    allowed_hosts: list[str] = field(default_factory=list)  # more Host names a loopback-bound server answers
 
     def __post_init__(self):
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
@@ -44,10 +57,18 @@ class Settings:
             raise ValueError("at least one served model name is needed")
         if self.max_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_tokens and max_num_seqs must be at least 1")
+        if self.max_body_bytes < 1 or self.max_connections < 1 or (self.max_prompt_chars or 1) < 1:
+            raise ValueError("max_body_bytes, max_connections and max_prompt_chars must be at least 1")
+        if min(self.header_timeout_s, self.keep_alive_timeout_s) <= 0 or self.shutdown_timeout_s < 0:
+            raise ValueError("header_timeout_s and keep_alive_timeout_s must be positive, shutdown_timeout_s "
+                             "not negative")
 
     @property
     def model_name(self) -> str:
         return self.served_model_names[0]
+
+    def prompt_chars(self, max_model_len: int) -> int:
+        return self.max_prompt_chars or PROMPT_CHARS_PER_TOKEN * max_model_len
 
     @property
     def num_seqs(self) -> int:

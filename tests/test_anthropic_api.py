@@ -359,7 +359,8 @@ def test_errors_reach_the_sdk_as_its_exceptions(client, served):
         client.messages.create(model="demo", max_tokens=8, messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}])
     assert e.value.body["error"]["type"] == "invalid_request_error"
-    r = httpx.post(f"{served[0].base_url}/v1/messages", content=b"{not json", headers={"x-api-key": KEY})
+    r = httpx.post(f"{served[0].base_url}/v1/messages", content=b"{not json",
+                   headers={"x-api-key": KEY, "content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(f"{served[0].base_url}/v1/messages/count_tokens", json={"model": "demo", "messages": "hi"},
                    headers={"x-api-key": KEY})

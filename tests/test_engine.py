@@ -12,6 +12,7 @@ from server_harness import ModelSpy, wait_until
 
 from model import load
 from server.engine import Engine, EngineConfig, EngineCore, PromptTooLong, QueueFull, SamplingParams
+from server.engine.request import Request
 
 GREEDY = dict(temperature=0.0, max_tokens=12)
 
@@ -348,3 +349,100 @@ def test_decoding_ahead_changes_nothing_but_timing(lm):
     assert ahead == plain
     assert len({len(t) for t, _, _ in ahead}) > 3  # finishing at different steps
     assert core.runner.pending is None and core.runner.batch is None
+
+
+def failing_after(n):
+    """A logits processor that raises once the request has `n` tokens."""
+    def proc(generated, logits):
+        if len(generated) >= n:
+            raise RuntimeError("this request's processor failed")
+        return logits
+    return proc
+
+
+def test_a_failing_request_ends_alone(lm):
+    """One request's error (its processor, on its first token or in the decode batch) ends that
+    request with finish_reason "error"; the others finish with exactly their solo output."""
+    ps = prompts(4, seed=11)
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, max_tokens=10, seed=7, ignore_eos=True)
+    solo = [tokens(run(lm, [(ps[0], greedy)])[0][0]), tokens(run(lm, [(ps[2], seeded)])[0][0])]
+    late = SamplingParams(**{**greedy.__dict__, "logits_processors": [failing_after(3)]})
+    first = SamplingParams(**{**greedy.__dict__, "logits_processors": [failing_after(0)]})
+    out, core = run(lm, [(ps[0], greedy), (ps[1], late), (ps[2], seeded), (ps[3], first)], arrive=[0, 0, 1, 4])
+    assert [tokens(out[0]), tokens(out[2])] == solo
+    assert [d.finish_reason for d in out[0] + out[2] if d.finish_reason] == ["length", "length"]
+    assert out[1][-1].finish_reason == "error" and len(tokens(out[1])) == 3
+    assert out[3][-1].finish_reason == "error" and tokens(out[3]) == []
+    assert not core.requests and not core.runner.rows and core.scheduler.reserved_bytes == 0
+
+
+def test_a_seed_the_sampler_refuses_ends_that_request_alone(lm):
+    """A seed outside what mx.random.key takes is refused by SamplingParams.validate; one that
+    reaches the engine anyway (as -1 once did) ends its own request, not the batch."""
+    model, tok = lm
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=-1).validate()
+    ps = prompts(2, seed=12)
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    solo = tokens(run(lm, [(ps[0], greedy)])[0][0])
+    core = EngineCore(model, tok, EngineConfig(prefix_cache_bytes=0, memory_budget_bytes=1 << 30))
+    events = {}
+    core.emit = lambda d: events.setdefault(d.request_id, []).append(d)
+    good = core.add(ps[0], greedy)
+    core.step()
+    core.step()
+    bad = Request("bad-seed", ps[1], SamplingParams(temperature=1.0, max_tokens=8, seed=-1))
+    core.enqueue(bad)  # past validation
+    while core.has_work():
+        core.step()
+    assert tokens(events[good.id]) == solo and events[good.id][-1].finish_reason == "length"
+    assert [d.finish_reason for d in events[bad.id]] == ["error"]
+
+
+class PoisonedModel(ModelSpy):
+    """The model, raising on any forward whose input holds the POISON token."""
+
+    POISON = 77
+
+    def __call__(self, tokens, *args, **kwargs):
+        if (tokens == self.POISON).any().item():
+            raise RuntimeError("poisoned input")
+        return super().__call__(tokens, *args, **kwargs)
+
+
+def test_a_prefill_batch_that_fails_is_retried_row_by_row(lm):
+    """New prompts prefill as one batch; when it raises, each row runs alone, so only the row
+    whose own forward fails ends (with "error") and the others answer as solo."""
+    model, tok = lm
+    ps = [list(range(200, 212)), list(range(300, 311)), list(range(400, 410)) + [PoisonedModel.POISON, 401]]
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    solo = [tokens(run(lm, [(p, greedy)])[0][0]) for p in ps[:2]]
+    spy = PoisonedModel(model)
+    core = EngineCore(spy, tok, EngineConfig(prefix_cache_bytes=0, memory_budget_bytes=1 << 30))
+    out, _ = run(lm, [(p, greedy) for p in ps], core=core)
+    assert [tokens(o) for o in out[:2]] == solo
+    assert out[2][-1].finish_reason == "error"
+    assert (3, 12) not in spy.shapes and (1, 12) in spy.shapes  # the batch raised; the rows ran alone
+    assert not core.requests and not core.runner.rows
+
+
+def test_a_grammar_mask_holds_whatever_the_sampling(lm):
+    """Sampling values whose float32 arithmetic overflows (a temperature or repetition penalty of
+    1e-300 is 0 in float32: x / 0 is inf, -inf * 0 is NaN) never pick a token a logits processor
+    masked; when nothing allowed is left, the allowed token rated highest is chosen."""
+    p = prompts(1, seed=13)[0]
+    allowed = [p[0], p[1], 1000, 2000]  # the prompt's tokens: the repetition penalty touches them
+
+    def only(generated, logits):
+        mask = mx.full(logits.shape, -float("inf"))
+        mask[mx.array(allowed)] = 0.0
+        return logits + mask
+
+    for extreme in [dict(temperature=1e-300), dict(temperature=0.7, repetition_penalty=1e-300),
+                    dict(temperature=1e-300, repetition_penalty=1e-300, top_p=1e-300),
+                    dict(temperature=0.0, repetition_penalty=1e-300), dict(temperature=2.0, min_p=1.0, top_k=1),
+                    dict(temperature=1.0, frequency_penalty=1e30, presence_penalty=-1e30)]:
+        params = SamplingParams(max_tokens=8, ignore_eos=True, seed=3, logits_processors=[only], **extreme)
+        (out,), _ = run(lm, [(p, params)])
+        assert set(tokens(out)) <= set(allowed), extreme

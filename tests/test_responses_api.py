@@ -279,7 +279,8 @@ def test_unknown_model_and_bad_json(base_url):
 
     r = httpx.post(f"{base_url}/responses", json={"model": "nope", "input": "Hi"}, timeout=60)
     assert 400 <= r.status_code < 500 and "nope" in r.json()["error"]["message"]
-    r = httpx.post(f"{base_url}/responses", content=b"{not json", timeout=60)
+    r = httpx.post(f"{base_url}/responses", content=b"{not json", headers={"content-type": "application/json"},
+                   timeout=60)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
 
 

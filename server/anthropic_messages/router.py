@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from server.errors import APIError, BadRequest
+from server.protocol import load_json
 from server.serving import Generation, ServerState, chat_job
 
 from .fold import MessageFold, new_message_id
@@ -39,7 +40,7 @@ def _path(loc: tuple) -> str:
 
 async def _parse(request: Request, model: type[BaseModel]):
     try:
-        data = json.loads(await request.body())
+        data = load_json(await request.body())
     except ValueError as e:
         raise BadRequest(f"the request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):

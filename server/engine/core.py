@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from .request import Delta, Request, SamplingParams, Usage
 from .runner import Runner
 from .sampler import Sampler
 from .scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger("deltaserve.engine")
 
 
 @dataclass
@@ -157,9 +160,15 @@ class EngineCore:
 
     # ---- the step ----
     def step(self) -> None:
+        """Errors in one request's own work (its seed, logits processors, penalties, first-token
+        sampling, prefill forward, detokenizing, its stream) end that request alone, with
+        finish_reason "error"; its neighbours' tokens do not depend on it. What still raises
+        (the batched decode forward, the batch cache) leaves no way to tell whose it was: the
+        engine thread then ends every request in flight (Engine._loop)."""
         self._apply_cancellations()
         plan = self.scheduler.schedule()
         new_tokens: list[tuple[Request, int, object]] = []
+        failed: dict[str, Exception] = {}
 
         if plan.decode and self.runner.rows:
             reqs = [self.requests[r] for r in self.runner.rows]
@@ -167,12 +176,12 @@ class EngineCore:
                 chosen, logits = self.runner.take_pending()
             else:
                 logits = self.runner.decode(mx.array([r.output_ids[-1] for r in reqs]))
-                chosen = self.sampler.choose(logits, reqs)
+                chosen = self.sampler.choose(logits, reqs, failed)
                 for req in reqs:
                     req.num_computed += 1
             if self._can_decode_ahead(plan, reqs):
                 ahead = self.runner.decode(chosen)
-                self.runner.pending = (self.sampler.choose(ahead, reqs), ahead)
+                self.runner.pending = (self.sampler.choose(ahead, reqs, failed), ahead)
                 mx.async_eval(*self.runner.pending)
                 for req in reqs:
                     req.num_computed += 1
@@ -181,28 +190,56 @@ class EngineCore:
 
         for req, entry in plan.admitted:
             self.runner.start(req.id, entry.snapshot if entry else None)
-            self.sampler.add(req)
-            if not req.prefilling:  # full hit: the entry carries the next-token logits
-                new_tokens.append(self._first_token(req, entry.logits))
+            try:
+                self.sampler.add(req)
+                if not req.prefilling:  # full hit: the entry carries the next-token logits
+                    new_tokens.append(self._first_token(req, entry.logits))
+            except Exception as e:
+                failed[req.id] = e
 
-        chunks = [(req, n) for req, n in plan.prefill if n > 0]
+        chunks = [(req, n) for req, n in plan.prefill if n > 0 and req.id not in failed]
         outs = self.runner.prefill([(req.id, req.prompt_ids[req.num_computed : req.num_computed + n])
                                     for req, n in chunks])
         for (req, n), logits in zip(chunks, outs):
-            req.num_computed += n
-            done = not req.prefilling
-            at_cut = req.num_computed % self.prefix_cache.block_size == 0 or req.num_computed in req.snapshot_at
-            if self.prefix_cache.enabled and (done or at_cut):
-                self._remember(req, req.prompt_ids[: req.num_computed], logits if done else None)
-            if done:
-                new_tokens.append(self._first_token(req, logits))
+            if isinstance(logits, Exception):
+                failed[req.id] = logits
+                continue
+            try:
+                req.num_computed += n
+                done = not req.prefilling
+                at_cut = req.num_computed % self.prefix_cache.block_size == 0 or req.num_computed in req.snapshot_at
+                if self.prefix_cache.enabled and (done or at_cut):
+                    self._remember(req, req.prompt_ids[: req.num_computed], logits if done else None)
+                if done:
+                    new_tokens.append(self._first_token(req, logits))
+            except Exception as e:
+                failed[req.id] = e
 
         finished = []
         for req, tok, lp in new_tokens:
-            if self._append(req, tok, lp):
-                finished.append(req)
-        self._retire(finished, remember=True)
+            if req.id in failed:
+                continue
+            try:
+                if self._append(req, tok, lp):
+                    finished.append(req)
+            except Exception as e:
+                failed[req.id] = e
+        self._retire([r for r in finished if r.id not in failed], remember=True)
+        self._fail(failed)
         self.steps += 1
+
+    def _fail(self, failed: dict[str, Exception]) -> None:
+        """End each request whose own work raised, with finish_reason "error"."""
+        reqs = [self.requests[r] for r in failed if r in self.requests]
+        for req in reqs:
+            log.error("request %s failed in the engine step: %s: %s", req.id, type(failed[req.id]).__name__,
+                      failed[req.id], exc_info=failed[req.id])
+            req.finish_reason = "error"
+            try:
+                self.emit(Delta(req.id, [], "", finish_reason="error", usage=self._usage(req)))
+            except Exception:  # its stream is the problem: the request ends all the same
+                log.exception("request %s: its last delta could not be delivered", req.id)
+        self._retire(reqs, remember=False)
 
     def _can_decode_ahead(self, plan, reqs: list[Request]) -> bool:
         """Not when rows join the batch this step (they would miss the step launched ahead), nor when

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -48,6 +49,10 @@ class SamplingParams:
 
     def validate(self) -> None:
         problems = []
+        floats = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+        problems += [f"{name} must be finite" for name in floats if not math.isfinite(getattr(self, name))]
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            problems.append("seed must be in [0, 2**64)")  # what mx.random.key takes
         if self.max_tokens < 1:
             problems.append("max_tokens must be at least 1")
         if self.temperature < 0:

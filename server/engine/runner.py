@@ -38,12 +38,14 @@ class Runner:
         """Begin a request from scratch or from a prefix-cache snapshot (which stays untouched)."""
         self.prefilling[request_id] = Cache.concat([snapshot]) if snapshot is not None else self.model.make_cache(1)
 
-    def prefill(self, chunks: list[tuple[str, list[int]]]) -> list[mx.array]:
+    def prefill(self, chunks: list[tuple[str, list[int]]]) -> list[mx.array | Exception]:
         """Feed prompt chunks [(request id, tokens)]; returns each one's logits after its last token
-        [vocab]. Requests that start from nothing run together as right-padded batches of similar
-        lengths (a burst of new short prompts is one forward, not one each); the others run alone,
-        since batching them would copy the KV they already hold."""
-        logits: dict[str, mx.array] = {}
+        [vocab], or the exception its forward raised. Requests that start from nothing run together
+        as right-padded batches of similar lengths (a burst of new short prompts is one forward, not
+        one each); the others run alone, since batching them would copy the KV they already hold.
+        A batch that raises is run again row by row (each from its untouched private cache), so an
+        error is charged to the request that caused it."""
+        logits: dict[str, mx.array | Exception] = {}
         fresh, alone = [], []
         for c in chunks:
             (fresh if self.prefilling[c[0]].offsets[0] == 0 else alone).append(c)
@@ -58,15 +60,23 @@ class Runner:
             if len(group) == 1:
                 alone += group
                 continue
-            width = max(len(t) for _, t in group)
-            tokens = mx.array([t + [0] * (width - len(t)) for _, t in group])
-            cache = self.model.make_cache(len(group))
-            out = self.model(tokens, cache, lengths=[len(t) for _, t in group], last_only=True)
+            try:
+                width = max(len(t) for _, t in group)
+                tokens = mx.array([t + [0] * (width - len(t)) for _, t in group])
+                cache = self.model.make_cache(len(group))
+                out = self.model(tokens, cache, lengths=[len(t) for _, t in group], last_only=True)
+                caches = [cache.select([i]) for i in range(len(group))]
+            except Exception:
+                alone += group
+                continue
             for i, (rid, _) in enumerate(group):
-                self.prefilling[rid] = cache.select([i])
+                self.prefilling[rid] = caches[i]
                 logits[rid] = out[i, -1]
         for rid, t in alone:
-            logits[rid] = self.model(mx.array(t)[None], self.prefilling[rid], last_only=True)[0, -1]
+            try:
+                logits[rid] = self.model(mx.array(t)[None], self.prefilling[rid], last_only=True)[0, -1]
+            except Exception as e:
+                logits[rid] = e
         return [logits[rid] for rid, _ in chunks]
 
     def snapshot(self, request_id: str) -> Cache:

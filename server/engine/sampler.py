@@ -13,6 +13,7 @@ from .request import Request, TokenLogprob
 
 def _penalise(logits: mx.array, req: Request) -> mx.array:
     p = req.params
+    logits = mx.array(logits)  # a copy: the assignments below would change the caller's array too
     if p.repetition_penalty != 1.0:
         seen = mx.array(np.unique(np.asarray(req.all_ids, dtype=np.int64)))
         vals = logits[seen]
@@ -69,22 +70,49 @@ class Sampler:
         return any(r.params.logits_processors or r.params.repetition_penalty != 1.0
                    or r.params.presence_penalty or r.params.frequency_penalty for r in requests)
 
-    def choose(self, logits: mx.array, requests: list[Request]) -> mx.array:
-        """logits [B, vocab] for requests in row order -> chosen token ids [B], not yet evaluated."""
+    def choose(self, logits: mx.array, requests: list[Request], failed: dict | None = None) -> mx.array:
+        """logits [B, vocab] for requests in row order -> chosen token ids [B], not yet evaluated.
+        A row whose own work raises (its logits processors, its penalties) is recorded in `failed`
+        (request id -> the exception) and gets a placeholder token, so that one request's error
+        leaves its neighbours' tokens alone; without `failed` the error propagates."""
         logits = logits.astype(mx.float32)
         if all(r.params.temperature == 0 for r in requests) and not self.needs_history(requests):
             return mx.argmax(logits, axis=-1)
         rows = []
         for i, req in enumerate(requests):
-            row = logits[i]
-            for proc in req.params.logits_processors:
-                row = proc(req.output_ids, row)
-            row = _penalise(row, req)
-            if req.params.temperature == 0:
-                rows.append(mx.argmax(row))
-            else:
-                rows.append(self._draw(req, _truncate(row, req)))
+            try:
+                rows.append(self._choose_row(logits[i], req))
+            except Exception as e:
+                if failed is None:
+                    raise
+                failed[req.id] = e
+                rows.append(mx.argmax(logits[i]))
         return mx.stack(rows)
+
+    def _choose_row(self, raw: mx.array, req: Request) -> mx.array:
+        row = raw
+        for proc in req.params.logits_processors:
+            row = proc(req.output_ids, row)
+            if row.shape != raw.shape:
+                raise ValueError(f"a logits processor returned shape {row.shape}, not {raw.shape}")
+        # What the processors left at -inf (a grammar's mask) or NaN is never chosen, whatever
+        # the penalties and temperature make of the rest: in float32, -inf * 0 is NaN and x / 0
+        # is inf, and a NaN row would let categorical() or argmax() pick a masked token.
+        blocked = mx.isnan(row) | (row == -float("inf"))
+        masked = row
+        row = _penalise(row, req)
+        final = row if req.params.temperature == 0 else _truncate(row, req)
+        final = mx.where(blocked | mx.isnan(final), -float("inf"), final)
+        top = final == float("inf")  # inf / inf is NaN in softmax: keep only the infinite ones
+        final = mx.where(top.any(), mx.where(top, 0.0, -float("inf")), final)
+        # if nothing allowed is left: the allowed token the processors rated highest (the first
+        # token when they blocked everything)
+        fallback = mx.argmax(mx.where(blocked, -float("inf"), masked))
+        if req.params.temperature == 0:
+            pick = mx.argmax(final)
+        else:
+            pick = self._draw(req, final)
+        return mx.where((final > -float("inf")).any(), pick, fallback).astype(mx.uint32)
 
     def read(self, chosen: mx.array, logits: mx.array, requests: list[Request]):
         """The chosen ids as ints, and their logprobs where a request asked for them."""
