@@ -80,6 +80,11 @@ class DrainingServer(uvicorn.Server):
             for sig, handler in original.items():
                 signal.signal(sig, handler)
 
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        if self.force_exit:  # a second Ctrl-C: end the running requests now
+            threading.Thread(target=self.engine.shutdown, daemon=True).start()
+
     async def shutdown(self, sockets=None) -> None:
         loop = asyncio.get_running_loop()
         end_the_rest = loop.call_later(self.shutdown_timeout_s,
