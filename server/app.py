@@ -221,7 +221,8 @@ def create_app(settings: Settings, engine, tokenizer=None, *, max_model_len: Opt
                            allow_headers=["*"])
     # outermost: a refused request reaches nothing else, a preflight included
     app.add_middleware(Guards, max_body_bytes=settings.max_body_bytes, host_check=is_loopback(settings.host),
-                       allowed_hosts=settings.allowed_hosts)
+                       allowed_hosts=settings.allowed_hosts,
+                       refused=lambda status: metrics.errors.labels(str(status)).inc())
     if app.state.warm_up is not None:
         app.state.warm_up.start()
     return app

@@ -48,10 +48,12 @@ def is_json_type(content_type: str) -> bool:
 
 class Guards:
     """host_check: refuse non-loopback Host headers (the server is bound to loopback);
-    allowed_hosts: more names accepted then ('*' turns the check off)."""
+    allowed_hosts: more names accepted then ('*' turns the check off); refused(status): counts a refusal."""
 
-    def __init__(self, app, *, max_body_bytes: int, host_check: bool, allowed_hosts: list[str] = ()):
+    def __init__(self, app, *, max_body_bytes: int, host_check: bool, allowed_hosts: list[str] = (),
+                 refused=lambda status: None):
         self.app = app
+        self.refused = refused
         self.max_body_bytes = max_body_bytes
         self.host_check = host_check and "*" not in allowed_hosts
         self.allowed_hosts = {h.lower() for h in allowed_hosts}
@@ -63,6 +65,7 @@ class Guards:
         try:
             self._check(scope, headers)
         except APIError as e:
+            self.refused(e.status)
             return await _reply(scope, send, e)
         if scope["method"] in ("POST", "PUT", "PATCH"):
             receive, send = self._counting(receive, send)

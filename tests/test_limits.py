@@ -158,6 +158,7 @@ def test_loopback_host_names_are_answered(server, host):
 def test_a_foreign_host_is_refused_on_a_loopback_bound_server(server, host):
     r = httpx.get(server.base_url + "/v1/models", headers={"Host": host})
     assert r.status_code == 403 and r.json()["error"]["code"] == "invalid_host"
+    assert 'deltaserve_request_errors_total{status="403"}' in httpx.get(server.base_url + "/metrics").text
 
 
 def test_a_foreign_host_is_answered_when_bound_elsewhere_or_allowed(engine):
