@@ -84,9 +84,9 @@ class Guards:
         has_body = "transfer-encoding" in headers or (length is not None and length.strip() != "0")
         if has_body and not is_json_type(headers.get("content-type", "")):
             got = headers.get("content-type")
-            raise UnsupportedMediaType(f"the request body must be JSON (Content-Type: application/json); got "
-                                       f"{got!r}" if got else "the request body must be JSON; send "
-                                       "'Content-Type: application/json'", code="unsupported_media_type")
+            said = f"got {got!r}" if got else "none was sent"
+            raise UnsupportedMediaType(f"the request body must be JSON: send 'Content-Type: application/json' "
+                                       f"({said})", code="unsupported_media_type")
         if length is not None and length.strip().isdigit() and int(length) > self.max_body_bytes:
             raise self._too_large()
 
