@@ -23,7 +23,8 @@ _TEMPLATE_NAMES = (set(_ENV.globals) | set(_ENV.filters) | set(_ENV.tests)
 def _reserved_kwargs(tokenizer) -> set[str]:
     params = inspect.signature(tokenizer.apply_chat_template).parameters.values()
     own = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    specials = set(getattr(tokenizer, "special_tokens_map", {})) | set(getattr(tokenizer, "SPECIAL_TOKENS_ATTRIBUTES", ()))
+    specials = set(getattr(tokenizer, "special_tokens_map", {}))
+    specials |= set(getattr(tokenizer, "SPECIAL_TOKENS_ATTRIBUTES", ()))
     return _TEMPLATE_NAMES | own | specials
 
 

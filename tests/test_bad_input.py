@@ -139,7 +139,8 @@ def test_template_kwargs_that_replace_the_templates_own_names(server, kwargs):
 
 
 def test_template_kwargs_the_template_reads_still_work(server):
-    r = post(server, {"model": "tiny", "messages": HI, "max_tokens": 2, "chat_template_kwargs": {"enable_thinking": False}})
+    r = post(server, {"model": "tiny", "messages": HI, "max_tokens": 2,
+                      "chat_template_kwargs": {"enable_thinking": False}})
     assert r.status_code == 200, r.text
 
 
