@@ -204,3 +204,45 @@ def test_the_connection_survives_bad_input(server):
             assert r.status_code == 400 and r.headers.get("connection") != "close"
         r = client.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 2})
         assert r.status_code == 200
+
+
+def test_one_failing_stream_leaves_its_neighbour_alone(server, monkeypatch):
+    """A request whose own work raises mid-stream (its logit_bias processor, made to fail here)
+    gets an error event and [DONE]; a stream generating beside it gets exactly its solo text."""
+    import threading
+
+    import server.serving as serving
+
+    class FailingBias:
+        def __init__(self, bias):
+            pass
+
+        def __call__(self, generated, logits):
+            if len(generated) >= 3:
+                raise RuntimeError("injected failure")
+            return logits
+
+    def stream(body) -> list[dict]:
+        events = []
+        with httpx.stream("POST", server.base_url + "/v1/chat/completions", json={**body, "stream": True},
+                          timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+        return events
+
+    def text(events) -> str:
+        return "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e.get("choices"))
+
+    good = {"model": "tiny", "messages": HI, "max_tokens": 40, "temperature": 0, "ignore_eos": True,
+            "chat_template_kwargs": {"enable_thinking": False}}
+    solo = stream(good)
+    monkeypatch.setattr(serving, "LogitBias", FailingBias)
+    results = {}
+    neighbour = threading.Thread(target=lambda: results.setdefault("good", stream(good)))
+    neighbour.start()
+    failing = stream({**good, "logit_bias": {"5": 1}})
+    neighbour.join()
+    assert failing[-1] == "[DONE]" and "error" in failing[-2]
+    assert text(results["good"]) == text(solo) and results["good"][-1] == "[DONE]"
+    assert results["good"][-2]["choices"][0]["finish_reason"] == "length"
