@@ -18,18 +18,21 @@ from typing import Optional
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .anthropic_messages import messages_routes
+from .anthropic_messages.protocol import CountTokensRequest, MessagesRequest
 from .constrained import GrammarCompiler
 from .errors import APIError, BadRequest, NotFound, Unauthorized, Unavailable
 from .guards import Guards, is_loopback
 from .metrics import Metrics
 from .openai_responses import responses_routes
+from .openai_responses.protocol import ResponsesRequest
+from .openapi import document, json_body
 from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, load_json, now
 from .responses import chat_stream, chat_whole, completion_stream, completion_whole
 from .serving import Generation, ServerState, chat_job, completion_job
@@ -141,7 +144,7 @@ def _v1_routes(state: ServerState, warm_up: Optional[WarmUp]) -> APIRouter:
         state.check_model(name)  # 404 model_not_found, as for a request naming it
         return card(name).model_dump()
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def chat(request: Request):
         job = await chat_job(state, await parse_body(request, ChatCompletionRequest))
         gen = Generation(state, job)
@@ -150,7 +153,7 @@ def _v1_routes(state: ServerState, warm_up: Optional[WarmUp]) -> APIRouter:
         result = await until_disconnect(request, chat_whole(state, gen))
         return Response(status_code=204) if result is None else result.model_dump()
 
-    @router.post("/completions")
+    @router.post("/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(request: Request):
         job = await completion_job(state, await parse_body(request, CompletionRequest))
         gen = Generation(state, job)
@@ -202,15 +205,17 @@ def create_app(settings: Settings, engine, tokenizer=None, *, max_model_len: Opt
 
     app = FastAPI(title="deltaserve", version="0.1.0")
     app.state.server = state
+    app.openapi = lambda: document(app, [ChatCompletionRequest, CompletionRequest, ResponsesRequest, MessagesRequest,
+                                         CountTokensRequest])
     app.state.warm_up = WarmUp(state) if warm_up else None
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "warming up: {\"status\": \"starting\"}"}})
     async def health():
         if _starting(app.state.warm_up):
             return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)  # Prometheus' text format
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from server.errors import APIError, BadRequest
+from server.openapi import json_body
 from server.protocol import load_json
 from server.serving import Generation, ServerState, chat_job
 
@@ -82,7 +83,7 @@ def messages_routes(state: ServerState, until_disconnect: Callable) -> APIRouter
 
     router = APIRouter(route_class=AnthropicRoute)
 
-    @router.post("/messages")
+    @router.post("/messages", openapi_extra=json_body(MessagesRequest))
     async def messages(request: Request):
         body = await _parse(request, MessagesRequest)
         job = await chat_job(state, chat_request(body))
@@ -111,7 +112,7 @@ def messages_routes(state: ServerState, until_disconnect: Callable) -> APIRouter
         result = await until_disconnect(request, whole())
         return Response(status_code=204) if result is None else result
 
-    @router.post("/messages/count_tokens")
+    @router.post("/messages/count_tokens", openapi_extra=json_body(CountTokensRequest))
     async def count_tokens(request: Request):
         job = await chat_job(state, chat_request(await _parse(request, CountTokensRequest)))
         return {"input_tokens": len(job.prompt_ids)}

@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from sse_starlette.sse import EventSourceResponse
 
 from server.errors import APIError, NotFound
+from server.openapi import json_body
 from server.serving import Generation, ServerState, chat_job
 
 from .fold import ResponseFold, base_response
@@ -32,7 +33,7 @@ def responses_routes(state: ServerState, parse_body: Callable, until_disconnect:
     router = APIRouter()
     store = ResponseStore(state.settings.responses_store_bytes)
 
-    @router.post("/responses")
+    @router.post("/responses", openapi_extra=json_body(ResponsesRequest))
     async def create(request: Request):
         body = await parse_body(request, ResponsesRequest)
         items = input_items(body)
