@@ -122,6 +122,14 @@ def test_tool_names_on_messages_and_responses(server):
     assert "name" in openai_error(post(server, body, "/v1/responses"))["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+@pytest.mark.parametrize("kind", [["text"], {"a": 1}, 5])
+def test_a_block_type_that_is_not_a_string(server, path, kind):
+    """Found by tests/test_fuzz.py: a list as a block's type reached the union's discriminator (TypeError)."""
+    body = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": [{"type": kind, "text": "Hi"}]}]}
+    assert "messages.0.content.0.type" in anthropic_error(post(server, body, path))["message"]
+
+
 def test_a_valid_tool_name_with_dots_and_dashes(server):
     short = tool("weather.get-now_v2", properties={"city": {"type": "string", "maxLength": 3}})
     r = post(server, {"model": "tiny", **NEEDS_A_CALL, "max_tokens": 60, "tools": [short],

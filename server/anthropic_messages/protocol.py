@@ -54,7 +54,7 @@ class OtherBlock(_Request):
 
 def _block_kind(block: Any) -> str:
     kind = block.get("type") if isinstance(block, dict) else getattr(block, "type", None)
-    return _KINDS.get(kind, "Other")
+    return _KINDS.get(kind, "Other") if isinstance(kind, str) else "Other"  # OtherBlock refuses a non-string
 
 
 # Tags start with a capital so that error paths leave them out
