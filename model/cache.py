@@ -37,7 +37,9 @@ class KVLayer:
         return self.keys[:, :, :end], self.values[:, :, :end]
 
     def take(self, rows: mx.array, length: int) -> "KVLayer":
-        return KVLayer(self.keys[rows, :, :length], self.values[rows, :, :length])
+        # Slice, then gather: the gather then copies exactly [rows, H, length, D]. Gathering first
+        # and slicing after leaves a view that keeps every row's whole capacity alive.
+        return KVLayer(self.keys[:, :, :length][rows], self.values[:, :, :length][rows])
 
     @staticmethod
     def concat(layers: list["KVLayer"]) -> "KVLayer":
@@ -87,16 +89,9 @@ class Cache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes that the rows' valid state occupies (KV counted up to each row's length)."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, KVLayer):
-                B, H, cap, D = layer.keys.shape
-                per_token = 2 * H * D * layer.keys.dtype.size
-                total += per_token * sum(self.offsets)
-            else:
-                total += layer.conv.nbytes + layer.state.nbytes
-        return total
+        """Bytes these arrays hold, spare KV capacity and padded rows included. Every array here
+        owns its buffer (`select` copies), so this is the memory the cache keeps alive."""
+        return sum(a.nbytes for a in self.state())
 
     def select(self, rows: list[int]) -> "Cache":
         """A new cache holding copies of the given rows (in that order)."""

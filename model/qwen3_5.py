@@ -136,7 +136,8 @@ class GatedDeltaNet(nn.Module):
             pos = mx.array(batch.lengths)[:, None] + mx.arange(self.kernel - 1)
             cache.conv = mx.take_along_axis(window, pos[..., None], axis=1)
         else:
-            cache.conv = window[:, -(self.kernel - 1) :]
+            # a copy: a slice would keep the whole [B, K-1+T, C] window alive with the cache
+            cache.conv = mx.contiguous(window[:, -(self.kernel - 1) :])
         conv = nn.silu(self.conv1d(window))  # [B, T, C]
 
         q, k, v = mx.split(conv, [self.key_dim, 2 * self.key_dim], axis=-1)

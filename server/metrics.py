@@ -35,6 +35,9 @@ class _EngineCollector:
         yield gauge("prefix_cache_entries", "Snapshots in the prefix cache", cache.get("entries", 0))
         yield gauge("prefix_cache_hit_tokens", "Prompt tokens restored from the prefix cache (cumulative)",
                     cache.get("tokens_hit", 0))
+        yield gauge("model_bytes", "Bytes of the model's weights", stats.get("model_bytes", 0))
+        yield gauge("sequence_state_bytes", "Bytes of the running sequences' model state (KV, recurrent state)",
+                    stats.get("sequence_bytes", 0))
         for name, value in _mlx_memory().items():
             yield gauge(f"mlx_{name}_memory_bytes", f"MLX {name} memory", value)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from model import Model
 
@@ -34,6 +35,9 @@ class EngineConfig:
     # launch the next decode step before reading this one's tokens, so the host's per-token work
     # (detokenizing, stop strings, streaming) overlaps the device's compute
     decode_ahead: bool = True
+    # MLX keeps freed buffers for reuse; this bounds what it keeps (default: a sixteenth of the
+    # memory budget), and the engine empties it whenever it goes idle
+    allocator_cache_bytes: int | None = None
 
 
 def default_memory_budget() -> int:
@@ -64,6 +68,8 @@ class EngineCore:
         budget = config.memory_budget_bytes or default_memory_budget()
         cache_bytes = budget // 4 if config.prefix_cache_bytes is None else config.prefix_cache_bytes
         self.prefix_cache = PrefixCache(cache_bytes, config.block_size)
+        mx.set_cache_limit(budget // 16 if config.allocator_cache_bytes is None else config.allocator_cache_bytes)
+        self.model_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -336,5 +342,10 @@ class EngineCore:
         self.requests.clear()
         self._outputs.clear()
 
+    def idle(self) -> None:
+        """No work left: hand the allocator's spare buffers back to the system."""
+        mx.clear_cache()
+
     def stats(self) -> dict:
-        return {**self.scheduler.stats(), "prefix_cache": self.prefix_cache.stats(), "steps": self.steps}
+        return {**self.scheduler.stats(), "prefix_cache": self.prefix_cache.stats(), "steps": self.steps,
+                "model_bytes": self.model_bytes, "sequence_bytes": self.runner.live_bytes()}

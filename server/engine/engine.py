@@ -181,16 +181,21 @@ class Engine:
             done.set_result(None)
 
     def _loop(self) -> None:
+        busy = False
         while not self._stop:
             for warm_up in self._drain():
                 self._warm_up(*warm_up)
             if self.core.has_work():
+                busy = True
                 try:
                     self.core.step()
                 except Exception:
                     log.exception("engine step failed; ending the requests in flight")
                     self.core.fail_all("internal error")
             else:
+                if busy:
+                    self.core.idle()
+                    busy = False
                 self._wake.wait(0.05)
                 self._wake.clear()
         for *_, done in self._drain():

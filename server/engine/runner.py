@@ -33,6 +33,13 @@ class Runner:
         state = c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim * 4
         return n_lin * (conv + state)
 
+    def live_bytes(self) -> int:
+        """Bytes the running sequences' state holds: the decode batch, the caches still in
+        prefill, the step launched ahead."""
+        caches = ([self.batch] if self.batch is not None else []) + list(self.prefilling.values())
+        pending = sum(a.nbytes for a in self.pending) if self.pending is not None else 0
+        return sum(c.nbytes for c in caches) + pending
+
     # ---- prefill ----
     def start(self, request_id: str, snapshot: Cache | None) -> None:
         """Begin a request from scratch or from a prefix-cache snapshot (which stays untouched)."""
@@ -77,6 +84,10 @@ class Runner:
                 logits[rid] = self.model(mx.array(t)[None], self.prefilling[rid], last_only=True)[0, -1]
             except Exception as e:
                 logits[rid] = e
+        # Parts of the new state lie off the logits' path (the conv window's tail): left lazy, each
+        # would keep its whole chunk's inputs alive until the request's next forward.
+        mx.async_eval([a for rid, _ in chunks if not isinstance(logits[rid], Exception)
+                       for a in self.prefilling[rid].state()])
         return [logits[rid] for rid, _ in chunks]
 
     def snapshot(self, request_id: str) -> Cache:
