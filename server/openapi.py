@@ -35,9 +35,13 @@ _ERRORS = {400: "the request is invalid (the message names the field)", 401: "no
 
 
 def json_body(model: type[BaseModel]) -> dict:
-    """openapi_extra for a route that parses `model` from a JSON body itself."""
-    return {"requestBody": {"required": True, "content": {
+    """openapi_extra for a route that parses `model` from a JSON body itself; a model with a `stream`
+    field answers `stream: true` with server-sent events."""
+    extra = {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": _REF.format(model=model.__name__)}}}}}
+    if "stream" in model.model_fields:
+        extra["responses"] = {"200": {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+    return extra
 
 
 def _errors(path: str, method: str) -> dict:

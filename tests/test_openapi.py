@@ -64,6 +64,9 @@ def test_every_post_route_documents_its_body(doc):
         body = doc["paths"][path]["post"]["requestBody"]
         assert body["required"] is True and set(body["content"]) == {"application/json"}
         assert body["content"]["application/json"]["schema"]["$ref"].startswith("#/components/schemas/")
+        answers = set(doc["paths"][path]["post"]["responses"]["200"]["content"])
+        assert answers == ({"application/json"} if path.endswith("count_tokens") else
+                           {"application/json", "text/event-stream"}), path  # stream: true
 
 
 @pytest.mark.parametrize("path", list(BODIES))
