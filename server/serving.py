@@ -226,14 +226,18 @@ class Generation:
         return out
 
     async def deltas(self) -> AsyncIterator[Delta]:
+        finished = False
         try:
             async for d in self.stream:
                 self.timer.tokens(len(d.token_ids))
                 if d.finish_reason is not None:
                     self.timer.done(d.finish_reason, d.usage)
+                    finished = True
                 yield d
         finally:
             self.stream.close()
+            if not finished:  # the client went away: counted as cancelled
+                self.timer.done("cancelled", None)
 
 
 def _usage(d: Delta) -> UsageInfo:

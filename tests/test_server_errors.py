@@ -159,6 +159,21 @@ def test_disconnect_mid_stream_frees_the_slot(client, engine):
     assert wait_until(lambda: running(engine) == 0, timeout=1.5)
 
 
+def cancelled_count(server) -> float:
+    text = httpx.get(server.base_url + "/metrics").text
+    line = 'deltaserve_requests_total{endpoint="chat",finish_reason="cancelled"}'
+    return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line))
+
+
+def test_disconnected_requests_are_counted_as_cancelled(server, client, engine):
+    before = cancelled_count(server)
+    stream = client.chat.completions.create(model="tiny", messages=HI, max_tokens=400, stream=True,
+                                            extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+    assert wait_until(lambda: cancelled_count(server) == before + 1, timeout=5)
+
+
 def test_disconnect_while_waiting_for_a_whole_response_frees_the_slot(server, engine):
     body = {"model": "tiny", "messages": HI, "max_tokens": 400, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
