@@ -12,9 +12,9 @@ from server_harness import ServerThread, tiny_app, tiny_engine
 
 BOTH = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
 # (method, path, examples per mode, modes): a GET's string path parameter cannot be made invalid
-OPERATIONS = [("POST", "/v1/chat/completions", 50, BOTH), ("POST", "/v1/completions", 30, BOTH),
-              ("POST", "/v1/responses", 30, BOTH), ("POST", "/v1/messages", 30, BOTH),
-              ("POST", "/v1/messages/count_tokens", 15, BOTH), ("GET", "/v1/models", 2, BOTH[:1]),
+OPERATIONS = [("POST", "/v1/chat/completions", 36, BOTH), ("POST", "/v1/completions", 16, BOTH),
+              ("POST", "/v1/responses", 20, BOTH), ("POST", "/v1/messages", 20, BOTH),
+              ("POST", "/v1/messages/count_tokens", 10, BOTH), ("GET", "/v1/models", 2, BOTH[:1]),
               ("GET", "/v1/models/{name}", 5, BOTH[:1]), ("GET", "/v1/responses/{response_id}", 5, BOTH[:1]),
               ("DELETE", "/v1/responses/{response_id}", 5, BOTH[:1]), ("GET", "/health", 2, BOTH[:1])]
 CASES = [(method, path, examples, mode) for method, path, examples, modes in OPERATIONS for mode in modes]
@@ -23,11 +23,14 @@ HI = {"role": "user", "content": "Hi"}
 
 def reaching_generation(path: str, body: dict) -> None:
     """A body that fits the schema, given what the schema cannot say (a user or system message needs
-    content, only our model name is served, one choice per request, ...), so that most of them reach
+    content, only our model name is served, one choice per request, a context of 96 tokens, ...), so that most of them reach
     the template, the grammars and the engine rather than stopping at a 400."""
     body["model"] = "tiny"  # any other name is a 404 before the rest of the body matters
     if "n" in body:
         body["n"] = 1
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):  # within the short context
+        if body.get(key) is not None:
+            body[key] = min(body[key], 8)
     if path == "/v1/chat/completions":
         for m in body["messages"]:
             if m["role"] != "assistant":
