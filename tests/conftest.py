@@ -8,6 +8,25 @@ import model  # noqa: F401  (first, so OpenBLAS is loaded before mlx.core; see m
 _exit = {}
 
 
+@pytest.fixture(scope="module")
+def engine():
+    """The tiny fixture model's engine, for the HTTP tests (modules with other needs define their own)."""
+    from server_harness import tiny_engine
+
+    e = tiny_engine()
+    yield e
+    e.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    """The app over `engine` on a real socket."""
+    from server_harness import ServerThread, tiny_app
+
+    with ServerThread(tiny_app(engine)) as srv:
+        yield srv
+
+
 def pytest_sessionfinish(session, exitstatus):
     _exit["status"] = int(exitstatus)
 

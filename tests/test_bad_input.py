@@ -7,23 +7,9 @@ import json
 
 import httpx
 import pytest
-from server_harness import ServerThread, tiny_app, tiny_engine
 
 HI = [{"role": "user", "content": "Hi"}]
 NEEDS_A_CALL = {"tool_choice": "required", "messages": HI}
-
-
-@pytest.fixture(scope="module")
-def engine():
-    e = tiny_engine()
-    yield e
-    e.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with ServerThread(tiny_app(engine)) as srv:
-        yield srv
 
 
 def post(server, body, path="/v1/chat/completions"):

@@ -10,18 +10,11 @@ import time
 import httpx
 import pytest
 import uvicorn
-from server_harness import ServerThread, tiny_app, tiny_engine
+from server_harness import ServerThread, tiny_app
 
 from server.http_server import uvicorn_config
 
 HI = [{"role": "user", "content": "Hi"}]
-
-
-@pytest.fixture(scope="module")
-def engine():
-    e = tiny_engine()
-    yield e
-    e.shutdown()
 
 
 def served(engine, **settings) -> ServerThread:

@@ -9,7 +9,6 @@ import httpx
 import pytest
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
-from server_harness import ServerThread, tiny_app, tiny_engine
 
 HI = [{"role": "user", "content": "Hi"}]
 # per POST route: a body the server answers 200, and one it refuses with a 400
@@ -20,19 +19,6 @@ BODIES = {
     "/v1/messages": ({"model": "tiny", "messages": HI, "max_tokens": 2}, {"model": "tiny", "messages": HI}),
     "/v1/messages/count_tokens": ({"model": "tiny", "messages": HI}, {"model": "tiny", "messages": []}),
 }
-
-
-@pytest.fixture(scope="module")
-def engine():
-    e = tiny_engine()
-    yield e
-    e.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with ServerThread(tiny_app(engine)) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -5,22 +5,9 @@ import json
 import httpx
 import openai
 import pytest
-from server_harness import ServerThread, tiny_app, tiny_engine, wait_until
+from server_harness import ServerThread, tiny_app, wait_until
 
 KEY = "sk-test-key"
-
-
-@pytest.fixture(scope="module")
-def engine():
-    e = tiny_engine()
-    yield e
-    e.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with ServerThread(tiny_app(engine)) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")
