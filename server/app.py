@@ -24,13 +24,13 @@ from pydantic import BaseModel, ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .anthropic_messages import messages_routes
+from .anthropic_messages.router import messages_routes
 from .anthropic_messages.protocol import CountTokensRequest, MessagesRequest
 from .constrained import GrammarCompiler
 from .errors import APIError, BadRequest, NotFound, Unauthorized, Unavailable
 from .guards import Guards, is_loopback
 from .metrics import Metrics
-from .openai_responses import responses_routes
+from .openai_responses.router import responses_routes
 from .openai_responses.protocol import ResponsesRequest
 from .openapi import document, json_body
 from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, load_json, now
