@@ -113,7 +113,7 @@ def render_prompt(tokenizer, messages: list[Message], tools: list[Tool] | None,
     kwargs = dict(template_kwargs or {})
     if getattr(tokenizer, "chat_template", None) is None:
         raise BadRequest("this model has no chat template; use /v1/completions")
-    bad = sorted(set(kwargs) & _reserved_kwargs(tokenizer))
+    bad = sorted(set(kwargs) & _reserved_kwargs(tokenizer)) if kwargs else []
     if bad:
         raise BadRequest(f"chat_template_kwargs may not set {', '.join(bad)} (the template's own names)",
                          param="chat_template_kwargs")
