@@ -291,8 +291,9 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: bool, top_logprob
 
 # ---------------------------------------------------------------- responses
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, sep: str = "-") -> str:
+    """chatcmpl-…; the Responses API spells its ids resp_…, msg_…, fc_… (sep "_")."""
+    return f"{prefix}{sep}{uuid.uuid4().hex}"
 
 
 def now() -> int:

@@ -5,11 +5,11 @@ the stream's last event, so streamed and non-streamed responses come from the sa
 from __future__ import annotations
 
 import copy
-import uuid
 from typing import Callable, Optional
 
 from server.engine import Delta
 from server.output import Piece
+from server.protocol import new_id
 from server.serving import Job
 
 from .protocol import ResponsesRequest
@@ -17,14 +17,10 @@ from .protocol import ResponsesRequest
 _STATUS = {"stop": "completed", "length": "incomplete"}  # any other finish reason: failed
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
-
-
 def base_response(req: ResponsesRequest, job: Job, store: bool) -> dict:
     fmt = req.text.format.model_dump(by_alias=True, exclude_none=True) if req.text and req.text.format else None
     return {
-        "id": new_id("resp"), "object": "response", "created_at": job.created, "status": "in_progress",
+        "id": new_id("resp", "_"), "object": "response", "created_at": job.created, "status": "in_progress",
         "background": False, "error": None, "incomplete_details": None, "instructions": req.instructions,
         "max_output_tokens": req.max_output_tokens, "model": job.model, "output": [],
         "parallel_tool_calls": req.parallel_tool_calls is not False,
@@ -111,7 +107,7 @@ class ResponseFold:
             c = p.call
             if c.name is not None:
                 events += self._close("completed")
-                events += self._open({"id": new_id("fc"), "type": "function_call", "status": "in_progress",
+                events += self._open({"id": new_id("fc", "_"), "type": "function_call", "status": "in_progress",
                                       "call_id": c.id, "name": c.name, "arguments": ""}, None)
             if c.arguments:
                 self.item["arguments"] += c.arguments
@@ -122,11 +118,11 @@ class ResponseFold:
         if self.item is None or self.item["type"] != kind:
             events += self._close("completed")
             if kind == "message":
-                events += self._open({"id": new_id("msg"), "type": "message", "status": "in_progress",
+                events += self._open({"id": new_id("msg", "_"), "type": "message", "status": "in_progress",
                                       "role": "assistant", "content": []},
                                      {"type": "output_text", "text": "", "annotations": []})
             else:
-                events += self._open({"id": new_id("rs"), "type": "reasoning", "status": "in_progress",
+                events += self._open({"id": new_id("rs", "_"), "type": "reasoning", "status": "in_progress",
                                       "summary": [], "content": []}, {"type": "reasoning_text", "text": ""})
         self.item["content"][0]["text"] += p.text
         delta = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
