@@ -36,10 +36,10 @@ class KVLayer:
             self.values = mx.put_along_axis(self.values, idx, v.astype(self.values.dtype), axis=2)
         return self.keys[:, :, :end], self.values[:, :, :end]
 
-    def take(self, rows: mx.array, length: int) -> "KVLayer":
-        # Slice, then gather: the gather then copies exactly [rows, H, length, D]. Gathering first
-        # and slicing after leaves a view that keeps every row's whole capacity alive.
-        return KVLayer(self.keys[:, :, :length][rows], self.values[:, :, :length][rows])
+    def take(self, rows: mx.array, length: int, start: int = 0) -> "KVLayer":
+        # Slice, then gather: the gather then copies exactly [rows, H, length - start, D]. Gathering
+        # first and slicing after leaves a view that keeps every row's whole capacity alive.
+        return KVLayer(self.keys[:, :, start:length][rows], self.values[:, :, start:length][rows])
 
     @staticmethod
     def concat(layers: list["KVLayer"]) -> "KVLayer":
@@ -62,7 +62,7 @@ class LinearLayer:
     conv: mx.array  # [B, kernel - 1, conv channels]: the last inputs of the causal conv
     state: mx.array  # [B, Hv, Dk, Dv] float32
 
-    def take(self, rows: mx.array, length: int) -> "LinearLayer":
+    def take(self, rows: mx.array, length: int, start: int = 0) -> "LinearLayer":
         return LinearLayer(self.conv[rows], self.state[rows])
 
     @staticmethod
@@ -93,18 +93,20 @@ class Cache:
         owns its buffer (`select` copies), so this is the memory the cache keeps alive."""
         return sum(a.nbytes for a in self.state())
 
-    def select(self, rows: list[int]) -> "Cache":
-        """A new cache holding copies of the given rows (in that order)."""
+    def select(self, rows: list[int], kv_from: int = 0) -> "Cache":
+        """A new cache holding copies of the given rows (in that order). With `kv_from`, the KV
+        layers hold only positions [kv_from, offset) (a segment; offsets still count from 0)."""
         if not rows:
             raise ValueError("select needs at least one row")
         offsets = [self.offsets[r] for r in rows]
         idx = mx.array(rows)
-        layers = [layer.take(idx, max(offsets)) for layer in self.layers]
+        layers = [layer.take(idx, max(offsets), kv_from) for layer in self.layers]
         return Cache(layers, offsets)
 
-    def snapshot(self, row: int) -> "Cache":
-        """One sequence's full state as a batch-1 cache, independent of this one."""
-        snap = self.select([row])
+    def snapshot(self, row: int, kv_from: int = 0) -> "Cache":
+        """One sequence's state as a batch-1 cache, independent of this one (evaluated); its KV
+        from position `kv_from` on (see `select`)."""
+        snap = self.select([row], kv_from)
         mx.eval([a for layer in snap.layers for a in layer.arrays()])
         return snap
 

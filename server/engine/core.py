@@ -38,6 +38,10 @@ class EngineConfig:
     # MLX keeps freed buffers for reuse; this bounds what it keeps (default: a sixteenth of the
     # memory budget), and the engine empties it whenever it goes idle
     allocator_cache_bytes: int | None = None
+    # the prefix cache's disk tier (server/engine/disk_cache.py): off when prefix_cache_dir is None
+    prefix_cache_dir: str | None = None
+    prefix_cache_disk_bytes: int = 0
+    model_fingerprint: str = ""  # keys disk entries, so that another model (or quantisation) never hits
 
 
 def default_memory_budget() -> int:

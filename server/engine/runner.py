@@ -90,10 +90,12 @@ class Runner:
                        for a in self.prefilling[rid].state()])
         return [logits[rid] for rid, _ in chunks]
 
-    def snapshot(self, request_id: str) -> Cache:
+    def snapshot(self, request_id: str, kv_from: int = 0) -> Cache:
+        """The request's state as an independent, evaluated batch-1 Cache: recurrent and conv state
+        copied, KV only for positions [kv_from, offset) (offsets still count from 0)."""
         if request_id in self.prefilling:
-            return self.prefilling[request_id].snapshot(0)
-        return self.batch.snapshot(self.rows.index(request_id))
+            return self.prefilling[request_id].snapshot(0, kv_from)
+        return self.batch.snapshot(self.rows.index(request_id), kv_from)
 
     def join(self, request_id: str) -> None:
         """Move a request whose prompt is done into the decode batch."""
