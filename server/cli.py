@@ -12,6 +12,8 @@ from pathlib import Path
 
 from convert.cli import register as register_convert
 
+from .settings import DEFAULT_DISK_CACHE_BYTES
+
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -106,6 +108,11 @@ def register_serve(subparsers) -> None:
                    help="reuse state of shared prompt prefixes (default on)")
     g.add_argument("--prefix-cache-size", type=parse_size, dest="prefix_cache_bytes",
                    help="prefix cache budget, e.g. 4G (default: a quarter of the memory budget)")
+    g.add_argument("--prefix-cache-dir", help="keep prefix-cache entries in this directory too (created if "
+                   "missing): they survive restarts of the same model")
+    g.add_argument("--prefix-cache-disk-size", type=parse_size, default=DEFAULT_DISK_CACHE_BYTES,
+                   dest="prefix_cache_disk_bytes",
+                   help="the directory's size at most, least recently used out, e.g. 100G (default 32G)")
     g.add_argument("--memory-budget", type=parse_size, dest="memory_budget_bytes",
                    help="memory for sequences and cache, e.g. 48G (default: 70%% of the machine)")
     g.add_argument("--prefill-chunk", type=int, default=512, dest="prefill_tokens_per_step",
@@ -171,6 +178,7 @@ def settings_from_args(args):
         max_tokens=args.max_tokens, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_queue=args.max_queue, continuous_batching=args.continuous_batching,
         enable_prefix_cache=args.enable_prefix_cache, prefix_cache_bytes=args.prefix_cache_bytes,
+        prefix_cache_dir=args.prefix_cache_dir, prefix_cache_disk_bytes=args.prefix_cache_disk_bytes,
         memory_budget_bytes=args.memory_budget_bytes, prefill_tokens_per_step=args.prefill_tokens_per_step,
         enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser, chat_template_kwargs=dict(args.chat_template_kwargs or {}),
@@ -182,15 +190,28 @@ def settings_from_args(args):
     )
 
 
+def _check_writable_dir(path: Path, flag: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".deltaserve-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: not a writable directory ({e.strerror})") from None
+
+
 def run_serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         _apply_config(args)
         settings = settings_from_args(args)
+        if settings.prefix_cache_dir:
+            _check_writable_dir(Path(settings.prefix_cache_dir), "--prefix-cache-dir")
     except (OSError, ValueError) as e:
         print(f"deltaserve serve: error: {e}", file=sys.stderr)
         return 2
     from model import ModelLoadError, load
+    from model.fingerprint import fingerprint, identity
 
     from .model_source import ModelSourceError, resolve_model
 
@@ -200,7 +221,8 @@ def run_serve(args) -> int:
         path = resolve_model(args.model, options, args.cache_dir, args.revision)
         print(f"deltaserve: loading {path}", file=sys.stderr, flush=True)
         model, tokenizer = load(path, dtype=args.dtype)
-    except (ModelSourceError, ModelLoadError) as e:
+        settings.model_fingerprint = fingerprint(identity(path, model.compute_dtype))
+    except (ModelSourceError, ModelLoadError, ValueError) as e:
         print(f"deltaserve serve: error: {e}", file=sys.stderr)
         return 1
     return _serve(settings, model, tokenizer)

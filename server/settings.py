@@ -10,6 +10,7 @@ REASONING_PARSERS = ("qwen3", "deepseek_r1", "none")
 # A prompt with more characters than this per token of context cannot fit (English runs at ~4, code
 # a little more), so it is refused before the tokenizer spends seconds on it.
 PROMPT_CHARS_PER_TOKEN = 16
+DEFAULT_DISK_CACHE_BYTES = 32 << 30  # a few long agent sessions of a large model
 
 
 @dataclass
@@ -25,6 +26,9 @@ class Settings:
     continuous_batching: bool = True
     enable_prefix_cache: bool = True
     prefix_cache_bytes: Optional[int] = None  # default: the engine's share of the memory budget
+    prefix_cache_dir: Optional[str] = None  # the prefix cache's disk tier; off when None
+    prefix_cache_disk_bytes: int = DEFAULT_DISK_CACHE_BYTES
+    model_fingerprint: str = ""  # model.fingerprint of the served files: keys the disk tier
     memory_budget_bytes: Optional[int] = None
     prefill_tokens_per_step: int = 512
     enable_auto_tool_choice: bool = True  # False: vLLM's default, "auto" gets a 400
@@ -57,6 +61,8 @@ class Settings:
             raise ValueError("at least one served model name is needed")
         if self.max_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_tokens and max_num_seqs must be at least 1")
+        if self.prefix_cache_disk_bytes < 1:
+            raise ValueError("prefix_cache_disk_bytes must be at least 1")
         if self.max_body_bytes < 1 or self.max_connections < 1 or (self.max_prompt_chars or 1) < 1:
             raise ValueError("max_body_bytes, max_connections and max_prompt_chars must be at least 1")
         if min(self.header_timeout_s, self.keep_alive_timeout_s) <= 0 or self.shutdown_timeout_s < 0:
@@ -85,4 +91,7 @@ class Settings:
             max_model_len=self.max_model_len,
             memory_budget_bytes=self.memory_budget_bytes,
             prefix_cache_bytes=self.prefix_cache_bytes if self.enable_prefix_cache else 0,
+            prefix_cache_dir=self.prefix_cache_dir if self.enable_prefix_cache else None,
+            prefix_cache_disk_bytes=self.prefix_cache_disk_bytes,
+            model_fingerprint=self.model_fingerprint,
         )
