@@ -56,6 +56,7 @@ class ModelConfig:
     eos_token_id: list[int] = field(default_factory=list)
     torch_dtype: str | None = None
     quantization: dict | None = None
+    mtp_num_hidden_layers: int = 0  # MTP layers (GGUF: nextn_predict_layers); 0 when the weights are absent
 
     @property
     def is_moe(self) -> bool:
@@ -127,6 +128,7 @@ class ModelConfig:
             eos_token_id=eos,
             torch_dtype=text.get("dtype") or text.get("torch_dtype") or raw.get("dtype") or raw.get("torch_dtype"),
             quantization=quant if quant and "bits" in quant else None,
+            mtp_num_hidden_layers=int(text.get("mtp_num_hidden_layers") or 0),
         )
         cfg._validate(source)
         return cfg
@@ -155,6 +157,8 @@ class ModelConfig:
             problems.append("moe_intermediate_size must be positive for an MoE model")
         if not self.is_moe and self.intermediate_size <= 0:
             problems.append("intermediate_size must be positive for a dense model")
+        if self.mtp_num_hidden_layers < 0:
+            problems.append("mtp_num_hidden_layers must not be negative")
         if self.rotary_dims % 2 or self.rotary_dims > self.head_dim:
             problems.append("head_dim * partial_rotary_factor must be even and at most head_dim")
         if problems:

@@ -27,6 +27,7 @@ ZERO_CENTRED_NORMS = (  # stored as w in HF checkpoints, applied as (1 + w): we 
 )
 _VISION_PREFIXES = ("model.visual.", "visual.", "vision_tower.", "model.vision_tower.", "model.multi_modal_projector.")
 _MTP_PREFIXES = ("mtp.", "model.mtp.")
+_MTP_LAYER = re.compile(r"^(?:model\.)?mtp\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"^(?P<p>.*\.mlp)\.experts\.(?P<e>\d+)\.(?P<w>gate_proj|up_proj|down_proj)\.weight$")
 
 # What a Step does to its source tensors:
@@ -59,6 +60,14 @@ def canonical_key(key: str, keep_mtp: bool = False) -> str | None:
     if key.startswith(("model.", "lm_head.")):
         return "language_model." + key
     return key
+
+
+def mtp_layers(keys) -> int:
+    """How many MTP decoder layers a checkpoint carries (mtp.layers.N.*, any layout); 0 if none.
+    The count comes from the tensors, not config.json: mlx-lm's conversions keep
+    `mtp_num_hidden_layers` in the config but drop the weights."""
+    found = {m[1] for k in keys if (m := _MTP_LAYER.match(k))}
+    return len(found)
 
 
 def zero_centred(name: str) -> bool:

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import layout
 from .config import ModelConfig, ModelLoadError
 from .qwen3_5 import Model, keeps_float32, sanitize
 
@@ -94,12 +95,14 @@ def check_weights(model: Model, shapes: Mapping[str, Sequence[int]], where: str 
             raise ModelLoadError(f"{where}: tensor {name(k)} has shape {tuple(shape)}, expected {expected[k]}")
 
 
-def load_model(path, dtype: str | None = None) -> Model:
+def load_model(path, dtype: str | None = None, mtp: bool = True) -> Model:
+    """`mtp`: load the multi-token-prediction head when the checkpoint has one (`model.mtp`)."""
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"{path}: not a model directory")
     config = ModelConfig.from_file(path / "config.json")
     raw, origin = read_safetensors(path)
+    config.mtp_num_hidden_layers = layout.mtp_layers(raw) if mtp else 0
     try:
         weights, sources = sanitize(raw, config)
     except ModelLoadError as e:

@@ -280,6 +280,10 @@ class Model(nn.Module):
         super().__init__()
         self.config = config
         self.language_model = LanguageModel(config)
+        if config.mtp_num_hidden_layers:
+            from .mtp import MTP  # mtp.py builds on this module's layers
+
+            self.mtp = MTP(config)
         self.compute_dtype = mx.float32
 
     @property
@@ -293,12 +297,23 @@ class Model(nn.Module):
             layers.append(mixer.empty_state(batch_size, self.compute_dtype))
         return Cache(layers, [0] * batch_size)
 
+    def make_mtp_cache(self, batch_size: int = 1) -> Cache:
+        """The MTP head's own KV cache (one KVLayer per MTP layer)."""
+        return self.mtp.make_cache(batch_size, self.compute_dtype)
+
+    def draft(self, hidden: mx.array, next_tokens: mx.array, cache: Cache, lengths=None):
+        """The MTP head with this model's embedding and lm_head: see `mtp.MTP.__call__`."""
+        lm = self.language_model
+        head = lm.model.embed_tokens.as_linear if self.config.tie_word_embeddings else lm.lm_head
+        return self.mtp(hidden, next_tokens, cache, lm.model.embed_tokens, head, lengths)
+
     def __call__(self, tokens: mx.array, cache: Cache | None = None, lengths=None,
-                 last_only: bool = False) -> mx.array:
+                 last_only: bool = False, return_hidden: bool = False):
         """tokens [B, T] -> logits [B, T, vocab]. With `lengths`, row b's valid tokens are its
         first lengths[b] (the rest is padding whose logits are meaningless). `cache` is advanced
         by each row's length. `last_only` returns [B, 1, vocab] at each row's last valid token,
-        skipping the vocabulary projection everywhere else."""
+        skipping the vocabulary projection everywhere else. `return_hidden` returns
+        (logits, the final-normed hidden state [B, T or 1, H]), what the MTP head reads."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape [batch, time], got {tokens.shape}")
         B, T = tokens.shape
@@ -321,8 +336,10 @@ class Model(nn.Module):
         x = lm.model.norm(x)
         cache.offsets = [o + n for o, n in zip(cache.offsets, lengths)]
         if self.config.tie_word_embeddings:
-            return lm.model.embed_tokens.as_linear(x)
-        return lm.lm_head(x)
+            logits = lm.model.embed_tokens.as_linear(x)
+        else:
+            logits = lm.lm_head(x)
+        return (logits, x) if return_hidden else logits
 
 
 _FLOAT32_PARAMS = ("A_log", "dt_bias", "norm.weight", "layernorm.weight")
@@ -339,7 +356,8 @@ _APPLY = {  # layout.OPS on MLX arrays
 def sanitize(weights: dict, config: ModelConfig) -> tuple[dict, dict]:
     """Map a checkpoint in any layout `layout` accepts to this module tree; the output is unchanged
     by a second run. Returns (weights, sources): sources[new_key] lists the checkpoint keys it came from."""
-    steps = layout.plan({k: v.shape for k, v in weights.items()}, config.tie_word_embeddings)
+    steps = layout.plan({k: v.shape for k, v in weights.items()}, config.tie_word_embeddings,
+                        keep_mtp=config.mtp_num_hidden_layers > 0)
     out = {name: _APPLY[step.op]([weights[k] for k in step.sources]) for name, step in steps.items()}
     return out, {name: list(step.sources) for name, step in steps.items()}
 
