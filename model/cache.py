@@ -120,3 +120,147 @@ class Cache:
 
     def state(self) -> list[mx.array]:
         return [a for layer in self.layers for a in layer.arrays()]
+
+
+def kv_capacity(tokens: int) -> int:
+    """KV positions the decode batch gives a row that must hold `tokens`: a ladder of multiples of
+    KV_STEP growing by a quarter, so a row's capacity stays within 1.25x its length (past the first
+    steps) while a growing row moves to a larger bucket only O(log length) times."""
+    cap = KV_STEP
+    while cap < tokens:
+        cap = max(cap + KV_STEP, -(-cap * 5 // (4 * KV_STEP)) * KV_STEP)
+    return cap
+
+
+@dataclass
+class Bucket:
+    """Decode rows that share one KV capacity: [len(rows), Hkv, capacity, D] per attention layer."""
+
+    capacity: int
+    rows: list[int]  # batch rows, in the order of this bucket's KV rows
+    kv: list[KVLayer]  # one per full-attention layer
+
+
+class BucketedKV:
+    """One full-attention layer's view of a DecodeBatch: each bucket's rows and its KV for this layer."""
+
+    def __init__(self, owner: "DecodeBatch", index: int):
+        self.owner, self.index = owner, index
+
+    def parts(self) -> list[tuple[list[int], KVLayer]]:
+        return [(b.rows, b.kv[self.index]) for b in self.owner.buckets]
+
+
+class DecodeBatch:
+    """The decode rows' state. Linear layers hold every row ([B, ...], in row order); KV is held per
+    length bucket (`kv_capacity` of each row's length), so a short row is never padded to a long
+    row's length, attention runs per bucket over that bucket's keys only, and joining, leaving or
+    outgrowing a bucket copies that bucket's KV, not every row's. Quacks like a Cache for
+    Model.__call__ (`layers`, `offsets`, `batch_size`)."""
+
+    def __init__(self, first: Cache):
+        self.offsets: list[int] = []
+        self.buckets: list[Bucket] = []
+        self.layers: list[LinearLayer | BucketedKV] = []
+        n_kv = 0
+        for layer in first.layers:
+            if isinstance(layer, KVLayer):
+                self.layers.append(BucketedKV(self, n_kv))
+                n_kv += 1
+            else:
+                self.layers.append(LinearLayer(layer.conv[:0], layer.state[:0]))
+        self.join(first)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.offsets)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held, each bucket's spare capacity included (every array owns its buffer)."""
+        return sum(a.nbytes for a in self.state())
+
+    def state(self) -> list[mx.array]:
+        linear = [a for layer in self.layers if isinstance(layer, LinearLayer) for a in layer.arrays()]
+        return linear + [a for b in self.buckets for kv in b.kv for a in kv.arrays()]
+
+    def _kv(self, cache: Cache) -> list[KVLayer]:
+        return [layer for layer in cache.layers if isinstance(layer, KVLayer)]
+
+    def _place(self, kv: list[KVLayer], offsets: list[int], rows: list[int], capacity: int) -> None:
+        """Add rows (their KV [n, H, >= max offset, D]) to the bucket of `capacity`, copying only it."""
+        n = max(offsets)
+        fitted = [KVLayer(*(mx.pad(a[:, :, :n], [(0, 0), (0, 0), (0, capacity - n), (0, 0)])
+                            for a in (layer.keys, layer.values))) for layer in kv]
+        bucket = next((b for b in self.buckets if b.capacity == capacity), None)
+        if bucket is None:
+            self.buckets.append(Bucket(capacity, list(rows), fitted))
+            self.buckets.sort(key=lambda b: b.capacity)
+        else:
+            bucket.kv = [KVLayer.concat([old, new]) for old, new in zip(bucket.kv, fitted)]
+            bucket.rows += rows
+
+    def join(self, cache: Cache) -> None:
+        """Append the rows of `cache` (a Cache, e.g. a finished prefill's) after the current rows."""
+        first = self.batch_size
+        linear = [layer for layer in cache.layers if isinstance(layer, LinearLayer)]
+        mine = [layer for layer in self.layers if isinstance(layer, LinearLayer)]
+        for own, new in zip(mine, linear):
+            own.conv = mx.concatenate([own.conv, new.conv])
+            own.state = mx.concatenate([own.state, new.state])
+        kv = self._kv(cache)
+        for i, o in enumerate(cache.offsets):
+            self._place([layer.take(mx.array([i]), o) for layer in kv] if cache.batch_size > 1 else kv,
+                        [o], [first + i], kv_capacity(o + 1))
+        self.offsets += cache.offsets
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (ascending), renumbered from 0; buckets that lose no row are not copied."""
+        new_index = {r: i for i, r in enumerate(rows)}
+        index = mx.array(rows)
+        for layer in self.layers:
+            if isinstance(layer, LinearLayer):
+                layer.conv, layer.state = layer.conv[index], layer.state[index]
+        buckets = []
+        for b in self.buckets:
+            stay = [i for i, r in enumerate(b.rows) if r in new_index]
+            if stay and len(stay) < len(b.rows):
+                b.kv = [layer.take(mx.array(stay), layer.keys.shape[2]) for layer in b.kv]
+            if stay:
+                b.rows = [new_index[b.rows[i]] for i in stay]
+                buckets.append(b)
+        self.buckets = buckets
+        self.offsets = [self.offsets[r] for r in rows]
+
+    def fit(self, T: int) -> None:
+        """Before a forward of T tokens: move each row whose bucket cannot hold T more into the bucket
+        for its new length (copying only the buckets it leaves and enters)."""
+        for b in list(self.buckets):
+            moving = [i for i, r in enumerate(b.rows) if self.offsets[r] + T > b.capacity]
+            if not moving:
+                continue
+            stay = [i for i in range(len(b.rows)) if i not in moving]
+            targets: dict[int, list[int]] = {}
+            for i in moving:
+                targets.setdefault(kv_capacity(self.offsets[b.rows[i]] + T), []).append(i)
+            for capacity, idx in targets.items():
+                rows = [b.rows[i] for i in idx]
+                offsets = [self.offsets[r] for r in rows]
+                self._place([layer.take(mx.array(idx), max(offsets)) for layer in b.kv], offsets, rows, capacity)
+            if stay:
+                b.kv = [layer.take(mx.array(stay), layer.keys.shape[2]) for layer in b.kv]
+                b.rows = [b.rows[i] for i in stay]
+            else:
+                self.buckets.remove(b)
+
+    def snapshot(self, row: int, kv_from: int = 0) -> Cache:
+        """Row `row` as an independent, evaluated batch-1 Cache (KV for [kv_from, offset))."""
+        b = next(b for b in self.buckets if row in b.rows)
+        pos, offset = mx.array([b.rows.index(row)]), self.offsets[row]
+        kv = iter([layer.take(pos, offset, kv_from) for layer in b.kv])
+        index = mx.array([row])
+        layers = [LinearLayer(layer.conv[index], layer.state[index]) if isinstance(layer, LinearLayer) else next(kv)
+                  for layer in self.layers]
+        snap = Cache(layers, [offset])
+        mx.eval(snap.state())
+        return snap

@@ -7,14 +7,14 @@ Norm weights are held with the +1 of the zero-centred RMSNorm already added, as 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from . import layout
-from .cache import Cache, KVLayer, LinearLayer
+from .cache import BucketedKV, Cache, KVLayer, LinearLayer
 from .config import ModelConfig
 from .gated_delta import gated_delta, l2norm
 from .quantized import Linear
@@ -28,6 +28,8 @@ class Batch:
     offsets: list[int]  # tokens each row had already seen
     lengths: list[int]  # valid new tokens per row (the rest of T is padding)
     T: int
+    # a DecodeBatch's per-bucket attention plan, built by the first attention layer for the rest
+    buckets: tuple | None = field(default=None, repr=False)
 
     @property
     def ragged(self) -> bool:
@@ -188,10 +190,28 @@ class Attention(nn.Module):
         rope = dict(dims=self.rotary_dims, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
         q, k = mx.fast.rope(q, **rope), mx.fast.rope(k, **rope)
 
-        keys, values = cache.update(k, v, offsets)
-        o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
+        if isinstance(cache, BucketedKV):
+            o = self._attend_by_bucket(q, k, v, cache, batch)
+        else:
+            keys, values = cache.update(k, v, offsets)
+            o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
         o = o.transpose(0, 2, 1, 3).reshape(B, T, -1)
         return self.o_proj(_sigmoid_gate(o, gate.reshape(B, T, -1)))
+
+    def _attend_by_bucket(self, q, k, v, cache: BucketedKV, batch: Batch) -> mx.array:
+        """Each length bucket of a DecodeBatch attends over its own keys only (a short row never
+        attends over a long row's padding); the outputs go back into row order."""
+        parts = cache.parts()
+        if batch.buckets is None:
+            batch.buckets = _bucket_plan([rows for rows, _ in parts], batch)
+        plan, inverse = batch.buckets
+        outs = []
+        for (index, offsets, mask), (_, kv) in zip(plan, parts):
+            qb, kb, vb = (q, k, v) if index is None else (q[index], k[index], v[index])
+            keys, values = kv.update(kb, vb, offsets)
+            outs.append(mx.fast.scaled_dot_product_attention(qb, keys, values, scale=self.scale, mask=mask))
+        o = outs[0] if len(outs) == 1 else mx.concatenate(outs)
+        return o if inverse is None else o[inverse]
 
 
 class MLP(nn.Module):
@@ -267,7 +287,23 @@ class LanguageModel(nn.Module):
 
 def _attention_mask(batch: Batch):
     """Causal mask over [cached + new] keys; row b's query i sees keys j <= offsets[b] + i."""
-    offsets, T = batch.offsets, batch.T
+    return _causal_mask(batch.offsets, batch.T)
+
+
+def _bucket_plan(groups: list[list[int]], batch: Batch) -> tuple:
+    """Per bucket (its rows as an index, None when one bucket holds every row in order; their
+    offsets; their mask), and the index that puts the buckets' outputs back into row order."""
+    order = [r for rows in groups for r in rows]
+    whole = len(groups) == 1 and order == list(range(len(order)))
+    plan = []
+    for rows in groups:
+        offsets = [batch.offsets[r] for r in rows]
+        plan.append((None if whole else mx.array(rows), offsets, _causal_mask(offsets, batch.T)))
+    in_order = order == list(range(len(order)))
+    return plan, None if in_order else mx.array(sorted(range(len(order)), key=order.__getitem__))
+
+
+def _causal_mask(offsets: list[int], T: int):
     if len(set(offsets)) == 1:  # keys end exactly where the queries end
         return None if T == 1 else "causal"
     S = max(offsets) + T

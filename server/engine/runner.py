@@ -1,17 +1,19 @@
-"""Owns the model's arrays: one batched cache for decoding rows, a private cache per request
-still in prefill, and snapshots for the prefix cache. The only engine module that runs MLX."""
+"""Owns the model's arrays: the decoding rows' state (a DecodeBatch: KV in length buckets), a
+private cache per request still in prefill, and snapshots for the prefix cache. The only engine
+module that runs MLX."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 
 from model import Cache, Model
+from model.cache import DecodeBatch, KVLayer, LinearLayer
 
 
 class Runner:
     def __init__(self, model: Model):
         self.model = model
-        self.batch: Cache | None = None
+        self.batch: DecodeBatch | None = None
         self.rows: list[str] = []  # request id of each batch row
         self.prefilling: dict[str, Cache] = {}
         # (chosen tokens [B], logits [B, vocab]) of a decode step launched ahead (already fed into the
@@ -19,19 +21,19 @@ class Runner:
         self.pending: tuple[mx.array, mx.array] | None = None
 
     # ---- sizes the scheduler budgets with ----
+    # Counted from the layers this model instance holds (a pipeline stage holds only its own).
     def kv_bytes_per_token(self) -> int:
-        c = self.model.config
-        n_full = sum(t == "full_attention" for t in c.layer_types)
-        return n_full * 2 * c.num_key_value_heads * c.head_dim * self.model.compute_dtype.size
+        """K and V bytes one token takes; the scheduler rounds tokens up with model.cache.kv_capacity."""
+        layers = self.model.make_cache(1).layers
+        return sum(2 * layer.keys.itemsize * layer.keys.shape[1] * layer.keys.shape[3]
+                   for layer in layers if isinstance(layer, KVLayer))
 
     def state_bytes_per_seq(self) -> int:
-        c = self.model.config
-        n_lin = sum(t == "linear_attention" for t in c.layer_types)
-        conv = (c.linear_conv_kernel_dim - 1) * (
-            2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim
-        ) * self.model.compute_dtype.size
-        state = c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim * 4
-        return n_lin * (conv + state)
+        """Bytes a sequence holds whatever its length: conv and recurrent state, and the logits row
+        of a decode step launched ahead (Runner.pending)."""
+        layers = self.model.make_cache(1).layers
+        logits = self.model.config.vocab_size * self.model.compute_dtype.size + 4  # + the chosen token
+        return logits + sum(layer.conv.nbytes + layer.state.nbytes for layer in layers if isinstance(layer, LinearLayer))
 
     def live_bytes(self) -> int:
         """Bytes the running sequences' state holds: the decode batch, the caches still in
@@ -102,13 +104,17 @@ class Runner:
         if self.pending is not None:
             raise RuntimeError("a request joined the decode batch while a step launched ahead is pending")
         cache = self.prefilling.pop(request_id)
-        self.batch = cache if self.batch is None else Cache.concat([self.batch, cache])
+        if self.batch is None:
+            self.batch = DecodeBatch(cache)
+        else:
+            self.batch.join(cache)
         self.rows.append(request_id)
 
     # ---- decode ----
     def decode(self, tokens: mx.array) -> mx.array:
         """Feed one token [B] per batch row (in row order; may be a not-yet-evaluated device array);
         returns logits [B, vocab]."""
+        self.batch.fit(1)
         return self.model(tokens[:, None], self.batch)[:, -1]
 
     def take_pending(self) -> tuple[mx.array, mx.array]:
@@ -122,7 +128,10 @@ class Runner:
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in keep]
-        self.batch = self.batch.select(keep) if keep else None
+        if keep:
+            self.batch.keep(keep)
+        else:
+            self.batch = None
         if self.pending is not None:
             index = mx.array(keep)
             self.pending = tuple(a[index] for a in self.pending) if keep else None

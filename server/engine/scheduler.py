@@ -1,11 +1,13 @@
 """Which requests run in the next step and how many prompt tokens each prefills. Plain Python:
-no MLX here, so it can be tested with fake byte counts."""
+no MLX here (kv_capacity is arithmetic), so it can be tested with fake byte counts."""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
+
+from model.cache import kv_capacity
 
 from .prefix_cache import Entry, PrefixCache
 from .request import PromptTooLong, QueueFull, Request, Status
@@ -44,9 +46,12 @@ class Scheduler:
         self.reserved_bytes = 0
 
     def bytes_for(self, req: Request) -> int:
+        """What the runner can allocate for the request: KV for the capacity its longest length
+        rounds up to in the decode batch (+1: a step launched ahead may feed one token past its
+        end), its fixed-size state."""
         c = self.config
-        tokens = min(req.num_prompt + req.params.max_tokens, c.max_model_len)
-        return c.state_bytes_per_seq + c.kv_bytes_per_token * tokens
+        tokens = min(req.num_prompt + req.params.max_tokens, c.max_model_len) + 1
+        return c.state_bytes_per_seq + c.kv_bytes_per_token * kv_capacity(tokens)
 
     def check(self, req: Request) -> None:
         """The limits a request must fit whatever else is queued."""
