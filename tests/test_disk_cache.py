@@ -27,7 +27,7 @@ def _full(n, dtype, seed=0):
 
 def _state(dtype, seed=1):
     mx.random.seed(seed)
-    st = [(mx.random.normal((1, 3, 24)).astype(dtype), mx.random.normal((1, 2, 8, 8)).astype(mx.float32))
+    st = [(mx.random.normal((1, 3, 24)).astype(dtype), mx.random.normal((1, 2, 32, 32)).astype(mx.float32))
           for _ in range(N_LINEAR)]
     mx.eval(st)
     return st
@@ -80,6 +80,7 @@ def test_restart_finds_the_chain_and_load_is_byte_identical(tmp_path, dtype):
     assert _bytes(logits2) == _bytes(logits)
     s = again.stats()
     assert s["hits"] == 2 and s["misses"] == 2 and s["files"] == 2 and s["errors"] == 0
+    assert s["bytes"] == sum(p.stat().st_size for p in _files(tmp_path))
     assert s["read_bytes"] == sum(p.stat().st_size for p in _files(tmp_path))
     again.close()
 

@@ -59,8 +59,9 @@ class _Segment:
     has_state: bool
     has_logits: bool
     nbytes: int
-    # while queued: the arrays themselves (kv, state, logits); None once on disk
+    # while queued: the arrays themselves (kv, state, logits) and the file's header; None once on disk
     arrays: tuple | None = field(default=None, repr=False)
+    header: dict | None = field(default=None, repr=False)
 
 
 class DiskCache:
@@ -138,27 +139,30 @@ class DiskCache:
         if self._closed or not 0 <= start < end:
             return
         arrays = (list(kv), list(state) if state is not None else None, logits)
-        flat = [a for pair in arrays[0] + (arrays[1] or []) for a in pair] + ([logits] if logits is not None else [])
-        nbytes = sum(a.nbytes for a in flat)
-        if nbytes > self.max_bytes:
+        named = _named(arrays)
+        if sum(a.nbytes for _, a in named) > self.max_bytes:
             return
-        mx.eval(flat)  # the caller evaluated these: this only makes sure the writer never has a graph to run
         keys = self._keys(tokens, [start, end])
+        parent = keys[start] if start else ""
+        seg = _Segment(keys[end], parent, start, end, state is not None, logits is not None, 0, arrays)
+        seg.header = self._header(seg, named)
+        seg.nbytes = _file_size(seg.header)
+        if seg.nbytes > self.max_bytes:
+            return
+        mx.eval([a for _, a in named])  # the caller evaluated these: this only makes sure the writer never has a graph to run
         with self._lock:
-            if keys[end] in self._segments:
-                self._segments.move_to_end(keys[end])
+            if seg.key in self._segments:
+                self._segments.move_to_end(seg.key)
                 return
-            parent = keys[start] if start else ""
             if parent and parent not in self._segments:
                 return  # the chain below was evicted meanwhile: this segment could never be restored
-            if self._queued_bytes and self._queued_bytes + nbytes > self.max_queued_bytes:
+            if self._queued_bytes and self._queued_bytes + seg.nbytes > self.max_queued_bytes:
                 self._stats["dropped"] += 1  # the disk is behind: drop rather than hold memory or wait
                 return
-            seg = _Segment(keys[end], parent, start, end, state is not None, logits is not None, nbytes, arrays)
             self._add(seg)
             for s in self._chain(seg):
                 self._segments.move_to_end(s.key)
-            self._queued_bytes += nbytes
+            self._queued_bytes += seg.nbytes
             doomed = self._evict_for(seg)
         self._jobs.put(("write", seg))
         for path in doomed:
@@ -310,10 +314,6 @@ class DiskCache:
         except OSError as e:
             log.warning("prefix cache disk: cannot remove %s (%s)", path, e)
 
-    @staticmethod
-    def _canonical(header: dict) -> bytes:
-        return json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-
     def _read_header(self, path: Path, raw: bytes | None = None) -> tuple[dict, dict, int]:
         """(metadata, header, file size) from the file (or its bytes); raises _Corrupt or OSError."""
         if raw is None:
@@ -350,7 +350,7 @@ class DiskCache:
                 raise _Corrupt("header does not match the index")
             checksum = meta.pop("checksum", None)
             n = struct.unpack("<Q", raw[:8])[0]
-            h = hashlib.sha256(self._canonical(header))
+            h = hashlib.sha256(_canonical(header))
             h.update(memoryview(raw)[8 + n:])
             if h.hexdigest() != checksum:
                 raise _Corrupt("checksum mismatch")
@@ -401,48 +401,61 @@ class DiskCache:
             if self._segments.get(seg.key) is not seg:
                 return  # evicted while queued
         t0 = time.perf_counter()
-        kv, state, logits = seg.arrays
-        named = [(f"kv.{i}.{n}", a) for i, (k, v) in enumerate(kv) for n, a in (("keys", k), ("values", v))]
-        named += [(f"state.{j}.{n}", a) for j, (c, r) in enumerate(state or []) for n, a in
-                  (("conv", c), ("recurrent", r))]
-        named += [("logits", logits)] if logits is not None else []
-        header, datas, offset = {}, [], 0
-        for name, a in named:
+        header = seg.header
+        datas = []
+        for _, a in _named(seg.arrays):
             mv = memoryview(a)  # an evaluated array: no graph runs here (see the module docstring)
-            data = mv if mv.c_contiguous else mv.tobytes()  # a slice of a larger cache: one copy
-            header[name] = {"dtype": _DTYPES[a.dtype], "shape": list(a.shape),
-                            "data_offsets": [offset, offset + mv.nbytes]}
-            datas.append(data)
-            offset += mv.nbytes
-        header["__metadata__"] = {
-            "format": FORMAT, "fingerprint": self.fingerprint, "key": seg.key, "parent": seg.parent,
-            "start": str(seg.start), "end": str(seg.end), "kv_layers": str(len(kv)),
-            "state_layers": str(len(state or [])), "state": "1" if seg.has_state else "0",
-            "logits": "1" if seg.has_logits else "0"}
-        h = hashlib.sha256(self._canonical(header))
+            datas.append(mv if mv.c_contiguous else mv.tobytes())  # a slice of a larger cache: one copy
+        h = hashlib.sha256(_canonical(header))
         for data in datas:
             h.update(data)
-        header["__metadata__"]["checksum"] = h.hexdigest()
-        text = self._canonical(header)
-        text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
+        text = _header_bytes(header, h.hexdigest())
         tmp = self.directory / f"{seg.key}.{os.getpid()}.{threading.get_ident()}.tmp"
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(text)) + text)
             for data in datas:
                 f.write(data)
-        size = 8 + len(text) + offset
         with self._lock:
             current = self._segments.get(seg.key) is seg
             if current:
                 os.replace(tmp, self._path(seg.key))
-                seg.arrays = None
+                seg.arrays = seg.header = None
                 self._queued_bytes -= seg.nbytes
-                seg.nbytes = size
-                self._stats["written_bytes"] += size
+                self._stats["written_bytes"] += seg.nbytes
                 self._stats["write_seconds"] += time.perf_counter() - t0
-                doomed = self._evict_for(seg)  # the header made the file a little larger than its arrays
         if not current:
             self._unlink(tmp)
-            return
-        for p in doomed:
-            self._unlink(p)
+
+    def _header(self, seg: _Segment, named: list) -> dict:
+        """The file's safetensors header, all but its checksum: known before any byte is read."""
+        header, offset = {}, 0
+        for name, a in named:
+            header[name] = {"dtype": _DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+            offset += a.nbytes
+        header["__metadata__"] = {
+            "format": FORMAT, "fingerprint": self.fingerprint, "key": seg.key, "parent": seg.parent,
+            "start": str(seg.start), "end": str(seg.end), "kv_layers": str(len(seg.arrays[0])),
+            "state_layers": str(len(seg.arrays[1] or [])), "state": "1" if seg.has_state else "0",
+            "logits": "1" if seg.has_logits else "0"}
+        return header
+
+
+def _named(arrays) -> list:
+    kv, state, logits = arrays
+    named = [(f"kv.{i}.{n}", a) for i, (k, v) in enumerate(kv) for n, a in (("keys", k), ("values", v))]
+    named += [(f"state.{j}.{n}", a) for j, (c, r) in enumerate(state or []) for n, a in (("conv", c), ("recurrent", r))]
+    return named + ([("logits", logits)] if logits is not None else [])
+
+
+def _canonical(header: dict) -> bytes:
+    return json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _header_bytes(header: dict, checksum: str) -> bytes:
+    text = _canonical({**header, "__metadata__": {**header["__metadata__"], "checksum": checksum}})
+    return text + b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
+
+
+def _file_size(header: dict) -> int:
+    data = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    return 8 + len(_header_bytes(header, "0" * 64)) + data
