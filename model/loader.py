@@ -95,14 +95,23 @@ def check_weights(model: Model, shapes: Mapping[str, Sequence[int]], where: str 
             raise ModelLoadError(f"{where}: tensor {name(k)} has shape {tuple(shape)}, expected {expected[k]}")
 
 
-def load_model(path, dtype: str | None = None, mtp: bool = True) -> Model:
-    """`mtp`: load the multi-token-prediction head when the checkpoint has one (`model.mtp`)."""
+def load_model(path, dtype: str | None = None, mtp: bool = True,
+               prepare: Callable[[Model, dict], dict] | None = None) -> Model:
+    """`mtp`: load the multi-token-prediction head (`model.mtp`) when config.json declares one
+    (mtp_num_hidden_layers) and the checkpoint holds its tensors (mlx-lm's conversions keep the
+    declaration but drop the tensors).
+    `prepare(model, weights)`, given the new model and the checkpoint's lazily read tensors under our
+    names, may replace modules and returns the tensors to load: model/parallel.py keeps one rank's
+    part, so only that part is ever read from disk."""
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"{path}: not a model directory")
     config = ModelConfig.from_file(path / "config.json")
     raw, origin = read_safetensors(path)
-    config.mtp_num_hidden_layers = layout.mtp_layers(raw) if mtp else 0
+    if mtp and config.mtp_num_hidden_layers:
+        config.mtp_num_hidden_layers = layout.mtp_layers(raw)
+    else:
+        config.mtp_num_hidden_layers = 0
     try:
         weights, sources = sanitize(raw, config)
     except ModelLoadError as e:
@@ -111,6 +120,8 @@ def load_model(path, dtype: str | None = None, mtp: bool = True) -> Model:
 
     model = Model(config)
     model.compute_dtype = compute
+    if prepare is not None:
+        weights = prepare(model, weights)
     _quantize(model, config, weights)
     check_weights(model, {k: v.shape for k, v in weights.items()}, path,
                   lambda k: f"{sources[k][0]!r} in {origin[sources[k][0]]}")
