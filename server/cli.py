@@ -230,13 +230,16 @@ def run_serve(args) -> int:
 
 def _serve(settings, model, tokenizer) -> int:
     from server.engine import Engine
+    from server.engine.core import default_memory_budget
 
     from .app import create_app
     from .guards import is_loopback
     from .http_server import serve
+    from .wired_memory import set_wired_limit
 
     if not is_loopback(settings.host) and not settings.api_key:
         logging.getLogger("deltaserve").warning("listening on %s without --api-key", settings.host)
+    set_wired_limit(model, settings.memory_budget_bytes or default_memory_budget())
     engine = Engine(model, tokenizer, settings.engine_config())
     try:
         app = create_app(settings, engine, tokenizer, warm_up=True)  # /health says ok once it is over

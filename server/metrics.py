@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -40,6 +40,31 @@ class _EngineCollector:
                     stats.get("sequence_bytes", 0))
         for name, value in _mlx_memory().items():
             yield gauge(f"mlx_{name}_memory_bytes", f"MLX {name} memory", value)
+        if "prefix_cache_disk" in stats:
+            yield from _disk_metrics(stats["prefix_cache_disk"], gauge)
+
+
+_DISK_GAUGES = (("bytes", "Bytes of prefix-cache files on disk"), ("files", "Prefix-cache files on disk"),
+                ("queued", "Prefix-cache segments waiting to be written"),
+                ("max_bytes", "The prefix-cache directory's size limit"))
+_DISK_COUNTERS = (("hits", "Lookups the disk tier answered"), ("misses", "Lookups the disk tier could not answer"),
+                  ("read_bytes", "Bytes read from prefix-cache files"),
+                  ("written_bytes", "Bytes written to prefix-cache files"),
+                  ("read_seconds", "Seconds spent reading and verifying prefix-cache files"),
+                  ("write_seconds", "Seconds the background writer spent writing prefix-cache files"),
+                  ("errors", "Prefix-cache files found corrupt, partial or of another model, and failed writes"),
+                  ("dropped", "Segments not written because the writer was behind"))
+
+
+def _disk_metrics(disk: dict, gauge):
+    for key, doc in _DISK_GAUGES:
+        if key in disk:
+            yield gauge(f"prefix_cache_disk_{key}", doc, disk[key])
+    for key, doc in _DISK_COUNTERS:
+        if key in disk:
+            c = CounterMetricFamily(f"deltaserve_prefix_cache_disk_{key}", doc)
+            c.add_metric([], float(disk[key]))
+            yield c
 
 
 def _mlx_memory() -> dict[str, int]:

@@ -257,3 +257,35 @@ def test_writes_while_the_engine_thread_evaluates(tmp_path):
     assert got is not None and all(_bytes(k2) == _bytes(k) and _bytes(v2) == _bytes(v)
                                    for (k, v), (k2, v2) in zip(kv, got[0]))
     again.close()
+
+
+def test_metrics_show_the_disk_tier_only_when_the_engine_has_one(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.metrics import Metrics
+
+    kv, state = _full(8, mx.float32), _state(mx.float32)
+    cache = DiskCache(tmp_path, 1 << 30, FP)
+    cache.put(list(range(8)), 0, kv, state, None)
+    cache.lookup(list(range(8)) + [1])
+    cache.lookup([5, 6])
+    cache.close()
+
+    class EngineStats:  # what EngineCore.stats() carries, as of its last step
+        def __init__(self, stats):
+            self._stats = stats
+
+        def stats(self):
+            return self._stats
+
+    def scrape(stats):
+        text = Metrics(EngineStats(stats)).render().decode()
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+    got = scrape({"prefix_cache_disk": cache.stats()})
+    size = _files(tmp_path)[0].stat().st_size
+    assert got["deltaserve_prefix_cache_disk_hits_total"] == 1 and got["deltaserve_prefix_cache_disk_misses_total"] == 1
+    assert got["deltaserve_prefix_cache_disk_bytes"] == size and got["deltaserve_prefix_cache_disk_files"] == 1
+    assert got["deltaserve_prefix_cache_disk_written_bytes_total"] == size
+    assert got["deltaserve_prefix_cache_disk_write_seconds_total"] > 0
+    assert not any("prefix_cache_disk" in name for name in scrape({}))
