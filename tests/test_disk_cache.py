@@ -289,3 +289,28 @@ def test_metrics_show_the_disk_tier_only_when_the_engine_has_one(tmp_path):
     assert got["deltaserve_prefix_cache_disk_written_bytes_total"] == size
     assert got["deltaserve_prefix_cache_disk_write_seconds_total"] > 0
     assert not any("prefix_cache_disk" in name for name in scrape({}))
+
+
+def test_serve_flags_reach_the_engine_config(tmp_path):
+    from server.cli import build_parser, settings_from_args
+
+    args = build_parser().parse_args(["serve", "--prefix-cache-dir", str(tmp_path / "kv"),
+                                      "--prefix-cache-disk-size", "3G"])
+    config = settings_from_args(args).engine_config()
+    assert config.prefix_cache_dir == str(tmp_path / "kv") and config.prefix_cache_disk_bytes == 3 << 30
+    default = settings_from_args(build_parser().parse_args(["serve", "--prefix-cache-dir", "x"])).engine_config()
+    assert default.prefix_cache_disk_bytes == 32 << 30
+    off = build_parser().parse_args(["serve", "--prefix-cache-dir", "x", "--no-enable-prefix-cache"])
+    assert settings_from_args(off).engine_config().prefix_cache_dir is None
+
+
+def test_an_unusable_cache_dir_is_a_clear_error_before_loading(tmp_path, capsys):
+    from server.cli import main
+
+    (tmp_path / "file").write_text("")
+    assert main(["serve", "--prefix-cache-dir", str(tmp_path / "file" / "kv")]) == 2
+    err = capsys.readouterr().err
+    assert f"--prefix-cache-dir {tmp_path / 'file' / 'kv'}: not a writable directory" in err
+    assert "Traceback" not in err and "loading" not in err
+    assert main(["serve", "--prefix-cache-dir", str(tmp_path), "--prefix-cache-disk-size", "0"]) == 2
+    assert "prefix_cache_disk_bytes must be at least 1" in capsys.readouterr().err
