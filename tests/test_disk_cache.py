@@ -176,6 +176,8 @@ def test_stays_under_its_size_least_recently_used_out_with_their_chains(tmp_path
     cache.close()
     assert len(_files(tmp_path)) == 2
     assert sum(p.stat().st_size for p in _files(tmp_path)) <= cache.max_bytes
+    assert cache.stats()["bytes"] == sum(p.stat().st_size for p in _files(tmp_path))
+    assert cache.stats()["files"] == 2 and cache.stats()["queued"] == 0
 
     smaller = DiskCache(tmp_path, int(1.5 * one), FP)  # a restart with a smaller size evicts at once
     assert smaller.kv_covered(c) == 0 and _files(tmp_path) == []

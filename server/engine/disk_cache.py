@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 FORMAT = "deltaserve-prefix-cache/1"
 _NAME = re.compile(r"^([0-9a-f]{32})\.safetensors$")
 _TMP = re.compile(r"^[0-9a-f]{32}\.\d+\.\d+\.tmp$")
-_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.int32: "I32", mx.uint32: "U32"}
+_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.int8: "I8", mx.uint8: "U8",
+           mx.int16: "I16", mx.uint16: "U16", mx.int32: "I32", mx.uint32: "U32", mx.int64: "I64",
+           mx.uint64: "U64", mx.bool_: "BOOL"}
 _MAX_HEADER = 100 << 20
 _CLOSE_WAIT_S = 60.0
 
@@ -78,7 +80,8 @@ class DiskCache:
         self._segments: OrderedDict[str, _Segment] = OrderedDict()  # least recently used first
         self._children: dict[str, set[str]] = {}
         self._ends: dict[int, int] = {}  # end position -> how many segments end there
-        self._queued_bytes = 0
+        self._queued, self._queued_bytes = 0, 0  # segments waiting for the writer
+        self._total = 0  # bytes of every indexed segment, queued ones included
         self._closed = False
         self._stats = dict(hits=0, misses=0, read_bytes=0, written_bytes=0, read_seconds=0.0,
                            write_seconds=0.0, errors=0, dropped=0, evicted=0)
@@ -142,6 +145,10 @@ class DiskCache:
         named = _named(arrays)
         if sum(a.nbytes for _, a in named) > self.max_bytes:
             return
+        if any(a.dtype not in _DTYPES for _, a in named):
+            log.warning("prefix cache disk: a %s array has no safetensors dtype; segment not stored",
+                        next(a.dtype for _, a in named if a.dtype not in _DTYPES))
+            return
         keys = self._keys(tokens, [start, end])
         parent = keys[start] if start else ""
         seg = _Segment(keys[end], parent, start, end, state is not None, logits is not None, 0, arrays)
@@ -162,6 +169,7 @@ class DiskCache:
             self._add(seg)
             for s in self._chain(seg):
                 self._segments.move_to_end(s.key)
+            self._queued += 1
             self._queued_bytes += seg.nbytes
             doomed = self._evict_for(seg)
         self._jobs.put(("write", seg))
@@ -191,16 +199,19 @@ class DiskCache:
         if len(parts) == 1:
             kv = parts[0][0]
         else:  # [1, Hkv, end - start, D] per segment -> [1, Hkv, depth, D]
-            kv = [tuple(mx.concatenate([p[0][i][j] for p in parts], axis=2) for j in (0, 1))
-                  for i in range(n_layers)]
+            try:
+                kv = [tuple(mx.concatenate([p[0][i][j] for p in parts], axis=2) for j in (0, 1))
+                      for i in range(n_layers)]
+            except ValueError as e:  # segments of one fingerprint always agree; a bug must not crash a step
+                log.warning("prefix cache disk: a chain's segments do not concatenate (%s); ignored", e)
+                return None
         return kv, parts[-1][1], parts[-1][2]
 
     def stats(self) -> dict:
         with self._lock:
-            on_disk = [s for s in self._segments.values() if s.arrays is None]
-            return dict(self._stats, bytes=sum(s.nbytes for s in on_disk), files=len(on_disk),
-                        queued=len(self._segments) - len(on_disk), queued_bytes=self._queued_bytes,
-                        max_bytes=self.max_bytes)
+            return dict(self._stats, bytes=self._total - self._queued_bytes,
+                        files=len(self._segments) - self._queued, queued=self._queued,
+                        queued_bytes=self._queued_bytes, max_bytes=self.max_bytes)
 
     def close(self, timeout: float = _CLOSE_WAIT_S) -> None:
         if self._closed:
@@ -218,6 +229,7 @@ class DiskCache:
 
     def _add(self, seg: _Segment) -> None:
         self._segments[seg.key] = seg
+        self._total += seg.nbytes
         self._children.setdefault(seg.parent, set()).add(seg.key)
         self._ends[seg.end] = self._ends.get(seg.end, 0) + 1
 
@@ -228,6 +240,7 @@ class DiskCache:
             seg = self._segments.pop(stack.pop(), None)
             if seg is None:
                 continue
+            self._total -= seg.nbytes
             stack.extend(self._children.pop(seg.key, ()))
             self._children.get(seg.parent, set()).discard(seg.key)
             self._ends[seg.end] -= 1
@@ -236,25 +249,23 @@ class DiskCache:
             if seg.arrays is None:
                 paths.append(self._path(seg.key))
             else:
-                self._queued_bytes -= seg.nbytes  # its write finds it gone and discards the file
+                self._queued -= 1  # its write finds it gone and discards the file
+                self._queued_bytes -= seg.nbytes
         return paths
 
     def _evict_for(self, keep: _Segment) -> list[Path]:
         """Least recently used segments out (with their descendants) until the total fits, never
         `keep` or its ancestors. Caller holds the lock."""
         protected = {s.key for s in self._chain(keep)}
-        total = sum(s.nbytes for s in self._segments.values())
         doomed = []
         for key in list(self._segments):
-            if total <= self.max_bytes:
+            if self._total <= self.max_bytes:
                 break
             if key in protected or key not in self._segments:
                 continue
-            before = set(self._segments)
+            before = len(self._segments)
             doomed += self._remove(key)
-            gone = before - set(self._segments)
-            total = sum(s.nbytes for s in self._segments.values())
-            self._stats["evicted"] += len(gone)
+            self._stats["evicted"] += before - len(self._segments)
         return doomed
 
     def _rebuild(self) -> None:
@@ -281,13 +292,11 @@ class DiskCache:
         for key in orphans:  # a chain whose start is gone can never be restored
             for p in self._remove(key):
                 self._unlink(p)
-        total = sum(s.nbytes for s in self._segments.values())
         for key in list(self._segments):
-            if total <= self.max_bytes:
+            if self._total <= self.max_bytes:
                 break
             for p in self._remove(key):
                 self._unlink(p)
-            total = sum(s.nbytes for s in self._segments.values())
 
     def _segment_from(self, meta: dict, key: str, size: int) -> _Segment:
         if meta.get("format") != FORMAT:
@@ -420,6 +429,7 @@ class DiskCache:
             if current:
                 os.replace(tmp, self._path(seg.key))
                 seg.arrays = seg.header = None
+                self._queued -= 1
                 self._queued_bytes -= seg.nbytes
                 self._stats["written_bytes"] += seg.nbytes
                 self._stats["write_seconds"] += time.perf_counter() - t0
