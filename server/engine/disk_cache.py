@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "deltaserve-prefix-cache/1"
 _NAME = re.compile(r"^([0-9a-f]{32})\.safetensors$")
+_KEY = re.compile(r"[0-9a-f]{32}")
 _TMP = re.compile(r"^[0-9a-f]{32}\.\d+\.\d+\.tmp$")
 _DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.int8: "I8", mx.uint8: "U8",
            mx.int16: "I16", mx.uint16: "U16", mx.int32: "I32", mx.uint32: "U32", mx.int64: "I64",
@@ -156,7 +157,7 @@ class DiskCache:
         seg.nbytes = _file_size(seg.header)
         if seg.nbytes > self.max_bytes:
             return
-        mx.eval([a for _, a in named])  # the caller evaluated these: this only makes sure the writer never has a graph to run
+        mx.eval([a for _, a in named])  # evaluated by the caller: only makes sure the writer has no graph to run
         with self._lock:
             if seg.key in self._segments:
                 self._segments.move_to_end(seg.key)
@@ -308,7 +309,8 @@ class DiskCache:
             seg = _Segment(key, meta["parent"], start, end, meta["state"] == "1", meta["logits"] == "1", size)
         except (KeyError, ValueError) as e:
             raise _Corrupt(f"header field {e}") from None
-        if meta.get("key") != key or not 0 <= start < end or bool(seg.parent) != bool(start):
+        if (meta.get("key") != key or not 0 <= start < end or not isinstance(seg.parent, str)
+                or not _KEY.fullmatch(seg.parent or "0" * 32) or bool(seg.parent) != bool(start)):
             raise _Corrupt("header does not match the file name")
         return seg
 
@@ -440,7 +442,8 @@ class DiskCache:
         """The file's safetensors header, all but its checksum: known before any byte is read."""
         header, offset = {}, 0
         for name, a in named:
-            header[name] = {"dtype": _DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+            header[name] = {"dtype": _DTYPES[a.dtype], "shape": list(a.shape),
+                            "data_offsets": [offset, offset + a.nbytes]}
             offset += a.nbytes
         header["__metadata__"] = {
             "format": FORMAT, "fingerprint": self.fingerprint, "key": seg.key, "parent": seg.parent,
