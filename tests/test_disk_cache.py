@@ -316,3 +316,36 @@ def test_an_unusable_cache_dir_is_a_clear_error_before_loading(tmp_path, capsys)
     assert "Traceback" not in err and "loading" not in err
     assert main(["serve", "--prefix-cache-dir", str(tmp_path), "--prefix-cache-disk-size", "0"]) == 2
     assert "prefix_cache_disk_bytes must be at least 1" in capsys.readouterr().err
+
+
+def test_a_failed_write_leaves_nothing_and_is_counted(tmp_path, monkeypatch):
+    import builtins
+
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(b"x")
+            raise OSError(28, "No space left on device")
+
+    def open_(path, mode="r", *args, **kw):
+        f = real_open(path, mode, *args, **kw)
+        return FullDisk(f) if str(path).endswith(".tmp") else f
+
+    kv, state = _full(8, mx.float32), _state(mx.float32)
+    cache = DiskCache(tmp_path, 1 << 30, FP)
+    monkeypatch.setattr(builtins, "open", open_)
+    cache.put(list(range(8)), 0, kv, state, None)
+    cache.close()
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+    assert cache.stats()["errors"] == 1 and cache.kv_covered(list(range(8))) == 0

@@ -422,10 +422,14 @@ class DiskCache:
             h.update(data)
         text = _header_bytes(header, h.hexdigest())
         tmp = self.directory / f"{seg.key}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(text)) + text)
-            for data in datas:
-                f.write(data)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(struct.pack("<Q", len(text)) + text)
+                for data in datas:
+                    f.write(data)
+        except BaseException:
+            self._unlink(tmp)  # a full disk leaves no half file behind
+            raise
         with self._lock:
             current = self._segments.get(seg.key) is seg
             if current:
