@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model import layout
 from model.config import ModelConfig, ModelLoadError
 from model.loader import check_weights
 from model.qwen3_5 import Model
@@ -106,8 +107,10 @@ def _open_hf(path: Path) -> Source:
 
 
 def _check_against_model(source: Source) -> None:
-    """The tensors are exactly what our model has for this config (the MTP block aside)."""
-    shapes = {k: t.shape for k, t in source.tensors.items() if not k.startswith("mtp.")}
+    """The tensors are exactly what our model has for this config, the MTP head included; the
+    config's mtp_num_hidden_layers is set to the MTP layers the tensors hold."""
+    shapes = source.shapes()
+    source.config["mtp_num_hidden_layers"] = layout.mtp_layers(shapes)
     try:
         model = Model(ModelConfig.from_dict(source.config, source=f"{source.path} (config)"))
         check_weights(model, shapes, source.path)

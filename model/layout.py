@@ -63,9 +63,7 @@ def canonical_key(key: str, keep_mtp: bool = False) -> str | None:
 
 
 def mtp_layers(keys) -> int:
-    """How many MTP decoder layers a checkpoint carries (mtp.layers.N.*, any layout); 0 if none.
-    The count comes from the tensors, not config.json: mlx-lm's conversions keep
-    `mtp_num_hidden_layers` in the config but drop the weights."""
+    """How many MTP decoder layers a checkpoint's tensors hold (mtp.layers.N.*, any layout); 0 if none."""
     found = {m[1] for k in keys if (m := _MTP_LAYER.match(k))}
     return len(found)
 

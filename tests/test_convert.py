@@ -138,8 +138,12 @@ def published_layout(name: str, dest: Path) -> Path:
     out = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v for k, v in weights.items()}
     out["model.visual.blocks.0.attn.qkv.weight"] = mx.zeros((3, 3), dtype=mx.bfloat16)
     h = cfg["hidden_size"]
+    full = f"model.layers.{cfg['layer_types'].index('full_attention')}."  # the MTP layer has its shapes
+    out.update({"mtp.layers.0." + k[len(full):]: v for k, v in weights.items() if k.startswith(full)})
     out["mtp.fc.weight"] = mx.ones((h, 2 * h), dtype=mx.bfloat16)
     out["mtp.pre_fc_norm_embedding.weight"] = mx.full((h,), 0.5, dtype=mx.bfloat16)
+    out["mtp.pre_fc_norm_hidden.weight"] = mx.zeros((h,), dtype=mx.bfloat16)
+    out["mtp.norm.weight"] = mx.zeros((h,), dtype=mx.bfloat16)
     out["mtp.layers.0.input_layernorm.weight"] = mx.zeros((h,), dtype=mx.bfloat16)
     for f in dest.glob("*.safetensors"):
         f.unlink()
