@@ -243,7 +243,7 @@ def test_leftovers_removed_and_other_files_left_alone(tmp_path):
 
 
 def test_writes_while_the_engine_thread_evaluates(tmp_path):
-    """The writer reads buffers while this thread keeps MLX busy: no crash, identical bytes."""
+    """The writer reads the buffers put handed it while this thread keeps MLX busy: no crash, identical bytes."""
     kv, state = _full(64, mx.bfloat16), _state(mx.bfloat16)
     tokens = list(range(64))
     cache = DiskCache(tmp_path, 1 << 30, FP)

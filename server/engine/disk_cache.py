@@ -5,10 +5,10 @@ from position 0 to the segment's end, so a file can only ever be found along the
 it. A segment covers [start, end) of that path and names its parent (the segment ending at start);
 restoring a point concatenates the KV of the chain from 0 and takes the state at its end.
 
-Writes go through one background thread so that `put` never waits for the disk. The arrays handed
-to `put` are evaluated on the caller's thread (`mx.eval` on evaluated arrays only checks their
-status); the writer then reads their bytes through the buffer protocol, which for an evaluated
-array waits on nothing and runs no graph, so MLX is never asked to evaluate from two threads.
+Writes go through one background thread so that `put` never waits for the disk. `put` takes a
+memoryview of each (already evaluated) array on the caller's thread, which is where MLX settles an
+array before exposing its buffer; the writer only reads those views (no copy for a contiguous array,
+one for a slice of a larger one), so it makes no MLX call at all and MLX never runs from two threads.
 
 A file is written under a temporary name, then renamed; its header carries the format, the model
 fingerprint, the chain links and a SHA-256 over the header and data, verified on every read. A
@@ -62,8 +62,9 @@ class _Segment:
     has_state: bool
     has_logits: bool
     nbytes: int
-    # while queued: the arrays themselves (kv, state, logits) and the file's header; None once on disk
+    # while queued: the arrays (kv, state, logits), their buffers and the file's header; None once on disk
     arrays: tuple | None = field(default=None, repr=False)
+    views: list | None = field(default=None, repr=False)
     header: dict | None = field(default=None, repr=False)
 
 
@@ -157,7 +158,7 @@ class DiskCache:
         seg.nbytes = _file_size(seg.header)
         if seg.nbytes > self.max_bytes:
             return
-        mx.eval([a for _, a in named])  # evaluated by the caller: only makes sure the writer has no graph to run
+        seg.views = [memoryview(a) for _, a in named]  # here, on the one thread that runs MLX
         with self._lock:
             if seg.key in self._segments:
                 self._segments.move_to_end(seg.key)
@@ -413,10 +414,7 @@ class DiskCache:
                 return  # evicted while queued
         t0 = time.perf_counter()
         header = seg.header
-        datas = []
-        for _, a in _named(seg.arrays):
-            mv = memoryview(a)  # an evaluated array: no graph runs here (see the module docstring)
-            datas.append(mv if mv.c_contiguous else mv.tobytes())  # a slice of a larger cache: one copy
+        datas = [mv if mv.c_contiguous else mv.tobytes() for mv in seg.views]  # a slice: one copy
         h = hashlib.sha256(_canonical(header))
         for data in datas:
             h.update(data)
@@ -434,7 +432,7 @@ class DiskCache:
             current = self._segments.get(seg.key) is seg
             if current:
                 os.replace(tmp, self._path(seg.key))
-                seg.arrays = seg.header = None
+                seg.arrays = seg.views = seg.header = None
                 self._queued -= 1
                 self._queued_bytes -= seg.nbytes
                 self._stats["written_bytes"] += seg.nbytes
