@@ -213,6 +213,8 @@ def create_app(settings: Settings, engine, tokenizer=None, *, max_model_len: Opt
     async def health():
         if _starting(app.state.warm_up):
             return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
+        if engine.failure:  # a distributed engine that lost a rank (server/distributed.py)
+            return JSONResponse({"status": "failed", **Unavailable(engine.failure).body()}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics", response_class=PlainTextResponse)  # Prometheus' text format

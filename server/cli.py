@@ -133,6 +133,13 @@ def register_serve(subparsers) -> None:
     g.add_argument("--responses-store-size", type=parse_size, default=64 << 20, dest="responses_store_bytes",
                    help="memory for stored /v1/responses (previous_response_id, GET), e.g. 256M (default 64M; "
                         "least recently used out)")
+    g = p.add_argument_group("distributed (docs/distributed.md: the same command on every rank, under mlx.launch)")
+    g.add_argument("--distributed", choices=["pipeline", "tensor"],
+                   help="split the model across the mx.distributed ranks by layers (pipeline) or by heads and "
+                        "experts' hidden units (tensor); rank 0 serves HTTP")
+    g.add_argument("--distributed-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="a step or a wait for rank 0 that takes longer means a rank stopped answering: every "
+                        "rank exits (default 60)")
     g = p.add_argument_group("conversion (GGUF or HF inputs; passed to the converter)")
     g.add_argument("--cache-dir", type=Path, help="where converted models are kept")
     g.add_argument("--quantize", action="store_true", default=None, help="quantise while converting")
@@ -217,6 +224,10 @@ def run_serve(args) -> int:
 
     options = {"dtype": args.dtype, "quantize": args.quantize, "q_bits": args.q_bits,
                "q_group_size": args.q_group_size, "q_recipe": args.q_recipe, "imatrix_path": args.imatrix_path}
+    if args.distributed:
+        from .distributed import run as run_distributed
+
+        return run_distributed(args, settings, options, _serve)
     try:
         path = resolve_model(args.model, options, args.cache_dir, args.revision)
         print(f"deltaserve: loading {path}", file=sys.stderr, flush=True)
@@ -228,7 +239,7 @@ def run_serve(args) -> int:
     return _serve(settings, model, tokenizer)
 
 
-def _serve(settings, model, tokenizer) -> int:
+def _serve(settings, model, tokenizer, lockstep=None) -> int:
     from server.engine import Engine
     from server.engine.core import default_memory_budget
 
@@ -240,7 +251,7 @@ def _serve(settings, model, tokenizer) -> int:
     if not is_loopback(settings.host) and not settings.api_key:
         logging.getLogger("deltaserve").warning("listening on %s without --api-key", settings.host)
     set_wired_limit(model, settings.memory_budget_bytes or default_memory_budget())
-    engine = Engine(model, tokenizer, settings.engine_config())
+    engine = Engine(model, tokenizer, settings.engine_config(), lockstep)
     try:
         app = create_app(settings, engine, tokenizer, warm_up=True)  # /health says ok once it is over
         print(f"deltaserve: serving {', '.join(settings.served_model_names)} on "

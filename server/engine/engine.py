@@ -10,7 +10,7 @@ import threading
 from concurrent.futures import Future
 
 from .core import EngineConfig, EngineCore
-from .request import Delta, EngineStopped, SamplingParams
+from .request import Delta, EngineStopped, SamplingParams, Usage
 
 log = logging.getLogger("deltaserve.engine")
 
@@ -71,8 +71,17 @@ class Engine:
     cancellations through an inbox and read the stats it publishes after each step, so a submit,
     a cancel or a metrics scrape never waits for a model step (the HTTP event loop calls them)."""
 
-    def __init__(self, model, tokenizer, config: EngineConfig | None = None):
-        self.core = EngineCore(model, tokenizer, config, emit=self._emit)
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None, lockstep=None):
+        """lockstep: a server.distributed.Lockstep on rank 0 of a distributed serve: each drained inbox
+        goes to the other ranks before it is applied, and a failure of theirs ends this engine."""
+        self.lockstep = lockstep
+        if lockstep is None:
+            self.core = EngineCore(model, tokenizer, config, emit=self._emit)
+        else:
+            self.core = lockstep.make_core(model, tokenizer, config or EngineConfig(), emit=self._emit)
+            self.core.watchdog = lockstep.watchdog
+            lockstep.on_failure = self._abandon
+        self.failure: str | None = None  # why a distributed engine stopped
         self._streams: dict[str, Stream] = {}  # whose readers are still listening
         self._live: set[str] = set()  # ids submitted and not yet finished, listened to or not
         # ("add", Request) | ("cancel" | "stop", request id) | ("warm_up", (prompt ids, processors, Future))
@@ -104,7 +113,7 @@ class Engine:
         req = self.core.new_request(prompt_ids, params, request_id, snapshot_at)
         with self._lock:
             if self._stop:  # set before the loop's last drain, which takes this lock
-                raise EngineStopped("the engine is shutting down")
+                raise EngineStopped(self.failure or "the engine is shutting down")
             if req.id in self._live:
                 raise ValueError(f"request id {req.id!r} is already in use")
             self.core.scheduler.check_room(self._queued)
@@ -159,7 +168,11 @@ class Engine:
         """Takes in the inbox's requests and cancellations; returns its warm-ups, to run outside the lock."""
         warm_ups = []
         with self._lock:
-            inbox, self._inbox, self._queued = self._inbox, [], 0
+            inbox, self._inbox = self._inbox, []
+        if self.lockstep is not None:  # outside the lock: a collective may block until the watchdog fires
+            self.lockstep.send(inbox, self.core)
+        with self._lock:
+            self._queued -= sum(kind == "add" for kind, _ in inbox)
             for kind, item in inbox:
                 if kind == "add":
                     self.core.enqueue(item)  # submit checked its id and the room in the queue
@@ -183,13 +196,21 @@ class Engine:
     def _loop(self) -> None:
         busy = False
         while not self._stop:
-            for warm_up in self._drain():
+            try:
+                warm_ups = self._drain()
+            except Exception as e:  # only a distributed engine's send raises: a rank is gone
+                self.lockstep.fail(f"{type(e).__name__}: {e}")
+                return
+            for warm_up in warm_ups:
                 self._warm_up(*warm_up)
             if self.core.has_work():
                 busy = True
                 try:
                     self.core.step()
-                except Exception:
+                except Exception as e:
+                    if self.lockstep is not None:  # the ranks may no longer agree on what happened
+                        self.lockstep.fail(f"engine step failed: {type(e).__name__}: {e}")
+                        return
                     log.exception("engine step failed; ending the requests in flight")
                     self.core.fail_all("internal error")
             else:
@@ -198,10 +219,25 @@ class Engine:
                     busy = False
                 self._wake.wait(0.05)
                 self._wake.clear()
+        if self.lockstep is not None:
+            self.lockstep.close()  # before the last drain, which then stays on this rank
         for *_, done in self._drain():
             done.set_exception(EngineStopped("the engine is shutting down"))
         self.core.fail_all("shutdown")
         self._stats = self.core.stats()
+
+    def _abandon(self, reason: str) -> None:  # any thread: the engine thread may be stuck in a collective
+        """A distributed engine that cannot go on: no more requests, and each stream ends with an error."""
+        with self._lock:
+            self.failure = f"serving stopped: {reason}"
+            self._stop = True
+            streams, self._streams = list(self._streams.values()), {}
+            self._live.clear()
+        for stream in streams:
+            req = self.core.requests.get(stream.request_id)
+            usage = self.core._usage(req) if req is not None else Usage(0, 0)
+            stream._put(Delta(stream.request_id, [], "", finish_reason="error", usage=usage))
+        self._wake.set()
 
     def shutdown(self) -> None:
         """Stops the loop; the requests in flight end (finish_reason "error") once the step in

@@ -1,0 +1,207 @@
+"""`deltaserve serve --distributed` on 2 local ranks over MLX's ring backend (server/distributed.py): a
+batch streams what one rank streams, and a rank that dies or stalls, or holds other model files, ends
+in a clean failure on every rank, never a hang.
+
+The batch test starts the ranks with mlx.launch, as a user does; the fault tests start each rank
+themselves (the environment mlx.launch would give it) so that they know which process is which and
+so that nothing but our code ends rank 0 (mlx.launch kills the other ranks when one exits)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fixtures import get_fixture
+from fixtures.ports import free_port
+
+BIN = Path(sys.executable).parent
+FIXTURE = get_fixture("moe_r4")
+TIMEOUT_S = 15  # --distributed-timeout here; a step of the tiny model takes milliseconds
+SERVE = ["--dtype", "float32", "--max-model-len", "4096", "--memory-budget", "1G", "--max-num-seqs", "4",
+         "--distributed-timeout", str(TIMEOUT_S), "--log-level", "warning"]
+
+
+def _ring_port() -> int:
+    """A port p with p + 1 free too: the ring backend listens on consecutive ports, one per rank."""
+    import socket
+
+    for _ in range(50):
+        p = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+        return p
+    raise RuntimeError("no two consecutive free ports")
+
+
+class Ranks:
+    """Processes in their own session, killed as a group at the end whatever happened."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp = tmp_path
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+
+    def start(self, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+        log = self.tmp / f"proc{len(self.procs)}.log"
+        proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+        self.procs.append(proc)
+        self.logs.append(log)
+        return proc
+
+    def manual(self, models: list[Path], mode: str, port: int) -> list[subprocess.Popen]:
+        """One process per rank with the environment mlx.launch gives a ring rank on localhost."""
+        ring = _ring_port()
+        hostfile = self.tmp / "hosts.json"
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{ring + r}"] for r in range(len(models))]))
+        return [self.start([str(BIN / "deltaserve"), "serve", str(m), "--distributed", mode, "--port", str(port),
+                            *SERVE], {"MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)})
+                for r, m in enumerate(models)]
+
+    def output(self) -> str:
+        return "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in self.logs)
+
+    def kill(self) -> None:
+        for p in self.procs:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.killpg(p.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            p.wait(timeout=10)
+
+
+@pytest.fixture
+def ranks(tmp_path):
+    r = Ranks(tmp_path)
+    yield r
+    r.kill()
+
+
+def _wait_ready(ranks: Ranks, url: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in ranks.procs):
+            pytest.fail(f"a rank exited while starting:\n{ranks.output()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"not ready after {timeout} s:\n{ranks.output()}")
+
+
+def _stream(url: str, prompt, max_tokens: int) -> tuple[str, list[dict]]:
+    """The streamed text of a greedy completion and its events."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    text, events = "", []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            events.append(event)
+            text += "".join(c["text"] for c in event.get("choices", []))
+    return text, events
+
+
+def _one_rank_text(prompt, max_tokens: int) -> str:
+    """Our engine on this process, one rank, the same fp32 model."""
+    from server_harness import tiny_engine
+
+    from server.engine import SamplingParams
+
+    engine = tiny_engine(max_model_len=4096)
+    try:
+        ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        stream = engine.submit(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        return "".join(d.text for d in stream)
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["pipeline"])
+def test_a_batch_of_four_streams_what_one_rank_streams(ranks, mode):
+    port = free_port()
+    ranks.start([str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "-p", str(_ring_port()), "--",
+                 str(BIN / "deltaserve"), "serve", str(FIXTURE.hf_dir), "--distributed", mode, "--port", str(port),
+                 *SERVE])
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(ranks, url)
+    ids = [int(t) for t in FIXTURE.prompt_ids]
+    prompts = [(ids, 24), (ids[:5], 16), (ids[3:], 16), ("The quick brown fox", 16)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda p: _stream(url, *p)[0], prompts))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(FIXTURE.hf_dir)
+    # the fixture prompt's greedy continuation is transformers' own, computed when the fixture was built
+    # (the server leaves special tokens out of text)
+    assert got[0] == tok.decode([int(t) for t in FIXTURE.greedy_ids], skip_special_tokens=True), ranks.output()
+    for (prompt, n), text in zip(prompts[1:], got[1:]):
+        assert text == _one_rank_text(prompt, n)
+
+
+def _exits_within(proc: subprocess.Popen, seconds: float) -> int | None:
+    try:
+        return proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stalled"])
+def test_a_rank_that_dies_or_stalls_mid_generation_ends_every_rank(ranks, fault):
+    """killed: the ring's next collective fails at once; stalled: the watchdog fires after TIMEOUT_S."""
+    port = free_port()
+    rank0, rank1 = ranks.manual([FIXTURE.hf_dir] * 2, "pipeline", port)
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(ranks, url)
+    body = {"prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0, "ignore_eos": True, "stream": True}
+    events = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=TIMEOUT_S * 3) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+            if len(events) == 5:
+                os.kill(rank1.pid, fault)
+                hit = time.monotonic()
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "ended early" in error["message"], events[-3:]
+    assert len(events) < 3000, "the generation was not cut short"
+    # rank 0 stops taking requests (503, OpenAI's error body) before it exits
+    health = httpx.get(f"{url}/health", timeout=5)
+    assert health.status_code == 503 and "stopped" in health.json()["error"]["message"]
+    refused = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=5)
+    assert refused.status_code == 503 and refused.json()["error"]["type"] == "service_unavailable"
+    assert _exits_within(rank0, 10) == 1, ranks.output()
+    assert time.monotonic() - hit < TIMEOUT_S + 10
+    if fault == signal.SIGSTOP:  # woken up, it finds rank 0 gone and exits too
+        os.kill(rank1.pid, signal.SIGCONT)
+        assert _exits_within(rank1, TIMEOUT_S + 5) == 1, ranks.output()
+
+
+def test_ranks_holding_different_models_refuse_to_start(ranks):
+    other = get_fixture("moe_r3_fa2").hf_dir
+    procs = ranks.manual([FIXTURE.hf_dir, other], "pipeline", free_port())
+    codes = [_exits_within(p, 120) for p in procs]
+    out = ranks.output()
+    assert codes == [1, 1], out
+    for log in ranks.logs:  # every rank names the ranks and what differs
+        text = log.read_text()
+        assert f"rank 1 (" in text and f":{other}) holds a different model from rank 0" in text, out
+        assert "config: " in text and "weights: " in text, out
