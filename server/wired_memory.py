@@ -32,8 +32,8 @@ def plan(model_bytes: int, budget_bytes: int, device_info: dict) -> tuple[int | 
 
 def set_wired_limit(model, budget_bytes: int) -> int | None:
     """Applies `plan` to this machine; the limit set, or None where the backend has none."""
-    try:
-        info = mx.device_info()
+    try:  # the wired limit is Metal's notion: another backend's device info is not asked
+        info = mx.device_info() if mx.metal.is_available() else {"device_name": "not Metal"}
     except Exception:  # a backend without device information
         info = {}
     model_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))

@@ -38,12 +38,16 @@ def test_set_wired_limit_on_metal_sets_it_and_elsewhere_only_logs(monkeypatch, c
     calls = []
     monkeypatch.setattr(wired_memory.mx, "set_wired_limit", lambda n: calls.append(n) or 0)
 
+    monkeypatch.setattr(wired_memory.mx.metal, "is_available", lambda: True)
     monkeypatch.setattr(wired_memory.mx, "device_info", lambda: {"device_name": "cpu", "architecture": "x86_64"})
     with caplog.at_level(logging.DEBUG, logger="deltaserve"):
         assert set_wired_limit(model, 1 * GB) is None
     assert calls == [] and "no wired-memory limit" in caplog.text
 
     monkeypatch.setattr(wired_memory.mx, "device_info", lambda: METAL)
+    monkeypatch.setattr(wired_memory.mx.metal, "is_available", lambda: False)  # e.g. CUDA reporting such a size
+    assert set_wired_limit(model, 1 * GB) is None and calls == []
+    monkeypatch.setattr(wired_memory.mx.metal, "is_available", lambda: True)
     assert set_wired_limit(model, 1 * GB) == model_bytes + GB
     assert calls == [model_bytes + GB]
 
