@@ -409,10 +409,13 @@ async def peer_cases(port: int, args) -> dict:
     url = f"http://127.0.0.1:{port}/v1/completions"
 
     def ttft(client, prompt):
-        return stream(client, url, {"model": name, "prompt": prompt, "max_tokens": 2})
+        return stream(client, url, {"prompt": prompt, "max_tokens": 2, **({"model": name} if name else {})})
 
     async with httpx.AsyncClient() as client:
-        name = (await client.get(f"http://127.0.0.1:{port}/v1/models")).json()["data"][0]["id"]  # vllm-mlx needs it
+        try:  # vllm-mlx needs a model name in each request; mlx_lm.server's list is empty
+            name = (await client.get(f"http://127.0.0.1:{port}/v1/models")).json()["data"][0]["id"]
+        except (ValueError, KeyError, IndexError):
+            name = None
         await ttft(client, "warm up " + words(rng, 50))
         colds = []
         for _ in range(2):  # two different prompts: the median of cold
@@ -440,7 +443,7 @@ def run_peers(args) -> list[dict]:
             continue
         try:
             measured[kind] = asyncio.run(peer_cases(port, args))
-        except (httpx.HTTPError, RuntimeError) as e:
+        except (httpx.HTTPError, RuntimeError, ValueError) as e:
             print(f"  {kind}: failed: {e}")
         finally:
             stop(proc)
@@ -530,29 +533,29 @@ def main(argv=None):
     model = checkpoint(args.model)
     kv, fixed = state_sizes(model)
     print(f"{args.model}: {kv} B of KV per token, {fixed} B of fixed state per sequence")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    meta = {"suite": "long_context", "label": args.label, "backend": backend(), "commit": commit.stdout.strip(),
+            "date": time.strftime("%Y-%m-%d %H:%M")}
     results = []
     for part in parts:
         print(f"[{part}]")
         t0 = time.time()
         if part == "agent":
-            results += run_agent(args, model, kv, fixed)
+            rows = run_agent(args, model, kv, fixed)
         elif part == "mixed":
-            results += run_mixed(args, model, kv, fixed)
+            rows = run_mixed(args, model, kv, fixed)
         elif part == "peers":
-            results += run_peers(args)
+            rows = run_peers(args)
         else:
-            results += run_disk(args, model)
+            rows = run_disk(args, model)
         print(f"  ({time.time() - t0:.0f} s)")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    meta = {"suite": "long_context", "label": args.label, "backend": backend(), "commit": commit.stdout.strip(),
-            "date": time.strftime("%Y-%m-%d %H:%M")}
-    for r in results:
-        r.setdefault("model", args.model)
-        r.update(meta)
-    if str(args.out) != "-":
-        with open(args.out, "a") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
+        for r in rows:
+            r.setdefault("model", args.model)
+            r.update(meta)
+        if str(args.out) != "-":  # after each part, so that a later part's failure keeps the earlier rows
+            with open(args.out, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        results += rows
     return results
 
 
