@@ -165,13 +165,19 @@ def test_prefix_cache_entries_count_all_they_hold_logits_included(lm):
     core.add(prompt, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
     while core.has_work():
         core.step()
-    nodes = list(core.prefix_cache._lru.values())
-    # block cuts 16, 32, 48; the prompt's end (with its next-token logits); all that was fed
+    pc = core.prefix_cache
+    nodes = list(pc._lru.values())
+    # block cuts 32, 48 (16 thinned: two blocks back, and this model's state weighs ~1.2k tokens
+    # of KV); the prompt's end (with its next-token logits); all that was fed
     depths = sorted(n.depth for n in nodes)
-    assert depths[:4] == [16, 32, 48, 50] and len(depths) == 5 and depths[4] > 50
+    assert depths[:3] == [32, 48, 50] and len(depths) == 4 and depths[3] > 50
     logits_bytes = model.config.vocab_size * 4
+    one_state = state_bytes(model.config, 0)
     for node in nodes:
-        has_logits = node.entry.logits is not None
+        has_logits = node.logits is not None
         assert has_logits == (node.depth == 50)
-        assert node.entry.nbytes == state_bytes(model.config, node.depth) + (logits_bytes if has_logits else 0)
-    assert core.prefix_cache.nbytes == sum(n.entry.nbytes for n in nodes)
+        assert node.state_bytes == one_state + (logits_bytes if has_logits else 0)
+    # each token's KV once: one path of depths[3] tokens
+    kv = state_bytes(model.config, depths[3]) - one_state
+    assert pc.kv_tokens == depths[3] and pc.kv_bytes == kv
+    assert pc.nbytes == kv + sum(n.state_bytes for n in nodes)

@@ -14,7 +14,8 @@ from mlx.utils import tree_flatten
 from model import Model
 
 from .detokenizer import Detokenizer, StopStrings, hidden_token_ids
-from .prefix_cache import PrefixCache
+from . import segments
+from .prefix_cache import Entry, PrefixCache
 from .request import Delta, Request, SamplingParams, Usage
 from .runner import Runner
 from .sampler import Sampler
@@ -71,7 +72,9 @@ class EngineCore:
         self.runner = Runner(model)
         budget = config.memory_budget_bytes or default_memory_budget()
         cache_bytes = budget // 4 if config.prefix_cache_bytes is None else config.prefix_cache_bytes
-        self.prefix_cache = PrefixCache(cache_bytes, config.block_size)
+        checkpoint = PrefixCache.checkpoint_for(config.block_size, self.runner.state_bytes_per_seq(),
+                                                self.runner.kv_bytes_per_token())
+        self.prefix_cache = PrefixCache(cache_bytes, config.block_size, checkpoint)
         mx.set_cache_limit(budget // 16 if config.allocator_cache_bytes is None else config.allocator_cache_bytes)
         self.model_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
         self.scheduler = Scheduler(
@@ -113,6 +116,13 @@ class EngineCore:
         """Queues a request from `new_request`."""
         if req.id in self.requests:
             raise ValueError(f"request id {req.id!r} is already in use")
+        if self.prefix_cache.enabled:
+            # Where the prompt leaves a cached path, a state is worth keeping: the next prompt
+            # sharing that prefix (another conversation after the same system prompt and tools)
+            # resumes there instead of at the last checkpoint before it.
+            shared = self.prefix_cache.match(req.prompt_ids)
+            if self.prefix_cache.resumable(req.prompt_ids) < shared < req.num_prompt:
+                req.snapshot_at = tuple(sorted({*req.snapshot_at, shared}))
         self.scheduler.add(req)  # raises QueueFull
         self.requests[req.id] = req
         self._outputs[req.id] = _Output(self.tokenizer, self._hidden_ids, req.params.stop)
@@ -199,7 +209,7 @@ class EngineCore:
             new_tokens += zip(reqs, tokens, logprobs)
 
         for req, entry in plan.admitted:
-            self.runner.start(req.id, entry.snapshot if entry else None)
+            self.runner.start(req.id, self._restore(entry) if entry else None)
             try:
                 self.sampler.add(req)
                 if not req.prefilling:  # full hit: the entry carries the next-token logits
@@ -217,9 +227,11 @@ class EngineCore:
             try:
                 req.num_computed += n
                 done = not req.prefilling
-                at_cut = req.num_computed % self.prefix_cache.block_size == 0 or req.num_computed in req.snapshot_at
-                if self.prefix_cache.enabled and (done or at_cut):
-                    self._remember(req, req.prompt_ids[: req.num_computed], logits if done else None)
+                asked = req.num_computed in req.snapshot_at
+                at_cut = req.num_computed % self.prefix_cache.block_size == 0
+                if self.prefix_cache.enabled and (done or asked or at_cut):
+                    kind = "pin" if asked else "end" if done else "block"
+                    self._remember(req, req.prompt_ids[: req.num_computed], logits if done else None, kind)
                 if done:
                     new_tokens.append(self._first_token(req, logits))
             except Exception as e:
@@ -263,15 +275,20 @@ class EngineCore:
         req.first_token_time = time.monotonic()
         return req, tokens[0], logprobs[0]
 
-    def _remember(self, req: Request, tokens: list[int], logits) -> None:
-        if self.prefix_cache.contains(tokens) and logits is None:
+    def _remember(self, req: Request, tokens: list[int], logits, kind: str = "end") -> None:
+        """Keep the request's state after `tokens` (all it has fed), with only the KV of the
+        positions the cache lacks."""
+        if self.prefix_cache.contains(tokens) and logits is None and kind != "pin":
             return
-        snap = self.runner.snapshot(req.id)
+        start = self.prefix_cache.match(tokens)
+        kv, state = segments.from_snapshot(self.runner.snapshot(req.id, kv_from=start), start)
         if logits is not None:
             logits = mx.array(logits)
             mx.eval(logits)
-        nbytes = snap.nbytes + (logits.nbytes if logits is not None else 0)
-        self.prefix_cache.insert(tokens, snap, nbytes, logits)
+        self.prefix_cache.insert(tokens, kv, state, logits, kind)
+
+    def _restore(self, entry: Entry):
+        return segments.assemble(self.model.config.layer_types, entry.segments, entry.state, entry.depth)
 
     def _append(self, req: Request, token: int, logprob) -> bool:
         """Record a sampled token and emit its delta; returns True when the request is done."""

@@ -1,9 +1,37 @@
-"""A radix tree over token ids whose nodes hold snapshots of a sequence's full model state.
+"""A radix tree over token ids holding each cached token's KV once, and the recurrent state at a
+bounded set of points.
 
-Recurrent (GatedDeltaNet) state cannot be rewound, so a prompt can resume only from a point
-where a snapshot was taken: block boundaries during prefill, the end of every prompt, the end
-of every generation. `lookup` returns the deepest such point on the prompt's path.
-Snapshots are opaque here (anything with a byte size); eviction is LRU under a byte budget.
+A node's edge is the run of tokens it adds to its parent's path, and the node holds the KV of
+exactly those positions (a segment); restoring a point concatenates the segments from the root.
+So the KV part of the cache is the size of the distinct tokens it holds, however many sequences
+share them. An edge split splits its segment (both halves copied, so neither keeps the other's
+buffer alive).
+
+Recurrent (GatedDeltaNet) and conv state cannot be rewound, so a prompt resumes only from a node
+holding a state: `lookup` returns the deepest one on the prompt's path (at the prompt's very end
+only with the next-token logits). One state costs as much as the KV of `state_bytes /
+kv_bytes_per_token` tokens (the demo model: 76 tokens; Qwen3.5-397B: ~6k), so the points are
+sized to it. `checkpoint` (B0) = the block size times max(1, round(state bytes / KV bytes of a
+block)): block checkpoints are taken every B0 tokens, so their states cost about as much as the
+KV they sit between. Kept states:
+- pinned, thinned never (LRU only): the points a request asked for (`snapshot_at`: a chat's
+  history end, where its next turn resumes; a prompt's divergence from a cached path, where the
+  next prompt sharing that prefix resumes) and branch points (shared by several sequences);
+- the others (block checkpoints, prompt ends with their logits, generation ends) thin out when a
+  state is inserted deeper on their path: one at depth d under a new state at depth e stays while
+  e - d < B0 (dense near the end) or d is a multiple of B0 * 2^max(0, floor(log2((e - d) / B0)) - 1)
+  (about two per doubling of the distance further back). A sequence of n tokens keeps
+  ~2 log2(n / B0) + 2 of them, so a prompt diverging at distance x from a sequence's end
+  re-prefills at most ~x / 2 tokens (all of them below B0).
+Measured on the demo model (docs/serving.md "Batching and the prefix cache"): a 9-turn agent
+conversation of ~3.5k tokens holds 1.2x its state (was 19x with a full snapshot per point).
+
+Eviction is LRU over the states under a byte budget that counts everything held (KV segments,
+states, logits). Dropping a state prunes the nodes left with no state and no children, so a
+node's KV goes only once nothing below it needs it: no node outlives its ancestors' KV.
+
+Plain Python: segments, states and logits are opaque here. A segment has `nbytes`, `len()` (its
+positions) and `split(n) -> (head, tail)`; a state and logits have `nbytes`.
 """
 
 from __future__ import annotations
@@ -15,8 +43,11 @@ from typing import Any, Optional
 
 @dataclass
 class Entry:
-    snapshot: Any
-    nbytes: int
+    """A resumable point: restore = the segments' KV concatenated, then the state."""
+
+    depth: int
+    segments: list  # the path's KV segments, root first; their lengths sum to depth
+    state: Any
     logits: Any = None  # next-token logits at this point, so a full hit needs no recompute
 
 
@@ -24,28 +55,37 @@ class Entry:
 class _Node:
     edge: tuple = ()
     parent: Optional["_Node"] = None
+    kv: Any = None  # the KV of the edge's positions
     children: dict = field(default_factory=dict)
-    entry: Optional[Entry] = None
+    state: Any = None
+    logits: Any = None
+    kind: str = ""  # of its state: "pin" (kept against thinning), "end" (prompt / generation end), "block"
+    depth: int = 0
 
     @property
-    def depth(self) -> int:
-        n, d = self, 0
-        while n is not None:
-            d += len(n.edge)
-            n = n.parent
-        return d
+    def state_bytes(self) -> int:
+        return (self.state.nbytes if self.state is not None else 0) + (
+            self.logits.nbytes if self.logits is not None else 0)
 
 
 class PrefixCache:
-    def __init__(self, budget_bytes: int, block_size: int = 256):
+    def __init__(self, budget_bytes: int, block_size: int = 256, checkpoint: int | None = None):
         if block_size < 1:
             raise ValueError("block_size must be positive")
         self.budget = max(0, int(budget_bytes))
         self.block_size = block_size
+        self.checkpoint = checkpoint or block_size  # B0 (see the module docstring)
+        if self.checkpoint % block_size:
+            raise ValueError("checkpoint must be a multiple of block_size")
         self.root = _Node()
-        self._lru: OrderedDict[int, _Node] = OrderedDict()
-        self.nbytes = 0
-        self.lookups = self.hits = self.tokens_queried = self.tokens_hit = self.evictions = 0
+        self._lru: OrderedDict[int, _Node] = OrderedDict()  # the nodes holding a state
+        self.nbytes = self.kv_bytes = self.kv_tokens = 0
+        self.lookups = self.hits = self.tokens_queried = self.tokens_hit = self.evictions = self.thinned = 0
+
+    @staticmethod
+    def checkpoint_for(block_size: int, state_bytes: int, kv_bytes_per_token: int) -> int:
+        """B0: a multiple of the block size whose KV weighs about one state."""
+        return block_size * max(1, round(state_bytes / max(1, kv_bytes_per_token * block_size)))
 
     @property
     def enabled(self) -> bool:
@@ -55,7 +95,7 @@ class PrefixCache:
         return len(self._lru)
 
     def _walk(self, tokens):
-        """Yield (node, depth) for every node whose whole path is a prefix of tokens."""
+        """Yield every node whose whole path is a prefix of tokens."""
         node, depth = self.root, 0
         while depth < len(tokens):
             child = node.children.get(tokens[depth])
@@ -65,92 +105,173 @@ class PrefixCache:
             if tuple(tokens[depth : depth + n]) != child.edge:
                 return
             node, depth = child, depth + n
-            yield node, depth
+            yield node
+
+    def match(self, tokens) -> int:
+        """How many leading tokens have their KV here (a match may end inside an edge)."""
+        node, depth = self.root, 0
+        while depth < len(tokens):
+            child = node.children.get(tokens[depth])
+            if child is None:
+                break
+            common, limit = 0, min(len(child.edge), len(tokens) - depth)
+            while common < limit and child.edge[common] == tokens[depth + common]:
+                common += 1
+            depth += common
+            if common < len(child.edge):
+                break
+            node = child
+        return depth
+
+    def _best(self, tokens) -> Optional[_Node]:
+        best = None
+        for node in self._walk(tokens):
+            if node.state is not None and (node.depth < len(tokens) or node.logits is not None):
+                best = node
+        return best
+
+    def resumable(self, tokens) -> int:
+        """`lookup`'s depth without counting a lookup or touching the LRU order."""
+        best = self._best(tokens) if self.enabled else None
+        return best.depth if best is not None else 0
 
     def lookup(self, tokens: list[int]) -> tuple[int, Optional[Entry]]:
-        """Deepest snapshot on tokens' path. A snapshot covering all tokens counts only if it
-        carries logits (the next token must be sampled from something)."""
-        best, best_depth = None, 0
-        if self.enabled:
-            for node, depth in self._walk(tokens):
-                if node.entry is not None and (depth < len(tokens) or node.entry.logits is not None):
-                    best, best_depth = node, depth
+        """Deepest state on tokens' path. One covering all tokens counts only if it carries
+        logits (the next token must be sampled from something)."""
+        best = self._best(tokens) if self.enabled else None
         self.lookups += 1
         self.tokens_queried += len(tokens)
         if best is None:
             return 0, None
         self.hits += 1
-        self.tokens_hit += best_depth
+        self.tokens_hit += best.depth
         self._lru.move_to_end(id(best))
-        return best_depth, best.entry
+        return best.depth, self.entry(best)
+
+    @staticmethod
+    def entry(node: _Node) -> Entry:
+        segments, n = [], node
+        while n.parent is not None:
+            segments.append(n.kv)
+            n = n.parent
+        return Entry(node.depth, segments[::-1], node.state, node.logits)
 
     def contains(self, tokens: list[int]) -> bool:
-        for node, depth in self._walk(tokens):
-            if depth == len(tokens):
-                return node.entry is not None
+        """A state is held exactly at the end of tokens."""
+        for node in self._walk(tokens):
+            if node.depth == len(tokens):
+                return node.state is not None
         return False
 
-    def insert(self, tokens: list[int], snapshot: Any, nbytes: int, logits: Any = None) -> bool:
-        """Store a snapshot of the state after `tokens`. Returns False if it cannot fit."""
-        if not self.enabled or not tokens or nbytes > self.budget:
+    def insert(self, tokens: list[int], kv: Any, state: Any, logits: Any = None, kind: str = "end") -> bool:
+        """Store the state after `tokens`; `kv` holds the KV of positions [match(tokens),
+        len(tokens)) (nothing when the path is already here). kind: "pin" (a point asked for),
+        "end" (a prompt's or generation's end) or "block" (a block checkpoint). Returns False if it
+        cannot fit."""
+        if not self.enabled or not tokens:
             return False
-        node = self._node_at(list(tokens))
-        if node.entry is not None:
-            self.nbytes -= node.entry.nbytes
-        node.entry = Entry(snapshot, nbytes, logits)
-        self.nbytes += nbytes
+        start = self.match(tokens)
+        assert len(kv) == len(tokens) - start, (len(kv), len(tokens), start)
+        added = (kv.nbytes if start < len(tokens) else 0) + state.nbytes + (logits.nbytes if logits is not None else 0)
+        if added > self.budget:
+            return False
+        node = self._node_at(list(tokens), kv)
+        if node.kind == "pin" or (node.kind == "end" and kind == "block"):
+            kind = node.kind
+        self._drop_state(node)
+        node.state, node.logits, node.kind = state, logits, kind
+        self.nbytes += node.state_bytes
         self._lru[id(node)] = node
-        self._lru.move_to_end(id(node))
+        self._thin(node)
         self._evict()
         return True
 
-    def _node_at(self, tokens: list[int]) -> _Node:
+    def _add_kv(self, node: _Node, kv: Any, sign: int = 1) -> None:
+        self.nbytes += sign * kv.nbytes
+        self.kv_bytes += sign * kv.nbytes
+        self.kv_tokens += sign * len(kv)
+
+    def _node_at(self, tokens: list[int], kv: Any) -> _Node:
         node, depth = self.root, 0
         while depth < len(tokens):
             child = node.children.get(tokens[depth])
             if child is None:
-                leaf = _Node(tuple(tokens[depth:]), node)
+                leaf = _Node(tuple(tokens[depth:]), node, kv, depth=len(tokens))
                 node.children[tokens[depth]] = leaf
+                self._add_kv(leaf, kv)
                 return leaf
             common = 0
             limit = min(len(child.edge), len(tokens) - depth)
             while common < limit and child.edge[common] == tokens[depth + common]:
                 common += 1
-            if common < len(child.edge):  # split the edge at the divergence point
-                mid = _Node(child.edge[:common], node)
+            if common < len(child.edge):  # split the edge (and its KV) at the divergence point
+                head, tail = child.kv.split(common)
+                self._add_kv(child, child.kv, -1)
+                mid = _Node(child.edge[:common], node, head, depth=depth + common)
                 node.children[tokens[depth]] = mid
-                child.edge = child.edge[common:]
-                child.parent = mid
+                child.edge, child.kv, child.parent = child.edge[common:], tail, mid
                 mid.children[child.edge[0]] = child
+                self._add_kv(mid, head)
+                self._add_kv(child, tail)
                 child = mid
             node, depth = child, depth + common
         return node
 
+    def _keeps(self, node: _Node, e: int) -> bool:
+        """Whether an unpinned state stays under a new state at depth e (see the docstring)."""
+        d, b0 = node.depth, self.checkpoint
+        dist = e - d
+        if dist < 2 * self.block_size or (node.kind == "end" and dist < 2 * b0):
+            return True
+        level = max(0, (dist // b0).bit_length() - 2)  # floor(log2(dist / b0)) - 1
+        return d % (b0 << level) == 0
+
+    def _thin(self, node: _Node) -> None:
+        n = node.parent
+        while n is not None and n is not self.root:
+            parent = n.parent
+            if n.state is not None and n.kind != "pin" and len(n.children) < 2 and not self._keeps(n, node.depth):
+                self._drop_state(n)  # n has a child (on the way to node): its KV stays
+                self.thinned += 1
+            n = parent
+
+    def _drop_state(self, node: _Node) -> None:
+        if node.state is None:
+            return
+        self.nbytes -= node.state_bytes
+        node.state = node.logits = None
+        node.kind = ""
+        del self._lru[id(node)]
+
     def _evict(self) -> None:
         while self.nbytes > self.budget and self._lru:
-            _, node = self._lru.popitem(last=False)
-            self.nbytes -= node.entry.nbytes
-            node.entry = None
+            node = next(iter(self._lru.values()))
+            self._drop_state(node)
             self.evictions += 1
             self._prune(node)
 
     def _prune(self, node: _Node) -> None:
-        while node is not self.root and node.entry is None and not node.children:
+        """Remove nodes that hold no state and have nothing below: their KV serves no one."""
+        while node is not self.root and node.state is None and not node.children:
             parent = node.parent
             del parent.children[node.edge[0]]
+            self._add_kv(node, node.kv, -1)
             node = parent
 
     def clear(self) -> None:
-        self.__init__(self.budget, self.block_size)
+        self.__init__(self.budget, self.block_size, self.checkpoint)
 
     def stats(self) -> dict:
         return {
             "entries": len(self._lru),
             "bytes": self.nbytes,
+            "kv_bytes": self.kv_bytes,
+            "kv_tokens": self.kv_tokens,
             "budget_bytes": self.budget,
             "lookups": self.lookups,
             "hits": self.hits,
             "hit_rate": self.tokens_hit / self.tokens_queried if self.tokens_queried else 0.0,
             "tokens_hit": self.tokens_hit,
             "evictions": self.evictions,
+            "thinned": self.thinned,
         }
