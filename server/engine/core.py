@@ -12,9 +12,11 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from model import Model
+from model.cache import LinearLayer
 
 from .detokenizer import Detokenizer, StopStrings, hidden_token_ids
 from . import segments
+from .disk_cache import DiskCache
 from .prefix_cache import Entry, PrefixCache
 from .request import Delta, Request, SamplingParams, Usage
 from .runner import Runner
@@ -74,7 +76,9 @@ class EngineCore:
         cache_bytes = budget // 4 if config.prefix_cache_bytes is None else config.prefix_cache_bytes
         checkpoint = PrefixCache.checkpoint_for(config.block_size, self.runner.state_bytes_per_seq(),
                                                 self.runner.kv_bytes_per_token())
-        self.prefix_cache = PrefixCache(cache_bytes, config.block_size, checkpoint)
+        self.prefix_cache = PrefixCache(cache_bytes, config.block_size, checkpoint, on_evict=self._evicted)
+        self.disk = (DiskCache(config.prefix_cache_dir, config.prefix_cache_disk_bytes, config.model_fingerprint)
+                     if config.prefix_cache_dir else None)
         mx.set_cache_limit(budget // 16 if config.allocator_cache_bytes is None else config.allocator_cache_bytes)
         self.model_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
         self.scheduler = Scheduler(
@@ -162,7 +166,8 @@ class EngineCore:
             rounds.append([(short, [])] * width)
         if processors:
             rounds.append([(short, list(processors))])
-        steps = self.steps
+        steps, disk = self.steps, self.disk
+        self.disk = None  # the warm-up's prompts neither hit nor stay on disk
         try:
             for rows in rounds:
                 for ids, procs in rows:
@@ -176,7 +181,7 @@ class EngineCore:
             self.prefix_cache.clear()
             raise
         finally:
-            self.steps = steps
+            self.steps, self.disk = steps, disk
 
     # ---- the step ----
     def step(self) -> None:
@@ -209,15 +214,18 @@ class EngineCore:
             new_tokens += zip(reqs, tokens, logprobs)
 
         for req, entry in plan.admitted:
-            self.runner.start(req.id, self._restore(entry) if entry else None)
+            snapshot, hit_logits = self._restore(req, entry)
+            self.runner.start(req.id, snapshot)
             try:
                 self.sampler.add(req)
                 if not req.prefilling:  # full hit: the entry carries the next-token logits
-                    new_tokens.append(self._first_token(req, entry.logits))
+                    new_tokens.append(self._first_token(req, hit_logits))
             except Exception as e:
                 failed[req.id] = e
 
-        chunks = [(req, n) for req, n in plan.prefill if n > 0 and req.id not in failed]
+        # a disk hit moves an admitted request past the point its planned chunk started from
+        chunks = [(req, min(n, req.num_prompt - req.num_computed)) for req, n in plan.prefill if req.id not in failed]
+        chunks = [(req, n) for req, n in chunks if n > 0]
         outs = self.runner.prefill([(req.id, req.prompt_ids[req.num_computed : req.num_computed + n])
                                     for req, n in chunks])
         for (req, n), logits in zip(chunks, outs):
@@ -285,10 +293,49 @@ class EngineCore:
         if logits is not None:
             logits = mx.array(logits)
             mx.eval(logits)
-        self.prefix_cache.insert(tokens, kv, state, logits, kind)
+        if self.prefix_cache.insert(tokens, kv, state, logits, kind) and self.disk is not None and kind != "block":
+            self._put_on_disk(tokens, self.prefix_cache.entry_at(tokens))
 
-    def _restore(self, entry: Entry):
-        return segments.assemble(self.model.config.layer_types, entry.segments, entry.state, entry.depth)
+    def _restore(self, req: Request, entry: Entry | None):
+        """The cache a request starts from and the logits at its end: the memory hit's, or the
+        disk's where that goes deeper (then kept in memory too)."""
+        types = self.model.config.layer_types
+        depth = entry.depth if entry is not None else 0
+        on_disk = self.disk.lookup(req.prompt_ids) if self.disk is not None and depth < req.num_prompt else 0
+        if on_disk > depth:
+            depth = on_disk
+            loaded = self.disk.load(req.prompt_ids, depth)
+            if loaded is not None:
+                kv, state, logits = loaded
+                segment = segments.KVSegment(kv, depth)
+                state = segments.State([LinearLayer(conv, recurrent) for conv, recurrent in state])
+                tokens = req.prompt_ids[:depth]
+                if self.prefix_cache.enabled:
+                    start = self.prefix_cache.match(tokens)
+                    self.prefix_cache.insert(tokens, segment.slice(start, depth), state, logits)
+                req.num_computed = req.num_cached = depth
+                return segments.assemble(types, [segment], state, depth), logits
+        if entry is None:
+            return None, None
+        return segments.assemble(types, entry.segments, entry.state, entry.depth), entry.logits
+
+    def _put_on_disk(self, tokens: list[int], entry: Entry | None) -> None:
+        """Queue the state at the end of tokens for the disk, with the KV the disk lacks."""
+        start = self.disk.kv_covered(tokens)
+        if entry is None or start >= len(tokens):
+            return
+        kv = segments.kv_range(entry.segments, start, len(tokens))
+        mx.eval(kv)
+        self.disk.put(tokens, start, kv, [(layer.conv, layer.state) for layer in entry.state.layers], entry.logits)
+
+    def _evicted(self, tokens: list[int], entry: Entry) -> None:
+        if self.disk is not None:
+            self._put_on_disk(tokens, entry)
+
+    def close(self) -> None:
+        """At shutdown: the disk tier finishes its queued writes."""
+        if self.disk is not None:
+            self.disk.close()
 
     def _append(self, req: Request, token: int, logprob) -> bool:
         """Record a sampled token and emit its delta; returns True when the request is done."""
@@ -368,5 +415,6 @@ class EngineCore:
         mx.clear_cache()
 
     def stats(self) -> dict:
-        return {**self.scheduler.stats(), "prefix_cache": self.prefix_cache.stats(), "steps": self.steps,
+        disk = {"prefix_cache_disk": self.disk.stats()} if self.disk is not None else {}
+        return {**self.scheduler.stats(), "prefix_cache": self.prefix_cache.stats(), **disk, "steps": self.steps,
                 "model_bytes": self.model_bytes, "sequence_bytes": self.runner.live_bytes()}

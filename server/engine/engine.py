@@ -224,6 +224,7 @@ class Engine:
         for *_, done in self._drain():
             done.set_exception(EngineStopped("the engine is shutting down"))
         self.core.fail_all("shutdown")
+        self.core.close()
         self._stats = self.core.stats()
 
     def _abandon(self, reason: str) -> None:  # any thread: the engine thread may be stuck in a collective

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 
 @dataclass
@@ -69,12 +69,14 @@ class _Node:
 
 
 class PrefixCache:
-    def __init__(self, budget_bytes: int, block_size: int = 256, checkpoint: int | None = None):
+    def __init__(self, budget_bytes: int, block_size: int = 256, checkpoint: int | None = None,
+                 on_evict: Callable[[list, Entry], None] | None = None):
         if block_size < 1:
             raise ValueError("block_size must be positive")
         self.budget = max(0, int(budget_bytes))
         self.block_size = block_size
         self.checkpoint = checkpoint or block_size  # B0 (see the module docstring)
+        self.on_evict = on_evict  # (tokens, entry) of each state LRU eviction is about to drop
         if self.checkpoint % block_size:
             raise ValueError("checkpoint must be a multiple of block_size")
         self.root = _Node()
@@ -155,6 +157,13 @@ class PrefixCache:
             segments.append(n.kv)
             n = n.parent
         return Entry(node.depth, segments[::-1], node.state, node.logits)
+
+    def entry_at(self, tokens: list[int]) -> Optional[Entry]:
+        """The state held exactly at the end of tokens, as an Entry (None if there is none)."""
+        for node in self._walk(tokens):
+            if node.depth == len(tokens) and node.state is not None:
+                return self.entry(node)
+        return None
 
     def contains(self, tokens: list[int]) -> bool:
         """A state is held exactly at the end of tokens."""
@@ -246,9 +255,19 @@ class PrefixCache:
     def _evict(self) -> None:
         while self.nbytes > self.budget and self._lru:
             node = next(iter(self._lru.values()))
+            if self.on_evict is not None:
+                self.on_evict(self._tokens(node), self.entry(node))
             self._drop_state(node)
             self.evictions += 1
             self._prune(node)
+
+    @staticmethod
+    def _tokens(node: _Node) -> list:
+        edges = []
+        while node.parent is not None:
+            edges.append(node.edge)
+            node = node.parent
+        return [t for edge in reversed(edges) for t in edge]
 
     def _prune(self, node: _Node) -> None:
         """Remove nodes that hold no state and have nothing below: their KV serves no one."""
@@ -259,7 +278,7 @@ class PrefixCache:
             node = parent
 
     def clear(self) -> None:
-        self.__init__(self.budget, self.block_size, self.checkpoint)
+        self.__init__(self.budget, self.block_size, self.checkpoint, self.on_evict)
 
     def stats(self) -> dict:
         return {

@@ -31,7 +31,10 @@ class KVSegment:
         return KVSegment(head, n), KVSegment(tail, self.length - n)
 
     def slice(self, start: int, end: int) -> "KVSegment":
-        return KVSegment(_take(self.layers, start, end), end - start)
+        """Positions [start, end), copied."""
+        layers = _take(self.layers, start, end)
+        mx.eval(layers)
+        return KVSegment(layers, end - start)
 
 
 class State:
@@ -65,6 +68,18 @@ def join(segments: list[KVSegment]) -> list[tuple[mx.array, mx.array]]:
     return [(mx.concatenate([s.layers[i][0] for s in segments], axis=2),
              mx.concatenate([s.layers[i][1] for s in segments], axis=2))
             for i in range(len(segments[0].layers))]
+
+
+def kv_range(segments: list[KVSegment], start: int, end: int) -> list[tuple[mx.array, mx.array]]:
+    """The KV of positions [start, end) of the path the segments make up, per full-attention layer."""
+    parts, pos = [], 0
+    for segment in segments:
+        lo, hi = max(start, pos), min(end, pos + len(segment))
+        if lo < hi:
+            whole = (lo, hi) == (pos, pos + len(segment))
+            parts.append(segment if whole else KVSegment(_take(segment.layers, lo - pos, hi - pos), hi - lo))
+        pos += len(segment)
+    return join(parts)
 
 
 def assemble(layer_types: list[str], segments: list[KVSegment], state: State, depth: int) -> Cache:
