@@ -1,5 +1,5 @@
 """Hugging Face Qwen3.5 checkpoint -> GGUF, laid out exactly as llama.cpp's convert_hf_to_gguf.py lays
-out `qwen35moe` / `qwen35` (as vendored in llama-cpp-python 0.3.36, run with --no-mtp).
+out `qwen35moe` / `qwen35` (as vendored in llama-cpp-python 0.3.36; with --no-mtp unless mtp=True).
 
 Same metadata keys, value types and key order; same tensor names, order, shapes, types and bytes.
 The forward transforms llama.cpp applies (REFERENCE.md section 3, the ones gguf_inverse undoes):
@@ -9,13 +9,16 @@ The forward transforms llama.cpp applies (REFERENCE.md section 3, the ones gguf_
   experts.gate_up_proj -> gate, up      per-expert tensors -> stacked [E, ...]
 
 1-D tensors, norms, routers (ffn_gate_inp, ffn_gate_inp_shexp), ssm_conv1d, ssm_a and ssm_dt stay
-F32; everything else takes the output type (BF16 or F32). MTP tensors are dropped (--no-mtp).
+F32; everything else takes the output type (BF16 or F32). MTP tensors are dropped (--no-mtp), or with
+mtp=True kept as llama.cpp keeps them: block n_layers + i is mtp.layers.i, and fc, pre_fc_norm_embedding,
+pre_fc_norm_hidden and norm are that block's nextn.eh_proj, enorm, hnorm and shared_head_norm (norms + 1);
+block_count counts those blocks and {arch}.nextn_predict_layers says how many.
 Where we differ: general.name is given (llama.cpp derives it from the directory name or model card),
 and tokenizer.ggml.pre is given (llama.cpp hashes a test tokenisation against its table of known
 vocabularies, which a vocabulary of our own is not in); other general.* keys from model cards are
 not written.
 
-CLI: python -m convert.gguf_writer HF_DIR OUT.gguf [--name NAME] [--outtype bf16|f32] [--pre qwen35]
+CLI: python -m convert.gguf_writer HF_DIR OUT.gguf [--name NAME] [--outtype bf16|f32] [--pre qwen35] [--mtp]
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ LAYER = {
 F32_NAMES = re.compile(r"\.(ffn_gate_inp|ffn_gate_inp_shexp|ssm_conv1d)\.weight$")
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_MTP_TOP = {"fc": "eh_proj", "pre_fc_norm_embedding": "enorm", "pre_fc_norm_hidden": "hnorm",
+            "norm": "shared_head_norm"}  # conversion/qwen.py's remapper (shared_head.norm -> shared_head_norm)
 
 
 def _neg_exp(x: np.ndarray) -> np.ndarray:
@@ -136,9 +141,15 @@ def _grouped_to_tiled(x: np.ndarray, axis: int, k_heads: int, r: int, head_dim: 
     return np.ascontiguousarray(np.swapaxes(x, axis, axis + 1)).reshape(shape)
 
 
+def mtp_layers(hp: dict) -> int:
+    """The MTP layers llama.cpp writes when it keeps them: config.json's count (Qwen3.5 carries it)."""
+    return int(hp.get("mtp_num_hidden_layers") or 0)
+
+
 class _Converter:
-    def __init__(self, hp: dict):
+    def __init__(self, hp: dict, mtp: bool = False):
         self.hp = hp
+        self.mtp = mtp
         self.k_heads = hp.get("linear_num_key_heads", 0)
         self.v_heads = hp.get("linear_num_value_heads", 0)
         self.n_experts = hp.get("num_experts") or 0
@@ -168,8 +179,12 @@ class _Converter:
 
     def tensors(self, name: str, x: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
         """GGUF (name, data) pairs for one checkpoint tensor: none, one or several."""
-        if name.startswith(("mtp.", "model.mtp.")) or any(s in name for s in ("visual.", "vision", "audio")):
+        if any(s in name for s in ("visual.", "vision", "audio")):
             return
+        if name.startswith(("mtp.", "model.mtp.")):
+            if not self.mtp:
+                return
+            name = self._mtp_name(name.removeprefix("model."))
         name = name.replace("language_model.", "")
         x = self._reorder_v(name, x)
         if name.endswith(".A_log"):
@@ -180,6 +195,10 @@ class _Converter:
             x = x + np.float32(1)
         if name in TOP_LEVEL:
             yield TOP_LEVEL[name], x
+            return
+        if name.startswith("nextn."):
+            bid, rest = name.removeprefix("nextn.").split(".", 1)
+            yield f"blk.{bid}.nextn.{rest}", x
             return
         m = _LAYER_NAME.match(name)
         if not m:
@@ -203,6 +222,16 @@ class _Converter:
         if rest not in LAYER:
             raise GGUFWriteError(f"cannot map tensor {name!r}")
         yield f"blk.{bid}.{LAYER[rest]}", x
+
+    def _mtp_name(self, name: str) -> str:
+        """mtp.* -> a name in block n_layers (+ i): model.layers.N.* for the decoder layer, nextn.N.* else."""
+        n = self.hp["num_hidden_layers"]
+        parts = name.split(".", 3)
+        if len(parts) == 4 and parts[1] == "layers" and parts[2].isdecimal():
+            return f"model.layers.{n + int(parts[2])}.{parts[3]}"
+        if len(parts) == 3 and parts[1] in _MTP_TOP:
+            return f"nextn.{n}.{_MTP_TOP[parts[1]]}.{parts[2]}"
+        raise GGUFWriteError(f"cannot map MTP tensor {name!r}")
 
     def finish(self) -> None:
         left = [k for d in self.pending.values() for k in d]
@@ -235,11 +264,12 @@ def _hparams(hf_dir: Path) -> tuple[str, dict]:
     return ARCHS[archs[0]], hp
 
 
-def _add_model_keys(w, arch: str, hp: dict, outtype: str) -> None:
-    """The keys llama.cpp's Qwen3.5 classes write, in their order (TextModel, Qwen2Moe, Qwen3Next, mixin)."""
+def _add_model_keys(w, arch: str, hp: dict, outtype: str, n_mtp: int = 0) -> None:
+    """The keys llama.cpp's Qwen3.5 classes write, in their order (TextModel, Qwen2Moe, MTP mixin, Qwen3Next,
+    mrope mixin); n_mtp MTP blocks follow the trunk's."""
     k = f"{arch}."
     rope = hp["rope_parameters"]
-    w.add_uint32(k + "block_count", hp["num_hidden_layers"])
+    w.add_uint32(k + "block_count", hp["num_hidden_layers"] + n_mtp)
     if hp.get("max_position_embeddings") is not None:
         w.add_uint32(k + "context_length", hp["max_position_embeddings"])
     w.add_uint32(k + "embedding_length", hp["hidden_size"])
@@ -267,6 +297,8 @@ def _add_model_keys(w, arch: str, hp: dict, outtype: str) -> None:
         w.add_uint32(k + "expert_feed_forward_length", hp["moe_intermediate_size"])
     if hp.get("shared_expert_intermediate_size") is not None:
         w.add_uint32(k + "expert_shared_feed_forward_length", hp["shared_expert_intermediate_size"])
+    if n_mtp:
+        w.add_uint32(k + "nextn_predict_layers", n_mtp)
     w.add_uint32(k + "ssm.conv_kernel", hp["linear_conv_kernel_dim"])
     w.add_uint32(k + "ssm.state_size", hp["linear_key_head_dim"])
     w.add_uint32(k + "ssm.group_count", hp["linear_num_key_heads"])
@@ -275,7 +307,7 @@ def _add_model_keys(w, arch: str, hp: dict, outtype: str) -> None:
     if (layer_types := hp.get("layer_types")) is not None:
         if len(layer_types) != hp["num_hidden_layers"]:
             raise GGUFWriteError(f"layer_types has {len(layer_types)} entries, expected {hp['num_hidden_layers']}")
-        w.add_array(k + "attention.recurrent_layers", [t == "linear_attention" for t in layer_types])
+        w.add_array(k + "attention.recurrent_layers", [t == "linear_attention" for t in layer_types] + [False] * n_mtp)
     w.add_uint32(k + "full_attention_interval", hp.get("full_attention_interval", 4))
     head_dim = hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"]
     w.add_uint32(k + "rope.dimension_count", int(head_dim * rope.get("partial_rotary_factor", 0.25)))
@@ -369,14 +401,19 @@ def _add_tokenizer_keys(w, hf_dir: Path, hp: dict, pre: str) -> None:
 
 # ---------------------------------------------------------------- the file
 
-def write_gguf(hf_dir, out_path, *, name: str | None = None, outtype: str = "bf16", tokenizer_pre: str = "qwen35") -> Path:
-    """Write `hf_dir` (a Qwen3.5 / Qwen3.5-MoE HF checkpoint with tokenizer.json) as one GGUF file."""
+def write_gguf(hf_dir, out_path, *, name: str | None = None, outtype: str = "bf16", tokenizer_pre: str = "qwen35",
+               mtp: bool = False) -> Path:
+    """Write `hf_dir` (a Qwen3.5 / Qwen3.5-MoE HF checkpoint with tokenizer.json) as one GGUF file; with
+    `mtp`, its MTP layers too (config.json's mtp_num_hidden_layers of them)."""
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     if outtype not in FILE_TYPES:
         raise GGUFWriteError(f"outtype must be one of {sorted(FILE_TYPES)}, not {outtype!r}")
     arch, hp = _hparams(hf_dir)
     w = gguf.GGUFWriter(path=None, arch=arch)
-    conv = _Converter(hp)
+    n_mtp = mtp_layers(hp) if mtp else 0
+    if mtp and not n_mtp:
+        raise GGUFWriteError(f"{hf_dir}/config.json declares no MTP layers (mtp_num_hidden_layers)")
+    conv = _Converter(hp, mtp)
     for hf_name, data in iter_safetensors(hf_dir):
         for gguf_name, x in conv.tensors(hf_name, data):
             qtype = _qtype(gguf_name, x.ndim, outtype)
@@ -389,7 +426,7 @@ def write_gguf(hf_dir, out_path, *, name: str | None = None, outtype: str = "bf1
     w.add_name(name or hf_dir.name)
     if total > 0:
         w.add_size_label(gguf.size_label(total, shared, expert, n_experts))
-    _add_model_keys(w, arch, hp, outtype)
+    _add_model_keys(w, arch, hp, outtype, n_mtp)
     w.add_uint32("general.quantization_version", GGML_QUANT_VERSION)
     _add_tokenizer_keys(w, hf_dir, hp, tokenizer_pre)
 
@@ -410,8 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", help="general.name (default: the directory name)")
     p.add_argument("--outtype", default="bf16", choices=sorted(FILE_TYPES))
     p.add_argument("--pre", default="qwen35", help="tokenizer.ggml.pre (default qwen35)")
+    p.add_argument("--mtp", action="store_true", help="keep the MTP layers (as llama.cpp without --no-mtp)")
     args = p.parse_args(argv)
-    write_gguf(args.hf_dir, args.out, name=args.name, outtype=args.outtype, tokenizer_pre=args.pre)
+    write_gguf(args.hf_dir, args.out, name=args.name, outtype=args.outtype, tokenizer_pre=args.pre, mtp=args.mtp)
     print(args.out)
     return 0
 

@@ -12,6 +12,7 @@ import pytest
 
 from convert.gguf_writer import GGUFWriteError, write_gguf
 from fixtures import GGUF_FIXTURES, get_fixture
+from fixtures.mtp import MTP_FIXTURES, get_mtp_fixture
 
 # The two keys our writer sets from its arguments instead of deriving them like llama.cpp:
 # general.name (llama.cpp: from the directory name or a model card) and tokenizer.ggml.pre
@@ -118,3 +119,16 @@ def test_ssm_a_without_torch_is_within_one_ulp_of_llama_cpp_arithmetic(monkeypat
     ulps = np.abs(with_torch.view(np.int32).astype(np.int64) - without.view(np.int32).astype(np.int64))
     assert ulps.max() <= 1
     assert np.array_equal(without, -np.exp(x.astype(np.float64)).astype(np.float32))
+
+
+@pytest.mark.parametrize("name", MTP_FIXTURES)
+def test_mtp_layers_as_llama_cpp_writes_them(name, tmp_path):
+    """With mtp=True: the same file as llama.cpp's converter run without --no-mtp (nextn.* in block n_layers)."""
+    fx = get_mtp_fixture(name)
+    ref = fx.gguf_path()
+    fields = gguf.GGUFReader(ref).fields
+    ours = write_gguf(fx.hf_dir, tmp_path / "ours.gguf", name=fields["general.name"].contents(),
+                      tokenizer_pre=fields["tokenizer.ggml.pre"].contents(), mtp=True)
+    if ours.read_bytes() != ref.read_bytes():
+        _compare(ours, ref)  # says which key or tensor differs
+        raise AssertionError("same keys and tensors, different bytes")
