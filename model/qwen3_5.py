@@ -239,7 +239,8 @@ class SparseMoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)
         k = self.top_k
-        idx = mx.argpartition(-probs, kth=k - 1, axis=-1)[:, :k]
+        # indices have no gradient; without this, training through the layer (the MTP head) fails
+        idx = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[:, :k])
         w = mx.take_along_axis(probs, idx, axis=-1)
         w = (w / mx.sum(w, axis=-1, keepdims=True)).astype(x.dtype)
         y = mx.sum(self.switch_mlp(x, idx) * w[..., None], axis=1)
