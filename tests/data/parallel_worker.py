@@ -1,0 +1,110 @@
+"""Run by tests/test_parallel.py under `mlx.launch -n N --backend ring`: every rank loads each case
+of the spec (JSON, argv[1]) with model.parallel and writes what it computed to OUT/rank<r>.json.
+The one-rank reference is transformers' logits for a fixture (its ref_logits.npy, passed by the
+test), else our plain model (model.load_model) run in the same process."""
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import model  # noqa: F401  (first: OpenBLAS before mlx.core)
+import mlx.core as mx  # noqa: I001
+import numpy as np
+from mlx.utils import tree_flatten
+
+from model import load_model
+from model.parallel import load_distributed
+
+
+def relative_error(ours, ref):
+    span = ref.max(axis=-1) - ref.min(axis=-1)
+    return float((np.abs(ours - ref).max(axis=-1) / span).max())
+
+
+def digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def layer_bytes(m) -> int:
+    return sum(v.nbytes for k, v in tree_flatten(m.parameters()) if ".layers." in k)
+
+
+def greedy(m, prompt, n):
+    cache = m.make_cache(1)
+    last = m(mx.array(prompt)[None], cache, last_only=True)[0, -1]
+    out = []
+    start = time.perf_counter()
+    for _ in range(n):
+        token = int(np.array(last).argmax())
+        out.append(token)
+        last = m(mx.array([[token]]), cache)[0, -1]
+    mx.eval(last)
+    return out, n / (time.perf_counter() - start), digest(np.array(last))
+
+
+def ragged_out_of_order(m, prompt):
+    """Two forwards (a ragged batch, then a single row), the second's cache state evaluated before
+    either's logits, as the runner's prefill does: the exchanges must not deadlock."""
+    p = np.asarray(prompt)
+    tokens = np.zeros((2, len(p)), dtype=np.int32)
+    tokens[0], tokens[1, : len(p) - 9] = p, p[9:]
+    c1, c2 = m.make_cache(2), m.make_cache(1)
+    a = m(mx.array(tokens), c1, lengths=[len(p), len(p) - 9], last_only=True)
+    b = m(mx.array(p[:20])[None], c2, last_only=True)
+    mx.eval(c2.state())
+    mx.eval(c1.state())
+    return np.concatenate([np.array(a)[:, 0], np.array(b)[:, 0]])
+
+
+def run_case(case, group):
+    kw = dict(dtype="float32")
+    result = {"name": case["name"]}
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    try:
+        m = load_distributed(case["path"], case["mode"], group, memory=case.get("memory"), **kw)
+    except ValueError as e:
+        result["error"] = str(e)
+        return result
+    result["active_bytes"] = mx.get_active_memory() - base
+    result["peak_bytes"] = mx.get_peak_memory() - base
+    result["param_bytes"] = sum(v.nbytes for _, v in tree_flatten(m.parameters()))
+    result["layer_param_bytes"] = layer_bytes(m)
+    result["cache_layers"] = len(m.make_cache(1).layers)
+    prompt = [int(t) for t in case["prompt"]]
+    logits = np.array(m(mx.array(prompt)[None], m.make_cache(1)))[0]
+    result["logits_digest"] = digest(logits)
+    result["tokens"], result["tokens_per_s"], result["greedy_digest"] = greedy(m, prompt, case["greedy"])
+    if case.get("batch"):
+        batch = ragged_out_of_order(m, prompt)
+        result["batch_digest"] = digest(batch)
+
+    if case.get("ref_logits"):  # transformers' logits: the independent one-rank reference
+        result["rel_err"] = relative_error(logits, np.load(case["ref_logits"]))
+    if case.get("batch") or case.get("plain"):
+        plain = load_model(case["path"], **kw)
+    if case.get("batch"):
+        result["batch_rel_err"] = relative_error(batch, ragged_out_of_order(plain, prompt))
+    if case.get("plain"):  # no transformers reference: our plain model on one rank
+        result["rel_err"] = relative_error(logits, np.array(plain(mx.array(prompt)[None]))[0])
+        result["plain_tokens"], result["plain_tokens_per_s"], _ = greedy(plain, prompt, case["greedy"])
+    return result
+
+
+def main():
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    group = mx.distributed.init(strict=True)
+    results = []
+    for case in spec["cases"]:
+        start = time.perf_counter()
+        results.append(run_case(case, group))
+        print(f"rank {group.rank()}: {case['name']} {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    out = Path(spec["out"]) / f"rank{group.rank()}.json"
+    out.write_text(json.dumps({"size": group.size(), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
