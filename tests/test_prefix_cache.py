@@ -134,14 +134,18 @@ def test_block_checkpoints_thin_out_dense_near_the_end():
     assert pc.kv_tokens == 200  # thinning frees states, never KV on the path
 
 
-def test_pinned_and_branch_points_are_not_thinned():
+def test_shared_points_stay_pins_thin_out_left_generations_go():
     pc = PrefixCache(budget_bytes=1 << 30, block_size=4, checkpoint=4)
     tokens = list(range(100, 300))
-    put(pc, tokens[:10], kind="pin")  # a chat's history end
-    put(pc, tokens[:13], kind="end")
-    put(pc, tokens[:13] + [1, 2], kind="end")  # makes 13 a branch point
+    put(pc, tokens[:10], kind="shared")  # where another prompt left this path
+    put(pc, tokens[:13], kind="pin")  # a chat's history end
+    put(pc, tokens[:13] + [1, 2], kind="gen")  # its answer, as generated
+    put(pc, tokens[:13] + [5], kind="end")  # the next turn re-rendered the answer: the generation is left
+    assert not pc.contains(tokens[:13] + [1, 2]) and pc.match(tokens[:13] + [1, 2]) == 13
+    assert pc.contains(tokens[:13])
     put(pc, tokens, kind="end")
-    assert pc.contains(tokens[:10]) and pc.contains(tokens[:13])
+    assert pc.contains(tokens[:10])  # shared: never thinned
+    assert not pc.contains(tokens[:13])  # far back and off the checkpoint grid
 
 
 def test_disabled_cache_stores_nothing():

@@ -98,6 +98,7 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self._outputs: dict[str, _Output] = {}
         self._cancelled: dict[str, str] = {}  # request id -> finish reason
+        self._shared_at: dict[str, int] = {}  # request id -> where its prompt leaves a cached path
         eos = set(model.config.eos_token_id)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -127,6 +128,7 @@ class EngineCore:
             shared = self.prefix_cache.match(req.prompt_ids)
             if self.prefix_cache.resumable(req.prompt_ids) < shared < req.num_prompt:
                 req.snapshot_at = tuple(sorted({*req.snapshot_at, shared}))
+                self._shared_at[req.id] = shared
         self.scheduler.add(req)  # raises QueueFull
         self.requests[req.id] = req
         self._outputs[req.id] = _Output(self.tokenizer, self._hidden_ids, req.params.stop)
@@ -238,7 +240,8 @@ class EngineCore:
                 asked = req.num_computed in req.snapshot_at
                 at_cut = req.num_computed % self.prefix_cache.block_size == 0
                 if self.prefix_cache.enabled and (done or asked or at_cut):
-                    kind = "pin" if asked else "end" if done else "block"
+                    kind = ("shared" if req.num_computed == self._shared_at.get(req.id) else "pin" if asked
+                            else "end" if done else "block")
                     self._remember(req, req.prompt_ids[: req.num_computed], logits if done else None, kind)
                 if done:
                     new_tokens.append(self._first_token(req, logits))
@@ -286,7 +289,7 @@ class EngineCore:
     def _remember(self, req: Request, tokens: list[int], logits, kind: str = "end") -> None:
         """Keep the request's state after `tokens` (all it has fed), with only the KV of the
         positions the cache lacks."""
-        if self.prefix_cache.contains(tokens) and logits is None and kind != "pin":
+        if self.prefix_cache.contains(tokens) and logits is None and kind not in ("pin", "shared"):
             return
         start = self.prefix_cache.match(tokens)
         kv, state = segments.from_snapshot(self.runner.snapshot(req.id, kv_from=start), start)
@@ -378,13 +381,14 @@ class EngineCore:
                 # token (or all of it when a step was launched ahead)
                 fed = req.all_ids[: req.num_computed]
                 if not self.prefix_cache.contains(fed):
-                    self._remember(req, fed, None)
+                    self._remember(req, fed, None, "gen")
         self.runner.release({r.id for r in reqs})
         for req in reqs:
             self.scheduler.finish(req, req.finish_reason or "stop")
             self.sampler.remove(req.id)
             self.requests.pop(req.id, None)
             self._outputs.pop(req.id, None)
+            self._shared_at.pop(req.id, None)
 
     def _apply_cancellations(self) -> None:
         if not self._cancelled:

@@ -41,6 +41,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 
+# which kind a state keeps when a point is inserted again
+_RANK = {"block": 0, "gen": 1, "end": 2, "pin": 3, "shared": 4}
+
+
 @dataclass
 class Entry:
     """A resumable point: restore = the segments' KV concatenated, then the state."""
@@ -59,7 +63,7 @@ class _Node:
     children: dict = field(default_factory=dict)
     state: Any = None
     logits: Any = None
-    kind: str = ""  # of its state: "pin" (kept against thinning), "end" (prompt / generation end), "block"
+    kind: str = ""  # of its state (see PrefixCache.insert)
     depth: int = 0
 
     @property
@@ -174,9 +178,9 @@ class PrefixCache:
 
     def insert(self, tokens: list[int], kv: Any, state: Any, logits: Any = None, kind: str = "end") -> bool:
         """Store the state after `tokens`; `kv` holds the KV of positions [match(tokens),
-        len(tokens)) (nothing when the path is already here). kind: "pin" (a point asked for),
-        "end" (a prompt's or generation's end) or "block" (a block checkpoint). Returns False if it
-        cannot fit."""
+        len(tokens)) (nothing when the path is already here). kind: "shared" (where a prompt left a
+        cached path: never thinned), "pin" (a point a request asked for), "end" (a prompt's end),
+        "gen" (a generation's end) or "block" (a block checkpoint). Returns False if it cannot fit."""
         if not self.enabled or not tokens:
             return False
         start = self.match(tokens)
@@ -185,12 +189,13 @@ class PrefixCache:
         if added > self.budget:
             return False
         node = self._node_at(list(tokens), kv)
-        if node.kind == "pin" or (node.kind == "end" and kind == "block"):
+        if _RANK.get(node.kind, 0) > _RANK[kind]:
             kind = node.kind
         self._drop_state(node)
         node.state, node.logits, node.kind = state, logits, kind
         self.nbytes += node.state_bytes
         self._lru[id(node)] = node
+        self._drop_left_generations(node)
         self._thin(node)
         self._evict()
         return True
@@ -227,10 +232,10 @@ class PrefixCache:
         return node
 
     def _keeps(self, node: _Node, e: int) -> bool:
-        """Whether an unpinned state stays under a new state at depth e (see the docstring)."""
+        """Whether a state stays under a new state at depth e (see the docstring)."""
         d, b0 = node.depth, self.checkpoint
         dist = e - d
-        if dist < 2 * self.block_size or (node.kind == "end" and dist < 2 * b0):
+        if dist < 2 * self.block_size or (node.kind != "block" and dist < 2 * b0):
             return True
         level = max(0, (dist // b0).bit_length() - 2)  # floor(log2(dist / b0)) - 1
         return d % (b0 << level) == 0
@@ -239,10 +244,20 @@ class PrefixCache:
         n = node.parent
         while n is not None and n is not self.root:
             parent = n.parent
-            if n.state is not None and n.kind != "pin" and len(n.children) < 2 and not self._keeps(n, node.depth):
+            if n.state is not None and n.kind != "shared" and not self._keeps(n, node.depth):
                 self._drop_state(n)  # n has a child (on the way to node): its KV stays
                 self.thinned += 1
             n = parent
+
+    def _drop_left_generations(self, node: _Node) -> None:
+        """A generation's end that a new path branches away from beside it is one its client did
+        not continue (a chat template re-renders the answer): drop it."""
+        parent = node.parent
+        for sibling in list(parent.children.values()) if parent is not None else ():
+            if sibling is not node and sibling.kind == "gen" and not sibling.children:
+                self._drop_state(sibling)
+                self.thinned += 1
+                self._prune(sibling)
 
     def _drop_state(self, node: _Node) -> None:
         if node.state is None:
