@@ -1,7 +1,8 @@
 """Engine-level comparison with mlx-lm on the same checkpoint, same process:
 
 1. aggregate decode throughput with N concurrent streams (deltaserve EngineCore vs mlx-lm's
-   BatchGenerator), all submitted at once;
+   BatchGenerator), all submitted at once, and one long prompt beside fifteen short ones
+   (`--mixed-long`; our decode batch holds and attends over KV per length bucket);
 2. time to first token for a long prompt: cold, the same prompt again, that prompt plus 100 new
    tokens, and turn 6 of a chat whose every turn extends the last (deltaserve's prefix cache vs
    mlx-lm's LRUPromptCache used the way mlx_lm.server uses it).
@@ -90,6 +91,7 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens per stream")
     ap.add_argument("--tokens", type=int, default=64, help="generated tokens per stream")
     ap.add_argument("--ttft-prompt", type=int, default=2048)
+    ap.add_argument("--mixed-long", type=int, default=3000, help="the long prompt beside 15 short ones (0: skip)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -112,6 +114,12 @@ def main(argv=None):
         o = ours_throughput(core(), prompts, args.tokens)
         t = mlx_lm_throughput(theirs, prompts, args.tokens)
         results.append({"bench": f"streams_{n}", "ours_tok_s": o, "mlx_lm_tok_s": t, "ratio": o / t})
+    if args.mixed_long:
+        prompts = [rng.integers(0, vocab, args.mixed_long).tolist()]
+        prompts += [rng.integers(0, vocab, args.prompt).tolist() for _ in range(15)]
+        o = ours_throughput(core(), prompts, args.tokens)
+        t = mlx_lm_throughput(theirs, prompts, args.tokens)
+        results.append({"bench": f"streams_{args.mixed_long}+15", "ours_tok_s": o, "mlx_lm_tok_s": t, "ratio": o / t})
 
     n = args.ttft_prompt
     base = rng.integers(0, vocab, n).tolist()
