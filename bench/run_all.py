@@ -120,6 +120,8 @@ def main(argv=None):
         results += server_speed.main(["--model", server_model, "--streams", "1,4,16" if not args.full else "1,4,16,32"])
     # read after the runs, so that runs of different models can go side by side
     rows = [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
+    suites = [r for r in rows if "suite" in r]  # other scripts' rows (bench.long_context): kept, not in the table
+    rows = [r for r in rows if "suite" not in r]
     kept = rows if args.table_only else [r for r in rows if r["model"] not in models] if args.keep else []
     stamp = time.strftime("%Y-%m-%d")
     for r in results:
@@ -130,7 +132,7 @@ def main(argv=None):
     header = (f"Measured {stamp} on {backend()}, {platform.processor() or platform.machine()}, "
               f"{'full' if args.full else 'CPU-sized'} run (`python -m bench.run_all{' --full' if args.full else ''}`).")
     md = table(results, header)
-    out.write_text("".join(json.dumps(r) + "\n" for r in results))
+    out.write_text("".join(json.dumps(r) + "\n" for r in suites + results))
     print(md)
     if not args.no_write:
         write_table(md)
