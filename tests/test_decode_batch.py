@@ -41,7 +41,7 @@ def prompt(n: int, seed: int) -> list[int]:
 def solo_greedy(model, tokens: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
     """The model alone on one sequence (a plain batch-1 Cache): greedy tokens and their logits."""
     cache = model.make_cache(1)
-    logits = model(mx.array(tokens)[None], cache)[0, -1]
+    logits = model(mx.array(tokens)[None], cache, last_only=True)[0, -1]
     out, seen = [], []
     for _ in range(n):
         seen.append(np.array(logits))
