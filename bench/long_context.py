@@ -107,16 +107,16 @@ def state_sizes(path: Path) -> tuple[int, int]:
 
 # ---- servers ----
 
-def launch(cmd: list[str], port: int, what: str) -> subprocess.Popen | None:
-    """Starts a server; None (with the reason printed) when it exits before answering."""
+def launch(cmd: list[str], port: int, what: str, optional: bool = False) -> subprocess.Popen | None:
+    """Starts a server. One that exits before answering ends the run with its reason, or when `optional`
+    prints it and returns None."""
     err = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, start_new_session=True, cwd=REPO)
     deadline = time.time() + 600
     while time.time() < deadline:
         if proc.poll() is not None:
             err.seek(0)
-            print(f"  {what}: exited before serving: {err.read()[-1500:]}")
-            return None
+            return _failed(f"{what}: exited before serving: {err.read()[-1500:]}", optional)
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
                 return proc
@@ -124,8 +124,13 @@ def launch(cmd: list[str], port: int, what: str) -> subprocess.Popen | None:
             pass
         time.sleep(0.5)
     stop(proc)
-    print(f"  {what}: did not answer within 600 s")
-    return None
+    return _failed(f"{what}: did not answer within 600 s", optional)
+
+
+def _failed(message: str, optional: bool) -> None:
+    if not optional:
+        raise SystemExit(message)
+    print(f"  {message}")
 
 
 def deltaserve(model: Path, port: int, *extra: str) -> list[str]:
@@ -443,7 +448,7 @@ def run_peers(args) -> list[dict]:
         if cmd is None:
             print(f"  {kind}: skipped (no --vllm-mlx-python, or {args.vllm_mlx_python} is absent)")
             continue
-        proc = launch(cmd, port, kind)
+        proc = launch(cmd, port, kind, optional=True)
         if proc is None:
             continue
         try:
@@ -491,7 +496,8 @@ def run_disk(args, model: Path) -> list[dict]:
         times = []
         for _ in range(2):
             port = free_port()
-            proc = launch(deltaserve(model, port, "--prefix-cache-dir", d), port, "deltaserve --prefix-cache-dir")
+            proc = launch(deltaserve(model, port, "--prefix-cache-dir", d), port, "deltaserve --prefix-cache-dir",
+                          optional=True)
             if proc is None:
                 print("  disk: skipped (this server has no --prefix-cache-dir)")
                 return []
