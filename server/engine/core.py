@@ -125,10 +125,16 @@ class EngineCore:
             # Where the prompt leaves a cached path, a state is worth keeping: the next prompt
             # sharing that prefix (another conversation after the same system prompt and tools)
             # resumes there instead of at the last checkpoint before it.
+            # And a checkpoint at the last block boundary before the prompt's end (a chunk may
+            # run past it): a prompt that leaves this one near its end resumes there.
             shared = self.prefix_cache.match(req.prompt_ids)
-            if self.prefix_cache.resumable(req.prompt_ids) < shared < req.num_prompt:
-                req.snapshot_at = tuple(sorted({*req.snapshot_at, shared}))
+            resumable = self.prefix_cache.resumable(req.prompt_ids)
+            last_block = (req.num_prompt - 1) // self.prefix_cache.block_size * self.prefix_cache.block_size
+            extra = {p for p in (last_block,) if p > max(resumable, shared)}
+            if resumable < shared < req.num_prompt:
+                extra.add(shared)
                 self._shared_at[req.id] = shared
+            req.snapshot_at = tuple(sorted({*req.snapshot_at, *extra}))
         self.scheduler.add(req)  # raises QueueFull
         self.requests[req.id] = req
         self._outputs[req.id] = _Output(self.tokenizer, self._hidden_ids, req.params.stop)
@@ -237,8 +243,8 @@ class EngineCore:
             try:
                 req.num_computed += n
                 done = not req.prefilling
-                asked = req.num_computed in req.snapshot_at
                 at_cut = req.num_computed % self.prefix_cache.block_size == 0
+                asked = req.num_computed in req.snapshot_at and not at_cut
                 if self.prefix_cache.enabled and (done or asked or at_cut):
                     kind = ("shared" if req.num_computed == self._shared_at.get(req.id) else "pin" if asked
                             else "end" if done else "block")

@@ -9,22 +9,29 @@ buffer alive).
 
 Recurrent (GatedDeltaNet) and conv state cannot be rewound, so a prompt resumes only from a node
 holding a state: `lookup` returns the deepest one on the prompt's path (at the prompt's very end
-only with the next-token logits). One state costs as much as the KV of `state_bytes /
-kv_bytes_per_token` tokens (the demo model: 76 tokens; Qwen3.5-397B: ~6k), so the points are
-sized to it. `checkpoint` (B0) = the block size times max(1, round(state bytes / KV bytes of a
-block)): block checkpoints are taken every B0 tokens, so their states cost about as much as the
-KV they sit between. Kept states:
-- pinned, thinned never (LRU only): the points a request asked for (`snapshot_at`: a chat's
-  history end, where its next turn resumes; a prompt's divergence from a cached path, where the
-  next prompt sharing that prefix resumes) and branch points (shared by several sequences);
-- the others (block checkpoints, prompt ends with their logits, generation ends) thin out when a
-  state is inserted deeper on their path: one at depth d under a new state at depth e stays while
-  e - d < B0 (dense near the end) or d is a multiple of B0 * 2^max(0, floor(log2((e - d) / B0)) - 1)
-  (about two per doubling of the distance further back). A sequence of n tokens keeps
-  ~2 log2(n / B0) + 2 of them, so a prompt diverging at distance x from a sequence's end
-  re-prefills at most ~x / 2 tokens (all of them below B0).
-Measured on the demo model (docs/serving.md "Batching and the prefix cache"): a 9-turn agent
-conversation of ~3.5k tokens holds 1.2x its state (was 19x with a full snapshot per point).
+only with the next-token logits). One state weighs as much as the KV of `state_bytes /
+kv_bytes_per_token` tokens (the demo model: 76; Qwen3.5-397B: ~6k; the tests' fixtures: ~1.2k),
+so the rule is sized to it: B0 (`checkpoint`) = the block size times max(1, round(state bytes /
+KV bytes of a block)). States are taken at block boundaries, prompt ends (with logits),
+generation ends, the points a request asks for (`snapshot_at`: a chat's history end), the last
+block boundary before a prompt's end, and where a prompt leaves a cached path ("shared": the
+next prompt sharing that prefix, e.g. another conversation after the same system prompt and
+tools, resumes there). When a state is inserted at depth e, each state on its path at depth d
+stays if
+- it is "shared" (never thinned; LRU only), or
+- e - d < 2 blocks, or e - d < 2 B0 for anything but a block checkpoint (dense near the end), or
+- d is a multiple of B0 * 2^max(0, floor(log2((e - d) / B0)) - 1): two per doubling of the
+  distance further back.
+A sequence of n tokens so keeps ~2 log2(n / B0) + 4 states whatever its number of turns, and a
+prompt leaving it x tokens before its end re-prefills at most ~x / 2 tokens (x itself below 2
+B0). A generation's end that a new branch leaves beside it is dropped: its client did not
+continue it (a chat template re-renders the answer).
+Measured trade-off on the demo model (a 9-turn agent conversation, ~1k-token system prompt,
+3.9k tokens at the end): the cache holds 1.17x the conversation's state (10 states; was 16x,
+growing with the square of the context, with a full snapshot per point); each turn resumes at
+the previous history end; a new question after a shared 900-token prefix resumes at 768 (the
+last block before the first prompt's end: 0.20x of cold; was 512, 0.55-0.77x) and, from the
+second such prompt on, at the divergence point (890: 0.07-0.12x).
 
 Eviction is LRU over the states under a byte budget that counts everything held (KV segments,
 states, logits). Dropping a state prunes the nodes left with no state and no children, so a
