@@ -136,8 +136,21 @@ def test_disk_tier_serves_a_restarted_engine(lm, tmp_path):
     second = core_for(lm, 1 << 28, **disk)  # a restart: an empty memory cache on the same directory
     follow = prompt + answer + rand(6, 21)
     out, cached = run(second, [follow])
-    second.close()
     stats = second.stats()["prefix_cache_disk"]
     assert stats["hits"] == 1 and stats["read_bytes"] > 0
     assert cached[0] == len(prompt) + len(answer) - 1  # where the first engine's generation ended
     assert out == cold(lm, [follow])
+    # the first prompt itself: its end is on disk with its next-token logits, so nothing is prefilled
+    assert run(second, [prompt]) == ([answer], [len(prompt)])
+    second.close()
+    assert second.stats()["prefix_cache_disk"]["hits"] == 2
+    # the same prompt once more after another restart, its files damaged: a cold answer, no crash
+    for path in tmp_path.glob("*.safetensors"):
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    third = core_for(lm, 1 << 28, **disk)
+    out, cached = run(third, [follow])
+    third.close()
+    assert out == cold(lm, [follow]) and cached == [0]
+    assert third.stats()["prefix_cache_disk"]["errors"] >= 1
