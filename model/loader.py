@@ -116,6 +116,7 @@ def load_model(path, dtype: str | None = None, mtp: bool = True,
         weights, sources = sanitize(raw, config)
     except ModelLoadError as e:
         raise ModelLoadError(f"{path}: {e}") from None
+    del raw  # `weights` holds the only references: a tensor `prepare` drops is freed once used
     compute = _resolve_dtype(dtype, config, weights)
 
     model = Model(config)

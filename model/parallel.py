@@ -259,17 +259,15 @@ _SPLITS = {
 }
 
 
-def _slice(key: str, x: mx.array, how: tuple, n: int, rank: int, config: ModelConfig, weights: dict) -> mx.array:
+def _slice(key: str, x: mx.array, how: tuple, n: int, rank: int, config: ModelConfig) -> mx.array:
     side, segments = how
     if side == "in":
         axis = x.ndim - 1
-        if key.endswith(".weight") and x.dtype == mx.uint32:  # packed quantised weight: whole groups only
-            groups = weights[key[: -len("weight")] + "scales"].shape[-1]
-            if groups % n:
-                raise ValueError(
-                    f"tensor parallel over {n} ranks is impossible: {key} has {groups} quantization groups "
-                    f"along its input, which do not split into {n} whole parts (quantize with a smaller "
-                    f"group size, or use --distributed pipeline)")
+        if key.endswith(".scales") and x.shape[-1] % n:  # a quantised weight splits into whole groups only
+            raise ValueError(
+                f"tensor parallel over {n} ranks is impossible: {key.removesuffix('.scales')} has {x.shape[-1]} "
+                f"quantization groups along its input, which do not split into {n} whole parts (quantize "
+                f"with a smaller group size, or use the pipeline split)")
     else:
         axis = 0 if x.ndim == 1 or key.endswith("conv1d.weight") else x.ndim - 2
     if segments == _QKV:
@@ -299,9 +297,14 @@ def _shard(model: Model, weights: dict, *, group: mx.distributed.Group) -> dict:
             layer.self_attn = ShardedAttention(shard, group)
         layer.mlp = ShardedMoE(shard, group) if c.is_moe else ShardedMLP(c.hidden_size, shard.intermediate_size, group)
     out = {}
-    for key, x in weights.items():
+    for key in list(weights):
         m = _LAYER.match(key)
         module = m and m[2].rsplit(".", 1)[0]
         how = _SPLITS.get(module) or (m and _SPLITS.get(m[2]))  # A_log / dt_bias are parameters, not modules
-        out[key] = x if how is None else _slice(key, x, how, n, rank, c, weights)
+        if how is None:
+            out[key] = weights[key]
+            continue
+        # one whole tensor in memory at a time: read, copy this rank's slice, release
+        out[key] = _slice(key, weights.pop(key), how, n, rank, c)
+        mx.eval(out[key])
     return out
