@@ -127,9 +127,7 @@ class PrefixCache:
             child = node.children.get(tokens[depth])
             if child is None:
                 break
-            common, limit = 0, min(len(child.edge), len(tokens) - depth)
-            while common < limit and child.edge[common] == tokens[depth + common]:
-                common += 1
+            common = _common(child.edge, tokens, depth)
             depth += common
             if common < len(child.edge):
                 break
@@ -221,10 +219,7 @@ class PrefixCache:
                 node.children[tokens[depth]] = leaf
                 self._add_kv(leaf, kv)
                 return leaf
-            common = 0
-            limit = min(len(child.edge), len(tokens) - depth)
-            while common < limit and child.edge[common] == tokens[depth + common]:
-                common += 1
+            common = _common(child.edge, tokens, depth)
             if common < len(child.edge):  # split the edge (and its KV) at the divergence point
                 head, tail = child.kv.split(common)
                 self._add_kv(child, child.kv, -1)
@@ -316,3 +311,14 @@ class PrefixCache:
             "evictions": self.evictions,
             "thinned": self.thinned,
         }
+
+
+def _common(edge: tuple, tokens, depth: int) -> int:
+    """How many of edge's tokens tokens[depth:] starts with."""
+    n = min(len(edge), len(tokens) - depth)
+    if tuple(tokens[depth : depth + n]) == edge[:n]:  # the usual case, compared in C
+        return n
+    common = 0
+    while edge[common] == tokens[depth + common]:
+        common += 1
+    return common
