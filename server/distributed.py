@@ -68,7 +68,7 @@ class Channel:
         self.root = self.rank == 0
 
     def sum(self, x: mx.array) -> mx.array:
-        return mx.distributed.all_sum(x, group=self.group, stream=mx.cpu)
+        return mx.distributed.all_sum(x, group=self.group)
 
     def broadcast(self, data: Optional[bytes]) -> bytes:
         """Rank 0's bytes on every rank (the others pass None). Sums where only rank 0 contributes."""
@@ -260,13 +260,20 @@ class LockstepSampler(Sampler):
         self.channel = channel
 
     def choose(self, logits: mx.array, requests: list[Request], failed: dict | None = None) -> mx.array:
+        # The forward's collectives finish first on every rank: the graphs past the logits differ by
+        # rank, and left lazy, the tensor-parallel forward's last collectives and this sum deadlocked.
+        mx.eval(logits)
         own: dict[str, Exception] = {}
         if self.channel.root:
             chosen = super().choose(logits, requests, own).astype(mx.uint32)
-        else:  # zeros that depend on the logits, so that this sum runs after the forward's collectives
-            chosen = mx.argmax(logits[:, :1], axis=-1).astype(mx.uint32)
+        else:
+            chosen = mx.zeros((len(requests),), dtype=mx.uint32)
         if not self.needs_history(requests):  # choosing on the device cannot fail for one row alone
-            return self.channel.sum(chosen)
+            chosen = self.channel.sum(chosen)
+            # Scheduled now, so that every rank runs its collectives in call order: a later pipeline
+            # stage's next forward does not depend on these tokens and would otherwise go first.
+            mx.async_eval(chosen)
+            return chosen
         flags = mx.array([r.id in own for r in requests], dtype=mx.uint32)
         both = self.channel.sum(mx.concatenate([chosen, flags]))
         mx.eval(both)
@@ -280,20 +287,26 @@ class LockstepSampler(Sampler):
         return both[:n]
 
 
+def _state_share(model) -> list[str]:
+    """This rank's state of one sequence, layer by layer: kinds, shapes and dtypes (equal on every
+    rank = every snapshot takes the same bytes on every rank)."""
+    return sorted(f"{type(layer).__name__}{[(a.shape, str(a.dtype)) for a in layer.arrays()]}"
+                  for layer in model.make_cache(1).layers)
+
+
 class LockstepCore(EngineCore):
     def __init__(self, channel: Channel, model, tokenizer, config: EngineConfig, emit=None):
         super().__init__(model, tokenizer, config, emit)
         self.channel = channel
         self.sampler = LockstepSampler(channel)
         c = self.scheduler.config
-        sizes = channel.gather([c.kv_bytes_per_token, c.state_bytes_per_seq])
-        c.kv_bytes_per_token = max(s[0] for s in sizes)
-        c.state_bytes_per_seq = max(s[1] for s in sizes)
-        if self.prefix_cache.enabled and any(s != sizes[0] for s in sizes):
-            # Its eviction counts this rank's bytes: with unequal shares (pipeline stages of different
-            # layers) the ranks would evict different entries and split.
-            log.warning("the prefix cache is off: the ranks hold unequal shares of a sequence's state "
-                        "(KV bytes per token, state bytes per sequence by rank: %s)", sizes)
+        ranks = channel.gather([c.kv_bytes_per_token, c.state_bytes_per_seq, _state_share(model)])
+        c.kv_bytes_per_token = max(r[0] for r in ranks)
+        c.state_bytes_per_seq = max(r[1] for r in ranks)
+        if self.prefix_cache.enabled and any(r[2] != ranks[0][2] for r in ranks):
+            # Its eviction counts this rank's bytes: with unequal shares (pipeline stages holding
+            # different layers) the ranks would evict different entries and split.
+            log.warning("the prefix cache is off: the ranks hold unequal shares of a sequence's state")
             self.prefix_cache.budget = 0
             c.memory_budget_bytes = config.memory_budget_bytes
         self.watchdog: Optional[Watchdog] = None
@@ -328,7 +341,8 @@ def check_same_model(channel: Channel, path: Path, dtype: Optional[str]) -> None
 def run(args, settings, options: dict, serve: Callable) -> int:
     """`deltaserve serve --distributed MODE` on one rank. serve(settings, model, tokenizer, lockstep)
     runs rank 0's HTTP server."""
-    from model import ModelLoadError, load
+    from model import ModelLoadError, load_tokenizer
+    from model.parallel import load_distributed
 
     from .model_source import ModelSourceError, resolve_model
 
@@ -353,7 +367,8 @@ def run(args, settings, options: dict, serve: Callable) -> int:
         with lockstep.watchdog.guard("comparing the ranks' model files", lockstep.timeout_s * 10):
             check_same_model(lockstep.channel, Path(path), args.dtype)
         print(f"{prefix}: loading {path} ({args.distributed})", file=sys.stderr, flush=True)
-        model, tokenizer = load(path, dtype=args.dtype)
+        model = load_distributed(path, args.distributed, group, dtype=args.dtype)
+        tokenizer = load_tokenizer(path)
     except (ModelSourceError, ModelLoadError, ValueError, RankFailure) as e:
         print(f"{prefix}: error: {e}", file=sys.stderr, flush=True)
         _exit(1)

@@ -25,9 +25,12 @@ from fixtures.ports import free_port
 
 BIN = Path(sys.executable).parent
 FIXTURE = get_fixture("moe_r4")
-TIMEOUT_S = 15  # --distributed-timeout here; a step of the tiny model takes milliseconds
+# --distributed-timeout: a backstop here (2 ranks on 2 busy cores compile kernels for seconds per step),
+# short for the stall test, which waits for it
+TIMEOUT_S = 60
+STALL_TIMEOUT_S = 20
 SERVE = ["--dtype", "float32", "--max-model-len", "4096", "--memory-budget", "1G", "--max-num-seqs", "4",
-         "--distributed-timeout", str(TIMEOUT_S), "--log-level", "warning"]
+         "--log-level", "warning"]
 
 
 def _ring_port() -> int:
@@ -61,13 +64,15 @@ class Ranks:
         self.logs.append(log)
         return proc
 
-    def manual(self, models: list[Path], mode: str, port: int) -> list[subprocess.Popen]:
+    def manual(self, models: list[Path], mode: str, port: int,
+               timeout_s: float = TIMEOUT_S) -> list[subprocess.Popen]:
         """One process per rank with the environment mlx.launch gives a ring rank on localhost."""
         ring = _ring_port()
         hostfile = self.tmp / "hosts.json"
         hostfile.write_text(json.dumps([[f"127.0.0.1:{ring + r}"] for r in range(len(models))]))
         return [self.start([str(BIN / "deltaserve"), "serve", str(m), "--distributed", mode, "--port", str(port),
-                            *SERVE], {"MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)})
+                            *SERVE, "--distributed-timeout", str(timeout_s)],
+                           {"MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)})
                 for r, m in enumerate(models)]
 
     def output(self) -> str:
@@ -119,29 +124,26 @@ def _stream(url: str, prompt, max_tokens: int) -> tuple[str, list[dict]]:
     return text, events
 
 
-def _one_rank_text(prompt, max_tokens: int) -> str:
-    """Our engine on this process, one rank, the same fp32 model."""
+def _one_rank_texts(prompts: list) -> list[str]:
+    """Our engine on this process, one rank, the same fp32 model, one request at a time."""
     from server_harness import tiny_engine
 
     from server.engine import SamplingParams
 
     engine = tiny_engine(max_model_len=4096)
     try:
-        ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        stream = engine.submit(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
-        return "".join(d.text for d in stream)
+        out = []
+        for prompt, max_tokens in prompts:
+            ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+            stream = engine.submit(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+            out.append("".join(d.text for d in stream))
+        return out
     finally:
         engine.shutdown()
 
 
-@pytest.mark.parametrize("mode", ["pipeline"])
-def test_a_batch_of_four_streams_what_one_rank_streams(ranks, mode):
-    port = free_port()
-    ranks.start([str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "-p", str(_ring_port()), "--",
-                 str(BIN / "deltaserve"), "serve", str(FIXTURE.hf_dir), "--distributed", mode, "--port", str(port),
-                 *SERVE])
-    url = f"http://127.0.0.1:{port}"
-    _wait_ready(ranks, url)
+def _check_batch(url: str, ranks: Ranks) -> None:
+    """4 greedy requests at once stream what one rank streams."""
     ids = [int(t) for t in FIXTURE.prompt_ids]
     prompts = [(ids, 24), (ids[:5], 16), (ids[3:], 16), ("The quick brown fox", 16)]
     with ThreadPoolExecutor(4) as pool:
@@ -152,8 +154,7 @@ def test_a_batch_of_four_streams_what_one_rank_streams(ranks, mode):
     # the fixture prompt's greedy continuation is transformers' own, computed when the fixture was built
     # (the server leaves special tokens out of text)
     assert got[0] == tok.decode([int(t) for t in FIXTURE.greedy_ids], skip_special_tokens=True), ranks.output()
-    for (prompt, n), text in zip(prompts[1:], got[1:]):
-        assert text == _one_rank_text(prompt, n)
+    assert got[1:] == _one_rank_texts(prompts[1:])
 
 
 def _exits_within(proc: subprocess.Popen, seconds: float) -> int | None:
@@ -163,16 +164,12 @@ def _exits_within(proc: subprocess.Popen, seconds: float) -> int | None:
         return None
 
 
-@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stalled"])
-def test_a_rank_that_dies_or_stalls_mid_generation_ends_every_rank(ranks, fault):
-    """killed: the ring's next collective fails at once; stalled: the watchdog fires after TIMEOUT_S."""
-    port = free_port()
-    rank0, rank1 = ranks.manual([FIXTURE.hf_dir] * 2, "pipeline", port)
-    url = f"http://127.0.0.1:{port}"
-    _wait_ready(ranks, url)
+def _fault_mid_generation(url: str, ranks: Ranks, rank0, rank1, fault: int, timeout_s: float) -> None:
+    """`fault` hits rank 1 mid-stream: the stream ends with an error event, rank 0 answers 503 with
+    OpenAI's error body, then exits 1 within the timeout."""
     body = {"prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0, "ignore_eos": True, "stream": True}
     events = []
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=TIMEOUT_S * 3) as r:
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout_s * 3) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 events.append(line[6:])
@@ -183,16 +180,45 @@ def test_a_rank_that_dies_or_stalls_mid_generation_ends_every_rank(ranks, fault)
     error = json.loads(events[-2])["error"]
     assert error["type"] == "server_error" and "ended early" in error["message"], events[-3:]
     assert len(events) < 3000, "the generation was not cut short"
-    # rank 0 stops taking requests (503, OpenAI's error body) before it exits
     health = httpx.get(f"{url}/health", timeout=5)
     assert health.status_code == 503 and "stopped" in health.json()["error"]["message"]
     refused = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=5)
     assert refused.status_code == 503 and refused.json()["error"]["type"] == "service_unavailable"
     assert _exits_within(rank0, 10) == 1, ranks.output()
-    assert time.monotonic() - hit < TIMEOUT_S + 10
-    if fault == signal.SIGSTOP:  # woken up, it finds rank 0 gone and exits too
-        os.kill(rank1.pid, signal.SIGCONT)
-        assert _exits_within(rank1, TIMEOUT_S + 5) == 1, ranks.output()
+    assert time.monotonic() - hit < timeout_s + 10
+
+
+def test_pipeline_over_mlx_launch_streams_a_batch_as_one_rank(ranks):
+    port = free_port()
+    ranks.start([str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "-p", str(_ring_port()), "--",
+                 str(BIN / "deltaserve"), "serve", str(FIXTURE.hf_dir), "--distributed", "pipeline",
+                 "--port", str(port), *SERVE, "--distributed-timeout", str(TIMEOUT_S)])
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(ranks, url)
+    _check_batch(url, ranks)
+
+
+def test_tensor_streams_a_batch_as_one_rank_then_a_killed_rank_ends_both(ranks):
+    """Killed: the ring's next collective fails at once (ranks started by hand, so that nothing but
+    our code ends rank 0: mlx.launch would kill it)."""
+    port = free_port()
+    rank0, rank1 = ranks.manual([FIXTURE.hf_dir] * 2, "tensor", port)
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(ranks, url)
+    _check_batch(url, ranks)
+    _fault_mid_generation(url, ranks, rank0, rank1, signal.SIGKILL, TIMEOUT_S)
+
+
+def test_a_stalled_rank_ends_every_rank_after_the_timeout(ranks):
+    """Stalled (SIGSTOP): no collective fails, the watchdog fires; woken up, rank 1 finds rank 0
+    gone and exits too."""
+    port = free_port()
+    rank0, rank1 = ranks.manual([FIXTURE.hf_dir] * 2, "pipeline", port, timeout_s=STALL_TIMEOUT_S)
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(ranks, url)
+    _fault_mid_generation(url, ranks, rank0, rank1, signal.SIGSTOP, STALL_TIMEOUT_S)
+    os.kill(rank1.pid, signal.SIGCONT)
+    assert _exits_within(rank1, STALL_TIMEOUT_S + 5) == 1, ranks.output()
 
 
 def test_ranks_holding_different_models_refuse_to_start(ranks):
