@@ -61,6 +61,17 @@ class KVLayer:
 class LinearLayer:
     conv: mx.array  # [B, kernel - 1, conv channels]: the last inputs of the causal conv
     state: mx.array  # [B, Hv, Dk, Dv] float32
+    # after a verify forward (keep_states): (conv window [B, kernel - 1 + T, C], state after each
+    # position [B, T, Hv, Dk, Dv]), what `rollback` picks from; None otherwise
+    steps: tuple | None = None
+
+    def rollback(self, kept: mx.array) -> None:
+        """Row b's state as after its first kept[b] (>= 1) positions of the verify forward."""
+        window, states = self.steps
+        self.state = states[mx.arange(states.shape[0]), kept - 1]
+        pos = kept[:, None] + mx.arange(self.conv.shape[1])
+        self.conv = mx.take_along_axis(window, pos[..., None], axis=1).astype(self.conv.dtype)
+        self.steps = None
 
     def take(self, rows: mx.array, length: int, start: int = 0) -> "LinearLayer":
         return LinearLayer(self.conv[rows], self.state[rows])
@@ -120,6 +131,22 @@ class Cache:
 
     def state(self) -> list[mx.array]:
         return [a for layer in self.layers for a in layer.arrays()]
+
+    def rollback(self, kept: list[int], fed: list[int]) -> None:
+        _rollback(self, kept, fed)
+
+
+def _rollback(cache, kept: list[int], fed: list[int]) -> None:
+    """After a verify forward (keep_states) that fed fed[b] positions to row b: keep its first
+    kept[b] (1 <= kept <= fed). Recurrent and conv state come from the kept position; KV past it
+    stays in place, masked, until the next forward overwrites it."""
+    if len(kept) != cache.batch_size or any(not 1 <= k <= f for k, f in zip(kept, fed)):
+        raise ValueError(f"kept {kept} must be 1..fed {fed} per row")
+    index = mx.array(kept)
+    for layer in cache.layers:
+        if isinstance(layer, LinearLayer):
+            layer.rollback(index)
+    cache.offsets = [o - f + k for o, k, f in zip(cache.offsets, kept, fed)]
 
 
 def kv_capacity(tokens: int) -> int:
@@ -253,6 +280,9 @@ class DecodeBatch:
                 b.rows = [b.rows[i] for i in stay]
             else:
                 self.buckets.remove(b)
+
+    def rollback(self, kept: list[int], fed: list[int]) -> None:
+        _rollback(self, kept, fed)
 
     def snapshot(self, row: int, kv_from: int = 0) -> Cache:
         """Row `row` as an independent, evaluated batch-1 Cache (KV for [kv_from, offset))."""

@@ -30,12 +30,17 @@ def step(q, k, v, g, beta, state):
     return mx.sum(state * q[..., None], axis=-2), state
 
 
-def recurrent(q, k, v, g, beta, state):
-    """Token-by-token recurrence. Returns (o [B, T, Hv, Dv], final state)."""
-    outs = []
+def recurrent(q, k, v, g, beta, state, keep_states: bool = False):
+    """Token-by-token recurrence. Returns (o [B, T, Hv, Dv], final state), and with `keep_states`
+    the state after every position [B, T, Hv, Dk, Dv] as well (speculative decoding rolls back
+    to one of them)."""
+    outs, states = [], []
     for t in range(q.shape[1]):
         o, state = step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
         outs.append(o)
+        states.append(state)
+    if keep_states:
+        return mx.stack(outs, axis=1), state, mx.stack(states, axis=1)
     return mx.stack(outs, axis=1), state
 
 
@@ -112,8 +117,11 @@ def chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
     return o[:, :T], state
 
 
-def gated_delta(q, k, v, g, beta, state, chunk_threshold: int = 16):
-    """Chooses the chunked form for long inputs and the recurrence for short ones."""
+def gated_delta(q, k, v, g, beta, state, chunk_threshold: int = 16, keep_states: bool = False):
+    """Chooses the chunked form for long inputs and the recurrence for short ones. `keep_states`
+    (a verify forward of a few positions) takes the recurrence and returns every position's state."""
+    if keep_states:
+        return recurrent(q, k, v, g, beta, state, keep_states=True)
     if q.shape[1] >= chunk_threshold:
         return chunked(q, k, v, g, beta, state)
     return recurrent(q, k, v, g, beta, state)

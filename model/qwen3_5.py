@@ -30,6 +30,8 @@ class Batch:
     T: int
     # a DecodeBatch's per-bucket attention plan, built by the first attention layer for the rest
     buckets: tuple | None = field(default=None, repr=False)
+    # a verify forward: GatedDeltaNet layers keep every position's state for a rollback (cache.py)
+    keep_states: bool = False
 
     @property
     def ragged(self) -> bool:
@@ -155,7 +157,11 @@ class GatedDeltaNet(nn.Module):
             valid = batch.valid()[..., None]
             beta, g = mx.where(valid, beta, 0.0), mx.where(valid, g, 0.0)
 
-        o, cache.state = gated_delta(q, k, v, g, beta, cache.state)
+        if batch.keep_states:
+            o, cache.state, states = gated_delta(q, k, v, g, beta, cache.state, keep_states=True)
+            cache.steps = (window, states)
+        else:
+            o, cache.state = gated_delta(q, k, v, g, beta, cache.state)
         o = self.norm(o.astype(x.dtype), z)
         return self.out_proj(o.reshape(B, T, self.value_dim))
 
@@ -345,12 +351,14 @@ class Model(nn.Module):
         return self.mtp(hidden, next_tokens, cache, lm.model.embed_tokens, head, lengths)
 
     def __call__(self, tokens: mx.array, cache: Cache | None = None, lengths=None,
-                 last_only: bool = False, return_hidden: bool = False):
+                 last_only: bool = False, return_hidden: bool = False, keep_states: bool = False):
         """tokens [B, T] -> logits [B, T, vocab]. With `lengths`, row b's valid tokens are its
         first lengths[b] (the rest is padding whose logits are meaningless). `cache` is advanced
         by each row's length. `last_only` returns [B, 1, vocab] at each row's last valid token,
         skipping the vocabulary projection everywhere else. `return_hidden` returns
-        (logits, the final-normed hidden state [B, T or 1, H]), what the MTP head reads."""
+        (logits, the final-normed hidden state [B, T, H] at every position, last_only or not), what
+        the MTP head reads. `keep_states` keeps each GatedDeltaNet position's state for
+        `cache.rollback` (a speculative verify forward)."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape [batch, time], got {tokens.shape}")
         B, T = tokens.shape
@@ -361,22 +369,23 @@ class Model(nn.Module):
         lengths = [T] * B if lengths is None else [int(n) for n in lengths]
         if len(lengths) != B or any(not 0 <= n <= T for n in lengths):
             raise ValueError(f"lengths must give 0..{T} for each of {B} rows, got {lengths}")
-        batch = Batch(list(cache.offsets), lengths, T)
+        batch = Batch(list(cache.offsets), lengths, T, keep_states=keep_states)
         mask = _attention_mask(batch)
         lm = self.language_model
         x = lm.model.embed_tokens(tokens).astype(self.compute_dtype)
         for layer, state in zip(lm.model.layers, cache.layers):
             x = layer(x, state, batch, mask)
+        hidden = lm.model.norm(x) if return_hidden else None
         if last_only:
             last = mx.array([max(n, 1) - 1 for n in lengths])
             x = mx.take_along_axis(x, last[:, None, None], axis=1)
-        x = lm.model.norm(x)
+        x = lm.model.norm(x) if hidden is None or last_only else hidden
         cache.offsets = [o + n for o, n in zip(cache.offsets, lengths)]
         if self.config.tie_word_embeddings:
             logits = lm.model.embed_tokens.as_linear(x)
         else:
             logits = lm.lm_head(x)
-        return (logits, x) if return_hidden else logits
+        return (logits, hidden) if return_hidden else logits
 
 
 _FLOAT32_PARAMS = ("A_log", "dt_bias", "norm.weight", "layernorm.weight")
