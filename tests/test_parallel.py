@@ -37,7 +37,8 @@ def launch(n: int, cases: list[dict], out: Path) -> list[dict]:
     spec.write_text(json.dumps({"out": str(out), "cases": cases}))
     cmd = [str(Path(sys.executable).parent / "mlx.launch"), "-n", str(n), "--backend", "ring",
            "--starting-port", str(free_port()), "--", sys.executable, str(WORKER), str(spec)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OPENBLAS_NUM_THREADS": "1"}  # the ranks share this machine's cores: BLAS threads would wait on each other
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
