@@ -229,5 +229,5 @@ def test_ranks_holding_different_models_refuse_to_start(ranks):
     assert codes == [1, 1], out
     for log in ranks.logs:  # every rank names the ranks and what differs
         text = log.read_text()
-        assert f"rank 1 (" in text and f":{other}) holds a different model from rank 0" in text, out
+        assert "rank 1 (" in text and f":{other}) holds a different model from rank 0" in text, out
         assert "config: " in text and "weights: " in text, out
