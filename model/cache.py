@@ -3,6 +3,7 @@ for GatedDeltaNet. Rows may hold sequences of different lengths (`offsets`)."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -173,10 +174,12 @@ class BucketedKV:
     """One full-attention layer's view of a DecodeBatch: each bucket's rows and its KV for this layer."""
 
     def __init__(self, owner: "DecodeBatch", index: int):
-        self.owner, self.index = owner, index
+        # a weak reference: a strong one is a cycle that keeps a released batch's KV alive until
+        # Python's cycle collector happens to run
+        self._owner, self.index = weakref.ref(owner), index
 
     def parts(self) -> list[tuple[list[int], KVLayer]]:
-        return [(b.rows, b.kv[self.index]) for b in self.owner.buckets]
+        return [(b.rows, b.kv[self.index]) for b in self._owner().buckets]
 
 
 class DecodeBatch:
