@@ -9,17 +9,20 @@ import mlx.core as mx
 import numpy as np
 
 from .request import Request, TokenLogprob
+from .speculative import accept_greedy, accept_sampled
 
 
-def _penalise(logits: mx.array, req: Request) -> mx.array:
+def _penalise(logits: mx.array, req: Request, ahead: list[int]) -> mx.array:
+    """`ahead`: tokens after the request's output so far (drafts being verified) that count as output."""
     p = req.params
     logits = mx.array(logits)  # a copy: the assignments below would change the caller's array too
+    output = req.output_ids + list(ahead)
     if p.repetition_penalty != 1.0:
-        seen = mx.array(np.unique(np.asarray(req.all_ids, dtype=np.int64)))
+        seen = mx.array(np.unique(np.asarray(req.all_ids + list(ahead), dtype=np.int64)))
         vals = logits[seen]
         logits[seen] = mx.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and req.output_ids:
-        ids, counts = np.unique(np.asarray(req.output_ids, dtype=np.int64), return_counts=True)
+    if (p.presence_penalty or p.frequency_penalty) and output:
+        ids, counts = np.unique(np.asarray(output, dtype=np.int64), return_counts=True)
         ids = mx.array(ids)
         logits[ids] = logits[ids] - p.presence_penalty - p.frequency_penalty * mx.array(counts, dtype=mx.float32)
     return logits
@@ -89,10 +92,14 @@ class Sampler:
                 rows.append(mx.argmax(logits[i]))
         return mx.stack(rows)
 
-    def _choose_row(self, raw: mx.array, req: Request) -> mx.array:
+    def target(self, raw: mx.array, req: Request, ahead: list[int] = ()) -> tuple[mx.array, mx.array]:
+        """The logits a token is drawn from (softmax) or argmax'ed (temperature 0) after the request's
+        processing, as if `ahead` had been generated already; and the token to take when they leave
+        nothing allowed."""
         row = raw
+        history = req.output_ids + list(ahead) if ahead else req.output_ids
         for proc in req.params.logits_processors:
-            row = proc(req.output_ids, row)
+            row = proc(history, row)
             if row.shape != raw.shape:
                 raise ValueError(f"a logits processor returned shape {row.shape}, not {raw.shape}")
         # What the processors left at -inf (a grammar's mask) or NaN is never chosen, whatever
@@ -100,14 +107,23 @@ class Sampler:
         # is inf, and a NaN row would let categorical() or argmax() pick a masked token.
         blocked = mx.isnan(row) | (row == -float("inf"))
         masked = row
-        row = _penalise(row, req)
+        row = _penalise(row, req, ahead)
         final = row if req.params.temperature == 0 else _truncate(row, req)
         final = mx.where(blocked | mx.isnan(final), -float("inf"), final)
         top = final == float("inf")  # inf / inf is NaN in softmax: keep only the infinite ones
         final = mx.where(top.any(), mx.where(top, 0.0, -float("inf")), final)
         # if nothing allowed is left: the allowed token the processors rated highest (the first
         # token when they blocked everything)
-        fallback = mx.argmax(mx.where(blocked, -float("inf"), masked))
+        return final, mx.argmax(mx.where(blocked, -float("inf"), masked))
+
+    def uniforms(self, req: Request, n: int) -> np.ndarray:
+        """n uniform draws in [0, 1) from the request's own seeded stream (speculative acceptance)."""
+        key, sub = mx.random.split(self._keys[req.id])
+        self._keys[req.id] = key
+        return np.array(mx.random.uniform(shape=(n,), key=sub), dtype=np.float64)
+
+    def _choose_row(self, raw: mx.array, req: Request) -> mx.array:
+        final, fallback = self.target(raw, req)
         if req.params.temperature == 0:
             pick = mx.argmax(final)
         else:
@@ -134,6 +150,49 @@ class Sampler:
                 top = list(zip(ids.tolist(), row[ids].tolist()))
             out.append(TokenLogprob(tokens[i], row[tokens[i]].item(), top))
         return tokens, out
+
+    def accept(self, logits: mx.array, requests: list[Request], drafts: list[list[int]],
+               failed: dict | None = None) -> list[tuple[list[int], list]]:
+        """Speculative decoding: logits [B, T, vocab] of a verify forward (row b's position i read
+        its i-th fed token: the last chosen one, then drafts[b]) -> per row, the emitted tokens
+        (speculative.py's rule; each follows exactly what `choose` would draw from) and their
+        logprobs where asked. Rows that raise go to `failed` (then emit nothing) as in `choose`."""
+        logits = logits.astype(mx.float32)
+        if all(r.params.temperature == 0 for r in requests) and not self.needs_history(requests):
+            argmax = mx.argmax(logits, axis=-1).tolist()
+            emitted = [accept_greedy(argmax[b], d) for b, d in enumerate(drafts)]
+        else:
+            emitted = []
+            for b, req in enumerate(requests):
+                try:
+                    emitted.append(self._accept_row(logits[b], req, drafts[b]))
+                except Exception as e:
+                    if failed is None:
+                        raise
+                    failed[req.id] = e
+                    emitted.append([])
+        out = []
+        for b, (req, tokens) in enumerate(zip(requests, emitted)):
+            if not tokens:
+                out.append(([], []))
+                continue
+            n = len(tokens)
+            out.append(self.read(mx.array(tokens), logits[b, :n], [req] * n))
+        return out
+
+    def _accept_row(self, logits: mx.array, req: Request, drafts: list[int]) -> list[int]:
+        targets = [self.target(logits[i], req, drafts[:i]) for i in range(len(drafts) + 1)]
+        finals = mx.stack([f for f, _ in targets])
+        fallbacks = [int(f) for _, f in targets]
+        allowed = np.array((finals > -float("inf")).any(axis=-1))
+        if req.params.temperature == 0:
+            best = mx.argmax(finals, axis=-1).tolist()
+            return accept_greedy([b if ok else f for b, ok, f in zip(best, allowed, fallbacks)], drafts)
+        probs = np.array(mx.softmax(finals, axis=-1), dtype=np.float64)
+        for i in np.flatnonzero(~allowed):  # nothing allowed: the fallback, as `choose` takes it
+            probs[i] = 0.0
+            probs[i, fallbacks[i]] = 1.0
+        return accept_sampled(probs, drafts, self.uniforms(req, 2 * len(targets)))
 
     def __call__(self, logits: mx.array, requests: list[Request]):
         """logits [B, vocab] for requests in row order -> (token ids, logprobs)."""
