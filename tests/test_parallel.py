@@ -105,23 +105,24 @@ def test_logits_and_greedy_tokens_match_one_rank(run, name):
     mode, ranks = run
     fx = get_fixture(name)
     results = ok(ranks, name)
-    for res in results:
-        assert res["rel_err"] <= 1e-4, (mode, res["rel_err"])
-        assert res["tokens"] == [int(t) for t in fx.greedy_ids[:GREEDY_TOKENS]]
-        if name in BATCH_CASES:
-            assert res["batch_rel_err"] <= 1e-4, (mode, res["batch_rel_err"])
-    # every rank computes the same logits, bit for bit, so all sample the same tokens
-    for key in ("logits_digest", "greedy_digest", "batch_digest"):
-        assert len({res.get(key) for res in results}) == 1, key
+    # every rank computes the same logits, bit for bit, so all sample the same tokens; rank 0's
+    # are compared with transformers'
+    for key in ("logits_digest", "greedy_digest", "batch_digest", "tokens"):
+        assert len({str(res.get(key)) for res in results}) == 1, key
+    res = results[0]
+    assert res["rel_err"] <= 1e-4, (mode, res["rel_err"])
+    assert res["tokens"] == [int(t) for t in fx.greedy_ids[:GREEDY_TOKENS]]
+    if name in BATCH_CASES:
+        assert res["batch_rel_err"] <= 1e-4, (mode, res["batch_rel_err"])
 
 
 def test_quantized_checkpoint(run):
     mode, ranks = run
     results = ok(ranks, "q4g32")
-    for res in results:
-        assert res["rel_err"] <= 1e-4, (mode, res["rel_err"])
-        assert res["tokens"] == res["plain_tokens"]
-    assert len({res["logits_digest"] for res in results}) == 1
+    for key in ("logits_digest", "greedy_digest", "tokens"):
+        assert len({str(res[key]) for res in results}) == 1, key
+    assert results[0]["rel_err"] <= 1e-4, (mode, results[0]["rel_err"])
+    assert results[0]["tokens"] == results[0]["plain_tokens"]
 
 
 def test_each_rank_holds_its_share(run):

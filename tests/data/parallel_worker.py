@@ -81,6 +81,8 @@ def run_case(case, group):
     if case.get("batch"):
         batch = ragged_out_of_order(m, prompt)
         result["batch_digest"] = digest(batch)
+    if group.rank() != 0:  # its digests equal rank 0's: comparing rank 0's outputs suffices
+        return result
 
     if case.get("ref_logits"):  # transformers' logits: the independent one-rank reference
         result["rel_err"] = relative_error(logits, np.load(case["ref_logits"]))
