@@ -53,6 +53,8 @@ def load_distributed(path, mode: str, group: mx.distributed.Group, *, memory: li
     if mode == "pipeline":
         if memory is None:
             memory = gather_memory(group)
+        if len(memory) != n:
+            raise ValueError(f"memory gives {len(memory)} ranks' sizes; the group has {n} ranks")
         bounds = split_layers(config.num_hidden_layers, memory)
         start, end = bounds[rank], bounds[rank + 1]
         model = load_model(path, mtp=False, prepare=partial(_keep_stage, start=start, end=end, first=rank == 0),

@@ -183,8 +183,11 @@ def test_split_problems_are_named():
         split_layers(4, [1] * 5)
 
 
-def test_unknown_mode_is_refused():
+def test_bad_arguments_are_refused():
     import mlx.core as mx
 
+    path, group = get_fixture("moe_r4").hf_dir, mx.distributed.init()
     with pytest.raises(ValueError, match="distributed mode must be one of pipeline, tensor, got 'data'"):
-        load_distributed(get_fixture("moe_r4").hf_dir, "data", mx.distributed.init())
+        load_distributed(path, "data", group)
+    with pytest.raises(ValueError, match="memory gives 2 ranks' sizes; the group has 1 ranks"):
+        load_distributed(path, "pipeline", group, memory=[1, 1])
