@@ -9,7 +9,8 @@ model's collectives line up by construction. What could still differ is made ide
   processors (grammars, logit_bias), seeds and any float difference never split the ranks;
 - budgets: the scheduler's memory budget is the smallest rank's, the bytes per token and per
   sequence the largest rank's; the prefix cache stays on only where every rank holds an equal
-  share of a sequence's state (replicated or tensor-parallel), since its eviction counts bytes;
+  share of every layer's state (tensor-parallel), since its eviction counts bytes and its restore
+  rebuilds every layer;
 - a digest (step count, live requests, prefix-cache entries and bytes) rides on every message;
   a rank that disagrees stops.
 Idle, rank 0 broadcasts only a heartbeat every timeout/4, and the others block on the next message.
@@ -303,10 +304,15 @@ class LockstepCore(EngineCore):
         ranks = channel.gather([c.kv_bytes_per_token, c.state_bytes_per_seq, _state_share(model)])
         c.kv_bytes_per_token = max(r[0] for r in ranks)
         c.state_bytes_per_seq = max(r[1] for r in ranks)
-        if self.prefix_cache.enabled and any(r[2] != ranks[0][2] for r in ranks):
+        unequal = any(r[2] != ranks[0][2] for r in ranks)
+        # The restore (core._restore) rebuilds a cache layer by layer from model.config.layer_types:
+        # a pipeline stage's cache holds only its own layers.
+        partial = any(len(r[2]) != len(model.config.layer_types) for r in ranks)
+        if self.prefix_cache.enabled and (unequal or partial):
             # Its eviction counts this rank's bytes: with unequal shares (pipeline stages holding
             # different layers) the ranks would evict different entries and split.
-            log.warning("the prefix cache is off: the ranks hold unequal shares of a sequence's state")
+            log.warning("the prefix cache is off: %s", "the ranks hold unequal shares of a sequence's state"
+                        if unequal else "a pipeline stage holds only its own layers' state")
             self.prefix_cache.budget = 0
             c.memory_budget_bytes = config.memory_budget_bytes
         self.watchdog: Optional[Watchdog] = None
@@ -382,6 +388,8 @@ def run(args, settings, options: dict, serve: Callable) -> int:
         core.watchdog = lockstep.watchdog
         code = lockstep.follow(core)
     except Exception as e:
+        if not isinstance(e, RankFailure):
+            log.exception("rank %d failed", lockstep.rank)
         lockstep.fail(f"{type(e).__name__}: {e}")
         code = 1
     _exit(code)

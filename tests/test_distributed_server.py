@@ -1,8 +1,8 @@
 """`deltaserve serve --distributed` on 2 local ranks over MLX's ring backend (server/distributed.py): a
-batch streams what one rank streams, and a rank that dies or stalls, or holds other model files, ends
-in a clean failure on every rank, never a hang.
+batch of 4 streams what transformers generates on one process, in both splits, and a rank that dies
+or stalls, or holds other model files, ends in a clean failure on every rank, never a hang.
 
-The batch test starts the ranks with mlx.launch, as a user does; the fault tests start each rank
+The pipeline test starts the ranks with mlx.launch, as a user does; the others start each rank
 themselves (the environment mlx.launch would give it) so that they know which process is which and
 so that nothing but our code ends rank 0 (mlx.launch kills the other ranks when one exits)."""
 
@@ -124,37 +124,19 @@ def _stream(url: str, prompt, max_tokens: int) -> tuple[str, list[dict]]:
     return text, events
 
 
-def _one_rank_texts(prompts: list) -> list[str]:
-    """Our engine on this process, one rank, the same fp32 model, one request at a time."""
-    from server_harness import tiny_engine
-
-    from server.engine import SamplingParams
-
-    engine = tiny_engine(max_model_len=4096)
-    try:
-        out = []
-        for prompt, max_tokens in prompts:
-            ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-            stream = engine.submit(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
-            out.append("".join(d.text for d in stream))
-        return out
-    finally:
-        engine.shutdown()
-
-
 def _check_batch(url: str, ranks: Ranks) -> None:
-    """4 greedy requests at once stream what one rank streams."""
-    ids = [int(t) for t in FIXTURE.prompt_ids]
-    prompts = [(ids, 24), (ids[:5], 16), (ids[3:], 16), ("The quick brown fox", 16)]
-    with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(lambda p: _stream(url, *p)[0], prompts))
+    """4 greedy requests at once stream what transformers generates on one process: the fixture's
+    prompt, and the prompt with the first k tokens of transformers' greedy continuation appended,
+    which must continue with the rest of it."""
     from transformers import AutoTokenizer
 
+    ids, greedy = [int(t) for t in FIXTURE.prompt_ids], [int(t) for t in FIXTURE.greedy_ids]
+    cuts = [0, 4, 9, 14]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda k: _stream(url, ids + greedy[:k], len(greedy) - k)[0], cuts))
     tok = AutoTokenizer.from_pretrained(FIXTURE.hf_dir)
-    # the fixture prompt's greedy continuation is transformers' own, computed when the fixture was built
-    # (the server leaves special tokens out of text)
-    assert got[0] == tok.decode([int(t) for t in FIXTURE.greedy_ids], skip_special_tokens=True), ranks.output()
-    assert got[1:] == _one_rank_texts(prompts[1:])
+    # the server leaves special tokens out of text
+    assert got == [tok.decode(greedy[k:], skip_special_tokens=True) for k in cuts], ranks.output()
 
 
 def _exits_within(proc: subprocess.Popen, seconds: float) -> int | None:
@@ -188,7 +170,7 @@ def _fault_mid_generation(url: str, ranks: Ranks, rank0, rank1, fault: int, time
     assert time.monotonic() - hit < timeout_s + 10
 
 
-def test_pipeline_over_mlx_launch_streams_a_batch_as_one_rank(ranks):
+def test_pipeline_over_mlx_launch_streams_a_batch_as_transformers(ranks):
     port = free_port()
     ranks.start([str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "-p", str(_ring_port()), "--",
                  str(BIN / "deltaserve"), "serve", str(FIXTURE.hf_dir), "--distributed", "pipeline",
@@ -198,7 +180,7 @@ def test_pipeline_over_mlx_launch_streams_a_batch_as_one_rank(ranks):
     _check_batch(url, ranks)
 
 
-def test_tensor_streams_a_batch_as_one_rank_then_a_killed_rank_ends_both(ranks):
+def test_tensor_streams_a_batch_as_transformers_then_a_killed_rank_ends_both(ranks):
     """Killed: the ring's next collective fails at once (ranks started by hand, so that nothing but
     our code ends rank 0: mlx.launch would kill it)."""
     port = free_port()

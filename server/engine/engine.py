@@ -209,6 +209,7 @@ class Engine:
                     self.core.step()
                 except Exception as e:
                     if self.lockstep is not None:  # the ranks may no longer agree on what happened
+                        log.exception("engine step failed")
                         self.lockstep.fail(f"engine step failed: {type(e).__name__}: {e}")
                         return
                     log.exception("engine step failed; ending the requests in flight")
