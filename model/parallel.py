@@ -210,13 +210,22 @@ class ShardedGatedDeltaNet(GatedDeltaNet):
         return mx.distributed.all_sum(super().__call__(*args), group=self.group)
 
 
+def _closing_sum(y: mx.array, block) -> mx.array:
+    y = mx.distributed.all_sum(y, group=block.group)
+    if block.last:
+        # The forward's last collective, scheduled now: every rank then runs its collectives in call
+        # order, whatever it evaluates first afterwards (rank 0's sampling differs from the others').
+        mx.async_eval(y)
+    return y
+
+
 class ShardedMLP(MLP):
     def __init__(self, hidden: int, intermediate: int, group: mx.distributed.Group):
         super().__init__(hidden, intermediate)
-        self.group = group
+        self.group, self.last = group, False
 
     def __call__(self, x):
-        return mx.distributed.all_sum(super().__call__(x), group=self.group)
+        return _closing_sum(super().__call__(x), self)
 
 
 class ShardedMoE(SparseMoE):
@@ -225,10 +234,10 @@ class ShardedMoE(SparseMoE):
 
     def __init__(self, c: ModelConfig, group: mx.distributed.Group):
         super().__init__(c)
-        self.group = group
+        self.group, self.last = group, False
 
     def __call__(self, x):
-        return mx.distributed.all_sum(super().__call__(x), group=self.group)
+        return _closing_sum(super().__call__(x), self)
 
 
 # How each tensor of a layer is split, by its module path inside the layer: ("out" | "in", segments).
@@ -298,6 +307,7 @@ def _shard(model: Model, weights: dict, *, group: mx.distributed.Group) -> dict:
         else:
             layer.self_attn = ShardedAttention(shard, group)
         layer.mlp = ShardedMoE(shard, group) if c.is_moe else ShardedMLP(c.hidden_size, shard.intermediate_size, group)
+    layer.mlp.last = True
     out = {}
     for key in list(weights):
         m = _LAYER.match(key)

@@ -114,6 +114,7 @@ def test_logits_and_greedy_tokens_match_one_rank(run, name):
     assert res["tokens"] == [int(t) for t in fx.greedy_ids[:GREEDY_TOKENS]]
     if name in BATCH_CASES:
         assert res["batch_rel_err"] <= 1e-4, (mode, res["batch_rel_err"])
+        assert all(r["token_from_rank0"] == res["tokens"][0] for r in results)
 
 
 def test_quantized_checkpoint(run):

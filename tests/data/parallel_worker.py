@@ -58,6 +58,18 @@ def ragged_out_of_order(m, prompt):
     return np.concatenate([np.array(a)[:, 0], np.array(b)[:, 0]])
 
 
+def token_from_rank0(m, prompt, group) -> int:
+    """Rank 0 chooses from its logits, the others take its token through an all_sum that does not
+    depend on their own logits, evaluated first (as the distributed server's sampler does): the
+    forward's collectives must still run first on every rank."""
+    logits = m(mx.array(prompt)[None], m.make_cache(1), last_only=True)[0, -1]
+    mine = mx.argmax(logits).reshape(1).astype(mx.int32) if group.rank() == 0 else mx.zeros((1,), mx.int32)
+    token = mx.distributed.all_sum(mine, group=group)
+    mx.eval(token)
+    mx.eval(logits)
+    return int(token.item())
+
+
 def run_case(case, group):
     kw = dict(dtype="float32")
     result = {"name": case["name"]}
@@ -81,6 +93,7 @@ def run_case(case, group):
     if case.get("batch"):
         batch = ragged_out_of_order(m, prompt)
         result["batch_digest"] = digest(batch)
+        result["token_from_rank0"] = token_from_rank0(m, prompt, group)
     if group.rank() != 0:  # its digests equal rank 0's: comparing rank 0's outputs suffices
         return result
 
