@@ -15,7 +15,7 @@ from model import Model
 from model.cache import LinearLayer
 
 from .detokenizer import Detokenizer, StopStrings, hidden_token_ids
-from . import segments
+from . import segments, speculative
 from .disk_cache import DiskCache
 from .prefix_cache import Entry, PrefixCache
 from .request import Delta, Request, SamplingParams, Usage
@@ -45,6 +45,9 @@ class EngineConfig:
     prefix_cache_dir: str | None = None
     prefix_cache_disk_bytes: int = 0
     model_fingerprint: str = ""  # keys disk entries, so that another model (or quantisation) never hits
+    # speculative decoding with the model's MTP head: drafts per row and step (0: off); replaces
+    # decode_ahead (the next step's input depends on this step's acceptance, read on the host)
+    num_speculative_tokens: int = 0
 
 
 def default_memory_budget() -> int:
@@ -71,7 +74,7 @@ class EngineCore:
                  emit: Callable[[Delta], None] | None = None):
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
-        self.runner = Runner(model)
+        self.runner = Runner(model, config.num_speculative_tokens)
         budget = config.memory_budget_bytes or default_memory_budget()
         cache_bytes = budget // 4 if config.prefix_cache_bytes is None else config.prefix_cache_bytes
         checkpoint = PrefixCache.checkpoint_for(config.block_size, self.runner.state_bytes_per_seq(),
@@ -105,6 +108,9 @@ class EngineCore:
         self.eos_ids = eos
         self._hidden_ids = hidden_token_ids(tokenizer) if tokenizer is not None else frozenset()
         self.steps = 0
+        # speculative decoding: drafts made and accepted, per draft position
+        self.drafted = [0] * config.num_speculative_tokens
+        self.accepted = [0] * config.num_speculative_tokens
 
     # ---- requests ----
     def new_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -202,8 +208,11 @@ class EngineCore:
         plan = self.scheduler.schedule()
         new_tokens: list[tuple[Request, int, object]] = []
         failed: dict[str, Exception] = {}
+        finished: list[Request] = []
 
-        if plan.decode and self.runner.rows:
+        if plan.decode and self.runner.rows and self.runner.speculative:
+            finished += self._decode_speculative(failed)
+        elif plan.decode and self.runner.rows:
             reqs = [self.requests[r] for r in self.runner.rows]
             if self.runner.pending is not None:  # launched last step, already fed
                 chosen, logits = self.runner.take_pending()
@@ -254,7 +263,6 @@ class EngineCore:
             except Exception as e:
                 failed[req.id] = e
 
-        finished = []
         for req, tok, lp in new_tokens:
             if req.id in failed:
                 continue
@@ -279,6 +287,42 @@ class EngineCore:
             except Exception:  # its stream is the problem: the request ends all the same
                 log.exception("request %s: its last delta could not be delivered", req.id)
         self._retire(reqs, remember=False)
+
+    def _decode_speculative(self, failed: dict[str, Exception]) -> list[Request]:
+        """One speculative decode step: the MTP head drafts, one forward verifies every row, each row
+        appends its emitted tokens one by one (stop strings, EOS, max_tokens, streaming as in plain
+        decoding; tokens after a stop are dropped) and keeps the state of what it appended.
+        Constrained rows (logits processors) do not draft: verifying drafts through a grammar would
+        need its state advanced per draft and rolled back. Returns the finished requests."""
+        reqs = [self.requests[r] for r in self.runner.rows]
+        last = [r.output_ids[-1] for r in reqs]
+        limit = self.scheduler.config.max_model_len
+        remaining = [min(r.params.max_tokens - len(r.output_ids), limit - r.num_prompt - len(r.output_ids))
+                     for r in reqs]
+        k = speculative.draft_depths(self.runner.speculative, remaining,
+                                     [not r.params.logits_processors for r in reqs])
+        drafted = self.runner.draft(last, k)
+        drafts = [d[:n] for d, n in zip(drafted.tolist(), k)] if drafted is not None else [[] for _ in reqs]
+        logits = self.runner.verify(last, drafts)
+        finished, kept = [], []
+        for req, d, (tokens, logprobs) in zip(reqs, drafts, self.sampler.accept(logits, reqs, drafts, failed)):
+            for j in range(len(d)):
+                self.drafted[j] += 1
+                self.accepted[j] += j < len(tokens) - 1
+            n = 0
+            for tok, lp in zip(tokens, logprobs):
+                n += 1
+                try:
+                    if self._append(req, tok, lp):
+                        finished.append(req)
+                        break
+                except Exception as e:
+                    failed[req.id] = e
+                    break
+            kept.append(max(n, 1))  # emitted token j came from fed position j
+            req.num_computed += kept[-1]
+        self.runner.commit(kept)
+        return finished
 
     def _can_decode_ahead(self, plan, reqs: list[Request]) -> bool:
         """Not when rows join the batch this step (they would miss the step launched ahead), nor when
@@ -427,4 +471,5 @@ class EngineCore:
     def stats(self) -> dict:
         disk = {"prefix_cache_disk": self.disk.stats()} if self.disk is not None else {}
         return {**self.scheduler.stats(), "prefix_cache": self.prefix_cache.stats(), **disk, "steps": self.steps,
-                "model_bytes": self.model_bytes, "sequence_bytes": self.runner.live_bytes()}
+                "model_bytes": self.model_bytes, "sequence_bytes": self.runner.live_bytes(),
+                **({"speculative": {"drafted": self.drafted, "accepted": self.accepted}} if self.drafted else {})}

@@ -49,3 +49,16 @@ def accept_sampled(probs: np.ndarray, drafts: list[int], u: np.ndarray) -> list[
         return out
     out.append(_draw(probs[len(drafts)], u[2 * len(drafts) + 1]))
     return out
+
+
+# Drafting pays while one verify forward over every row's 1 + K positions costs about what one
+# decode step costs: past this many positions per forward the depth shrinks, to 0 when the batch
+# alone fills it (measured on the demo model, CPU: see the report / docs).
+VERIFY_POSITIONS = 16
+
+
+def draft_depths(K: int, remaining: list[int], drafting: list[bool]) -> list[int]:
+    """Drafts per row this step: K, shrunk for a large batch (VERIFY_POSITIONS), never more than a
+    row may still emit after the token it gets anyway (remaining - 1), 0 for rows that do not draft."""
+    k = min(K, max(0, VERIFY_POSITIONS // max(len(remaining), 1) - 1))
+    return [max(0, min(k, n - 1)) if ok else 0 for n, ok in zip(remaining, drafting)]
