@@ -37,6 +37,25 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def speculative_tokens(config: dict | None) -> int:
+    """Drafts per step from vLLM's --speculative-config object (0 without one)."""
+    if not config:
+        return 0
+    if not isinstance(config, dict):
+        raise ValueError("--speculative-config must be a JSON object")
+    unknown = sorted(set(config) - {"method", "num_speculative_tokens"})
+    if unknown:
+        raise ValueError(f"--speculative-config: unknown key(s) {', '.join(unknown)} "
+                         "(supported: method, num_speculative_tokens)")
+    if config.get("method") != "mtp":
+        raise ValueError(f"--speculative-config: method must be \"mtp\" (the model's own MTP head), "
+                         f"got {config.get('method')!r}")
+    k = config.get("num_speculative_tokens")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 4:
+        raise ValueError(f"--speculative-config: num_speculative_tokens must be an integer 1..4, got {k!r}")
+    return k
+
+
 def load_config_file(path: str) -> dict:
     """YAML, TOML or JSON; keys are flag names (--max-num-seqs or max_num_seqs)."""
     p = Path(path)
@@ -117,6 +136,9 @@ def register_serve(subparsers) -> None:
                    help="memory for sequences and cache, e.g. 48G (default: 70%% of the machine)")
     g.add_argument("--prefill-chunk", type=int, default=512, dest="prefill_tokens_per_step",
                    help="prompt tokens prefilled per engine step")
+    g.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
+                   help='speculative decoding with the model\'s MTP head, as vLLM takes it: '
+                        '\'{"method": "mtp", "num_speculative_tokens": K}\' with K = 1..4 drafts per step')
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: the checkpoint's)")
     g = p.add_argument_group("chat")
@@ -194,6 +216,7 @@ def settings_from_args(args):
         header_timeout_s=args.header_timeout_s, keep_alive_timeout_s=args.keep_alive_timeout_s,
         max_connections=args.max_connections, shutdown_timeout_s=args.shutdown_timeout_s,
         allowed_origins=list(args.allowed_origins or []), allowed_hosts=list(args.allowed_hosts or []),
+        num_speculative_tokens=speculative_tokens(args.speculative_config),
     )
 
 
@@ -214,6 +237,8 @@ def run_serve(args) -> int:
         settings = settings_from_args(args)
         if settings.prefix_cache_dir:
             _check_writable_dir(Path(settings.prefix_cache_dir), "--prefix-cache-dir")
+        if args.distributed and settings.num_speculative_tokens:
+            raise ValueError("--speculative-config does not work with --distributed yet")
     except (OSError, ValueError) as e:
         print(f"deltaserve serve: error: {e}", file=sys.stderr)
         return 2
@@ -233,6 +258,9 @@ def run_serve(args) -> int:
         print(f"deltaserve: loading {path}", file=sys.stderr, flush=True)
         model, tokenizer = load(path, dtype=args.dtype)
         settings.model_fingerprint = fingerprint(identity(path, model.compute_dtype))
+        if settings.num_speculative_tokens and not model.config.mtp_num_hidden_layers:
+            raise ValueError(f"--speculative-config: {path} has no MTP weights (mtp_num_hidden_layers is 0; "
+                             "a GGUF keeps them as nextn.* tensors)")
     except (ModelSourceError, ModelLoadError, ValueError) as e:
         print(f"deltaserve serve: error: {e}", file=sys.stderr)
         return 1

@@ -47,6 +47,7 @@ class Settings:
     # browser safety (docs/serving.md, "Security")
     allowed_origins: list[str] = field(default_factory=list)  # CORS; none by default
     allowed_hosts: list[str] = field(default_factory=list)  # more Host names a loopback-bound server answers
+    num_speculative_tokens: int = 0  # --speculative-config: MTP drafts per decode step (0: off)
 
     def __post_init__(self):
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
@@ -94,4 +95,5 @@ class Settings:
             prefix_cache_dir=self.prefix_cache_dir if self.enable_prefix_cache else None,
             prefix_cache_disk_bytes=self.prefix_cache_disk_bytes,
             model_fingerprint=self.model_fingerprint,
+            num_speculative_tokens=self.num_speculative_tokens,
         )
