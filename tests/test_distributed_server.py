@@ -139,6 +139,26 @@ def _check_batch(url: str, ranks: Ranks) -> None:
     assert got == [tok.decode(greedy[k:], skip_special_tokens=True) for k in cuts], ranks.output()
 
 
+def _running(url: str) -> float:
+    metrics = httpx.get(f"{url}/metrics", timeout=5).text
+    return float(next(line.split()[-1] for line in metrics.splitlines()
+                      if line.startswith("deltaserve_num_requests_running")))
+
+
+def _cancel_mid_generation(url: str) -> None:
+    """A client that goes away mid-stream: its request ends on every rank within a step or so (mlx-lm's
+    distributed server cannot cancel), and the ranks stay in step (the next requests check that)."""
+    body = {"prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        for n, _ in enumerate(r.iter_lines()):
+            if n == 10:
+                break
+    deadline = time.monotonic() + 20
+    while _running(url) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _running(url) == 0
+
+
 def _exits_within(proc: subprocess.Popen, seconds: float) -> int | None:
     try:
         return proc.wait(timeout=seconds)
@@ -180,13 +200,14 @@ def test_pipeline_over_mlx_launch_streams_a_batch_as_transformers(ranks):
     _check_batch(url, ranks)
 
 
-def test_tensor_streams_a_batch_as_transformers_then_a_killed_rank_ends_both(ranks):
+def test_tensor_cancels_then_streams_a_batch_as_transformers_then_a_killed_rank_ends_both(ranks):
     """Killed: the ring's next collective fails at once (ranks started by hand, so that nothing but
     our code ends rank 0: mlx.launch would kill it)."""
     port = free_port()
     rank0, rank1 = ranks.manual([FIXTURE.hf_dir] * 2, "tensor", port)
     url = f"http://127.0.0.1:{port}"
     _wait_ready(ranks, url)
+    _cancel_mid_generation(url)
     _check_batch(url, ranks)
     _fault_mid_generation(url, ranks, rank0, rank1, signal.SIGKILL, TIMEOUT_S)
 
