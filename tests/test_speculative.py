@@ -116,3 +116,144 @@ def test_the_sampler_verifies_against_what_plain_decoding_draws_from():
     expected = raw.astype(np.float64) - [0, 0.5 + 2 * 0.25, 0.5 + 0.25, 0, 0, 0, 0, 0]
     p = np.array(mx.softmax(final))
     np.testing.assert_allclose(p, _p(expected, 0.7, 6), atol=1e-6)
+
+
+# ---- the engine: output with drafting equals output without it ----
+
+def _engine_run(lm, reqs, arrive=None, core=None, **cfg):
+    """Drive EngineCore step by step; reqs = [(prompt, params)]; arrive[i] = step of submission.
+    Returns each request's tokens and the core."""
+    from server.engine import EngineConfig, EngineCore
+
+    model, tok = lm
+    events = {}
+    if core is None:
+        cfg = {"prefix_cache_bytes": 0, "block_size": 16, **cfg}
+        core = EngineCore(model, tok, EngineConfig(memory_budget_bytes=1 << 30, prefill_tokens_per_step=48, **cfg))
+    core.emit = lambda d: events.setdefault(d.request_id, []).append(d)
+    arrive = arrive or [0] * len(reqs)
+    order = sorted(range(len(reqs)), key=lambda i: arrive[i])
+    ids, step = {}, 0
+    while order or core.has_work():
+        while order and arrive[order[0]] <= step:
+            i = order.pop(0)
+            ids[i] = core.add(reqs[i][0], reqs[i][1]).id
+        core.step()
+        step += 1
+    return [[t for d in events[ids[i]] for t in d.token_ids] for i in range(len(reqs))], core
+
+
+def _prompts(model, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, model.config.vocab_size, size=int(k)).tolist() for k in rng.integers(5, 60, size=n)]
+
+
+@pytest.fixture(scope="module", params=MTP_FIXTURES)
+def mtp_lm(request):
+    from model import load
+
+    return load(get_mtp_fixture(request.param).hf_dir, dtype="float32")
+
+
+def test_greedy_output_with_drafting_equals_plain_decoding(mtp_lm):
+    """A random head accepts little, so this mostly checks rollback: single requests at K = 1..3
+    (the second run of a prompt hits the prefix cache: the head then starts after the hit), and
+    a batch of 8 arriving at different steps."""
+    from server.engine import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    ps = _prompts(mtp_lm[0], 8)
+    plain, _ = _engine_run(mtp_lm, [(p, params) for p in ps[:2]])
+    for K in (1, 3):
+        core = None
+        for _ in range(2):
+            spec, core = _engine_run(mtp_lm, [(p, params) for p in ps[:2]], core=core, num_speculative_tokens=K,
+                                     prefix_cache_bytes=64 << 20)
+            assert spec == plain, K
+        assert core.stats()["prefix_cache"]["hits"] >= 2 and sum(core.drafted) > 0
+    arrive = [0, 1, 2, 3, 5, 8, 13, 21]
+    plain, _ = _engine_run(mtp_lm, [(p, params) for p in ps], arrive)
+    spec, core = _engine_run(mtp_lm, [(p, params) for p in ps], arrive, num_speculative_tokens=3)
+    assert spec == plain
+    assert core.runner.batch is None and core.runner.mtp_batch is None and not core.runner.mtp_input
+    assert core.scheduler.reserved_bytes == 0
+
+
+def test_a_rejection_at_every_draft_position_rolls_back_exactly(mtp_lm):
+    """The drafts are replaced by the true greedy continuation with one token changed, at draft
+    position 1, 2, 3 or none (rotating per step and row): every acceptance length 0..K occurs, and
+    the output is still the plain one."""
+    from server.engine import SamplingParams
+
+    K, V = 3, mtp_lm[0].config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+    ps = _prompts(mtp_lm[0], 3, seed=1)
+    plain, _ = _engine_run(mtp_lm, [(p, params) for p in ps])
+    truth = {tuple(p): out for p, out in zip(ps, plain)}
+    from server.engine import EngineConfig, EngineCore
+
+    core = EngineCore(*mtp_lm, EngineConfig(prefix_cache_bytes=0, memory_budget_bytes=1 << 30,
+                                            num_speculative_tokens=K))
+    real_draft, calls = core.runner.draft, [0]
+
+    def oracle(last, k):
+        real = real_draft(last, k)  # the head still runs: its KV must follow the rows
+        if real is None:
+            return None
+        rows = []
+        for b, rid in enumerate(core.runner.rows):
+            req = core.requests[rid]
+            want = truth[tuple(req.prompt_ids)][len(req.output_ids):][:K]
+            want += [0] * (K - len(want))
+            bad = (calls[0] + b) % (K + 1)
+            if bad < K:
+                want[bad] = (want[bad] + 1) % V
+            rows.append(want)
+        calls[0] += 1
+        return mx.array(rows, dtype=mx.uint32)
+
+    core.runner.draft = oracle
+    spec, core = _engine_run(mtp_lm, [(p, params) for p in ps], core=core)
+    assert spec == plain
+    lengths = core.accepted
+    assert all(a > 0 for a in lengths) and core.accepted[0] < core.drafted[0], (core.drafted, core.accepted)
+
+
+def test_sampled_requests_with_drafting_stop_and_stream_as_plain_ones(mtp_lm):
+    """Seeded sampling (penalties, top-k) with drafting: each request ends at max_tokens or its
+    stop token exactly; a stop token among several emitted in one step ends the output there."""
+    from server.engine import SamplingParams
+
+    ps = _prompts(mtp_lm[0], 4, seed=2)
+    params = [SamplingParams(temperature=0.8, top_k=20, presence_penalty=0.3, max_tokens=9, seed=i, ignore_eos=True)
+              for i in range(4)]
+    outs, core = _engine_run(mtp_lm, list(zip(ps, params)), num_speculative_tokens=2)
+    assert [len(o) for o in outs] == [9] * 4 and sum(core.drafted) > 0
+    stop = outs[0][4]
+    params = SamplingParams(temperature=0.8, top_k=20, presence_penalty=0.3, max_tokens=9, seed=0,
+                            ignore_eos=True, stop_token_ids=[stop])
+    (again,), _ = _engine_run(mtp_lm, [(ps[0], params)], num_speculative_tokens=2)
+    assert stop in again and again.index(stop) == len(again) - 1 or stop not in again
+
+
+@pytest.mark.parametrize("config, message", [
+    ('{"method": "eagle", "num_speculative_tokens": 2}', 'method must be "mtp"'),
+    ('{"method": "mtp", "num_speculative_tokens": 0}', "integer 1..4"),
+    ('{"method": "mtp", "num_speculative_tokens": 5}', "integer 1..4"),
+    ('{"method": "mtp", "num_speculative_tokens": 2, "draft_model": "x"}', "unknown key(s) draft_model"),
+])
+def test_speculative_config_is_checked(config, message, capsys):
+    from server.cli import main
+
+    assert main(["serve", "--speculative-config", config]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_model_without_mtp_weights_is_refused(capsys):
+    from fixtures import get_fixture
+
+    from server.cli import main
+
+    path = str(get_fixture("dense_r2_tied").hf_dir)
+    assert main(["serve", path, "--speculative-config", '{"method": "mtp", "num_speculative_tokens": 2}']) == 1
+    assert "has no MTP weights" in capsys.readouterr().err
