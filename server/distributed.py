@@ -352,6 +352,9 @@ def run(args, settings, options: dict, serve: Callable) -> int:
 
     from .model_source import ModelSourceError, resolve_model
 
+    if args.distributed_timeout <= 0:
+        print("deltaserve serve: error: --distributed-timeout must be positive", file=sys.stderr)
+        return 2
     if settings.prefix_cache_dir:
         print("deltaserve serve: error: --prefix-cache-dir does not work with --distributed (a disk hit on one "
               "rank and a miss on another would split the ranks)", file=sys.stderr)
@@ -361,11 +364,7 @@ def run(args, settings, options: dict, serve: Callable) -> int:
         print("deltaserve serve: error: --distributed needs 2 or more ranks; start it with mlx.launch "
               "(e.g. mlx.launch -n 2 -- deltaserve serve MODEL --distributed pipeline)", file=sys.stderr)
         return 2
-    try:
-        lockstep = Lockstep(group, args.distributed_timeout)
-    except ValueError as e:
-        print(f"deltaserve serve: error: {e}", file=sys.stderr)
-        return 2
+    lockstep = Lockstep(group, args.distributed_timeout)
     rank = lockstep.rank
     prefix = f"deltaserve (rank {rank}/{group.size()})"
     try:

@@ -234,3 +234,13 @@ def test_ranks_holding_different_models_refuse_to_start(ranks):
         text = log.read_text()
         assert "rank 1 (" in text and f":{other}) holds a different model from rank 0" in text, out
         assert "config: " in text and "weights: " in text, out
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--distributed needs 2 or more ranks; start it with mlx.launch"),
+    (["--distributed-timeout", "0"], "--distributed-timeout must be positive"),
+])
+def test_bad_distributed_starts_get_a_clear_error(extra, message):
+    out = subprocess.run([str(BIN / "deltaserve"), "serve", str(FIXTURE.hf_dir), "--distributed", "pipeline", *extra],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -237,7 +237,7 @@ class Engine:
             self._live.clear()
         for stream in streams:
             req = self.core.requests.get(stream.request_id)
-            usage = self.core._usage(req) if req is not None else Usage(0, 0)
+            usage = Usage(req.num_prompt, len(req.output_ids), req.num_cached) if req is not None else Usage(0, 0)
             stream._put(Delta(stream.request_id, [], "", finish_reason="error", usage=usage))
         self._wake.set()
 
