@@ -16,7 +16,7 @@ def _penalise(logits: mx.array, req: Request, ahead: list[int]) -> mx.array:
     """`ahead`: tokens after the request's output so far (drafts being verified) that count as output."""
     p = req.params
     logits = mx.array(logits)  # a copy: the assignments below would change the caller's array too
-    output = req.output_ids + list(ahead)
+    output = req.output_ids + list(ahead) if ahead else req.output_ids
     if p.repetition_penalty != 1.0:
         seen = mx.array(np.unique(np.asarray(req.all_ids + list(ahead), dtype=np.int64)))
         vals = logits[seen]
