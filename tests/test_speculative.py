@@ -288,3 +288,25 @@ def test_a_model_without_mtp_weights_is_refused(capsys):
     path = str(get_fixture("dense_r2_tied").hf_dir)
     assert main(["serve", path, "--speculative-config", '{"method": "mtp", "num_speculative_tokens": 2}']) == 1
     assert "has no MTP weights" in capsys.readouterr().err
+
+
+def test_the_demo_models_trained_head_is_accepted_and_changes_nothing(tmp_path_factory):
+    """The demo's trained MTP head (demo/train_mtp.py): at temperature 0 the same tokens as plain
+    decoding, in fewer steps."""
+    from convert import cached_conversion
+    from model import load
+    from model.demo import DEMO_GGUF
+    from server.engine import SamplingParams
+
+    lm = load(cached_conversion(DEMO_GGUF, cache_root=tmp_path_factory.mktemp("converted")), dtype="float32")
+    if not lm[0].config.mtp_num_hidden_layers:
+        pytest.skip("this demo GGUF carries no MTP head (nextn.*)")
+    tok = lm[1]
+    ps = [tok.encode(tok.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True,
+                                             tokenize=False))
+          for m in ("What is the capital of France?", "Write a short poem about the sea.")]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    plain, _ = _engine_run(lm, [(p, params) for p in ps], arrive=[0, 3])
+    spec, core = _engine_run(lm, [(p, params) for p in ps], arrive=[0, 3], num_speculative_tokens=2)
+    assert spec == plain
+    assert core.accepted[0] >= 0.3 * core.drafted[0], (core.drafted, core.accepted)
