@@ -206,7 +206,7 @@ def test_a_rejection_at_every_draft_position_rolls_back_exactly(mtp_lm):
     from server.engine import EngineConfig, EngineCore
 
     core = EngineCore(*mtp_lm, EngineConfig(prefix_cache_bytes=0, memory_budget_bytes=1 << 30,
-                                            num_speculative_tokens=K))
+                                            num_speculative_tokens=K, speculative_adapt=False))
     real_draft, calls = core.runner.draft, [0]
 
     def oracle(last, k):
@@ -310,3 +310,18 @@ def test_the_demo_models_trained_head_is_accepted_and_changes_nothing(tmp_path_f
     spec, core = _engine_run(lm, [(p, params) for p in ps], arrive=[0, 3], num_speculative_tokens=2)
     assert spec == plain
     assert core.accepted[0] >= 0.3 * core.drafted[0], (core.drafted, core.accepted)
+
+
+def test_the_depth_follows_measured_throughput():
+    from server.engine.speculative import DepthController
+
+    c = DepthController(2)
+    speed = {1: [100, 150, 120], 16: [800, 500, 300]}  # tokens/s per depth: batch 1 likes 1, batch 16 likes 0
+    for _ in range(40):
+        for rows in (1, 16):
+            k = c.choose(rows)
+            c.record(rows, k, speed[rows][k], 1.0)
+    picks = {rows: [c.choose(rows) for _ in range(32)] for rows in (1, 16)}
+    assert picks[1].count(1) >= 28 and picks[16].count(0) >= 28
+    assert set(picks[1]) == {0, 1, 2}  # the others are still tried now and then
+    assert DepthController(3, adapt=False).choose(64) == 3

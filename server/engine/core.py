@@ -12,7 +12,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from model import Model
-from model.cache import LinearLayer
+from model.cache import KVLayer, LinearLayer
 
 from .detokenizer import Detokenizer, StopStrings, hidden_token_ids
 from . import segments, speculative
@@ -48,6 +48,8 @@ class EngineConfig:
     # speculative decoding with the model's MTP head: drafts per row and step (0: off); replaces
     # decode_ahead (the next step's input depends on this step's acceptance, read on the host)
     num_speculative_tokens: int = 0
+    # the depth follows measured throughput (speculative.DepthController); False: always K
+    speculative_adapt: bool = True
 
 
 def default_memory_budget() -> int:
@@ -80,6 +82,9 @@ class EngineCore:
         checkpoint = PrefixCache.checkpoint_for(config.block_size, self.runner.state_bytes_per_seq(),
                                                 self.runner.kv_bytes_per_token())
         self.prefix_cache = PrefixCache(cache_bytes, config.block_size, checkpoint, on_evict=self._evicted)
+        # the layers this model instance holds state for (a pipeline stage: its own layers only)
+        self._layer_types = ["full_attention" if isinstance(layer, KVLayer) else "linear_attention"
+                             for layer in model.make_cache(1).layers]
         self.disk = (DiskCache(config.prefix_cache_dir, config.prefix_cache_disk_bytes, config.model_fingerprint)
                      if config.prefix_cache_dir else None)
         mx.set_cache_limit(budget // 16 if config.allocator_cache_bytes is None else config.allocator_cache_bytes)
@@ -111,6 +116,7 @@ class EngineCore:
         # speculative decoding: drafts made and accepted, per draft position
         self.drafted = [0] * config.num_speculative_tokens
         self.accepted = [0] * config.num_speculative_tokens
+        self.depth = speculative.DepthController(config.num_speculative_tokens, config.speculative_adapt)
 
     # ---- requests ----
     def new_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -294,13 +300,14 @@ class EngineCore:
         decoding; tokens after a stop are dropped) and keeps the state of what it appended.
         Constrained rows (logits processors) do not draft: verifying drafts through a grammar would
         need its state advanced per draft and rolled back. Returns the finished requests."""
+        start = time.perf_counter()
         reqs = [self.requests[r] for r in self.runner.rows]
         last = [r.output_ids[-1] for r in reqs]
         limit = self.scheduler.config.max_model_len
         remaining = [min(r.params.max_tokens - len(r.output_ids), limit - r.num_prompt - len(r.output_ids))
                      for r in reqs]
-        k = speculative.draft_depths(self.runner.speculative, remaining,
-                                     [not r.params.logits_processors for r in reqs])
+        depth = self.depth.choose(len(reqs))
+        k = speculative.draft_depths(depth, remaining, [not r.params.logits_processors for r in reqs])
         drafted = self.runner.draft(last, k)
         drafts = [d[:n] for d, n in zip(drafted.tolist(), k)] if drafted is not None else [[] for _ in reqs]
         logits = self.runner.verify(last, drafts)
@@ -322,6 +329,7 @@ class EngineCore:
             kept.append(max(n, 1))  # emitted token j came from fed position j
             req.num_computed += kept[-1]
         self.runner.commit(kept)
+        self.depth.record(len(reqs), depth, sum(kept), time.perf_counter() - start)
         return finished
 
     def _can_decode_ahead(self, plan, reqs: list[Request]) -> bool:
@@ -352,7 +360,7 @@ class EngineCore:
     def _restore(self, req: Request, entry: Entry | None):
         """The cache a request starts from and the logits at its end: the memory hit's, or the
         disk's where that goes deeper (then kept in memory too)."""
-        types = self.model.config.layer_types
+        types = self._layer_types
         depth = entry.depth if entry is not None else 0
         on_disk = self.disk.lookup(req.prompt_ids) if self.disk is not None and depth < req.num_prompt else 0
         if on_disk > depth:
