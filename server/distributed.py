@@ -8,9 +8,9 @@ model's collectives line up by construction. What could still differ is made ide
 - tokens: rank 0 samples and the others take its tokens (one small all_sum per step), so logits
   processors (grammars, logit_bias), seeds and any float difference never split the ranks;
 - budgets: the scheduler's memory budget is the smallest rank's, the bytes per token and per
-  sequence the largest rank's; the prefix cache stays on only where every rank holds an equal
-  share of every layer's state (tensor-parallel), since its eviction counts bytes and its restore
-  rebuilds every layer;
+  sequence the largest rank's, and the prefix cache weighs its entries with those agreed numbers
+  (and the smallest rank's cache budget), so every rank keeps, thins and evicts the same entries
+  although a pipeline stage holds only its own layers' share of each;
 - a digest (step count, live requests, prefix-cache entries and bytes) rides on every message;
   a rank that disagrees stops.
 Idle, rank 0 broadcasts only a heartbeat every timeout/4, and the others block on the next message.
@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
@@ -39,7 +40,9 @@ from typing import Callable, Optional
 import mlx.core as mx
 import numpy as np
 
+from server.engine import segments
 from server.engine.core import EngineConfig, EngineCore, default_memory_budget
+from server.engine.prefix_cache import PrefixCache
 from server.engine.request import Request, SamplingParams
 from server.engine.sampler import Sampler
 
@@ -288,11 +291,13 @@ class LockstepSampler(Sampler):
         return both[:n]
 
 
-def _state_share(model) -> list[str]:
-    """This rank's state of one sequence, layer by layer: kinds, shapes and dtypes (equal on every
-    rank = every snapshot takes the same bytes on every rank)."""
-    return sorted(f"{type(layer).__name__}{[(a.shape, str(a.dtype)) for a in layer.arrays()]}"
-                  for layer in model.make_cache(1).layers)
+def _agreed_bytes(kv_bytes_per_token: int, state_bytes: int, x) -> int:
+    """What a prefix-cache entry weighs on every rank alike: the largest rank's bytes."""
+    if isinstance(x, segments.KVSegment):
+        return len(x) * kv_bytes_per_token
+    if isinstance(x, segments.State):
+        return state_bytes
+    return x.nbytes  # logits: every rank computes the same
 
 
 class LockstepCore(EngineCore):
@@ -301,20 +306,16 @@ class LockstepCore(EngineCore):
         self.channel = channel
         self.sampler = LockstepSampler(channel)
         c = self.scheduler.config
-        ranks = channel.gather([c.kv_bytes_per_token, c.state_bytes_per_seq, _state_share(model)])
+        pc = self.prefix_cache
+        ranks = channel.gather([c.kv_bytes_per_token, c.state_bytes_per_seq, pc.budget])
         c.kv_bytes_per_token = max(r[0] for r in ranks)
         c.state_bytes_per_seq = max(r[1] for r in ranks)
-        unequal = any(r[2] != ranks[0][2] for r in ranks)
-        # The restore (core._restore) rebuilds a cache layer by layer from model.config.layer_types:
-        # a pipeline stage's cache holds only its own layers.
-        partial = any(len(r[2]) != len(model.config.layer_types) for r in ranks)
-        if self.prefix_cache.enabled and (unequal or partial):
-            # Its eviction counts this rank's bytes: with unequal shares (pipeline stages holding
-            # different layers) the ranks would evict different entries and split.
-            log.warning("the prefix cache is off: %s", "the ranks hold unequal shares of a sequence's state"
-                        if unequal else "a pipeline stage holds only its own layers' state")
-            self.prefix_cache.budget = 0
-            c.memory_budget_bytes = config.memory_budget_bytes
+        # The prefix cache keeps, thins and evicts by bytes, and each rank holds its own share of a
+        # sequence's state (a pipeline stage: its own layers'): every rank weighs entries with the
+        # numbers agreed here, so that all of them keep and evict the same ones.
+        pc.budget = min(r[2] for r in ranks)
+        pc.checkpoint = PrefixCache.checkpoint_for(pc.block_size, c.state_bytes_per_seq, c.kv_bytes_per_token)
+        pc.weigh = partial(_agreed_bytes, c.kv_bytes_per_token, c.state_bytes_per_seq)
         self.watchdog: Optional[Watchdog] = None
 
     def digest(self) -> list:

@@ -136,13 +136,22 @@ def _check_batch(url: str, ranks: Ranks) -> None:
         got = list(pool.map(lambda k: _stream(url, ids + greedy[:k], len(greedy) - k)[0], cuts))
     tok = AutoTokenizer.from_pretrained(FIXTURE.hf_dir)
     # the server leaves special tokens out of text
-    assert got == [tok.decode(greedy[k:], skip_special_tokens=True) for k in cuts], ranks.output()
+    expected = [tok.decode(greedy[k:], skip_special_tokens=True) for k in cuts]
+    assert got == expected, ranks.output()
+    # again: now from the prefix cache, which every rank keeps alike (a pipeline stage its own layers')
+    with ThreadPoolExecutor(4) as pool:
+        again = list(pool.map(lambda k: _stream(url, ids + greedy[:k], len(greedy) - k)[0], cuts))
+    assert again == expected, ranks.output()
+    assert _metric(url, "deltaserve_prefix_cache_hit_tokens") >= len(ids) * len(cuts), ranks.output()
+
+
+def _metric(url: str, name: str) -> float:
+    metrics = httpx.get(f"{url}/metrics", timeout=5).text
+    return float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith(name)))
 
 
 def _running(url: str) -> float:
-    metrics = httpx.get(f"{url}/metrics", timeout=5).text
-    return float(next(line.split()[-1] for line in metrics.splitlines()
-                      if line.startswith("deltaserve_num_requests_running")))
+    return _metric(url, "deltaserve_num_requests_running")
 
 
 def _cancel_mid_generation(url: str) -> None:

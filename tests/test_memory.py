@@ -176,8 +176,9 @@ def test_prefix_cache_entries_count_all_they_hold_logits_included(lm):
     for node in nodes:
         has_logits = node.logits is not None
         assert has_logits == (node.depth == 50)
-        assert node.state_bytes == one_state + (logits_bytes if has_logits else 0)
+        held = node.state.nbytes + (node.logits.nbytes if has_logits else 0)
+        assert held == one_state + (logits_bytes if has_logits else 0)
     # each token's KV once: one path of depths[3] tokens
     kv = state_bytes(model.config, depths[3]) - one_state
     assert pc.kv_tokens == depths[3] and pc.kv_bytes == kv
-    assert pc.nbytes == kv + sum(n.state_bytes for n in nodes)
+    assert pc.nbytes == kv + sum(n.state.nbytes + (n.logits.nbytes if n.logits is not None else 0) for n in nodes)

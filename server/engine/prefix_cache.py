@@ -73,10 +73,6 @@ class _Node:
     kind: str = ""  # of its state (see PrefixCache.insert)
     depth: int = 0
 
-    @property
-    def state_bytes(self) -> int:
-        return (self.state.nbytes if self.state is not None else 0) + (
-            self.logits.nbytes if self.logits is not None else 0)
 
 
 class PrefixCache:
@@ -88,6 +84,9 @@ class PrefixCache:
         self.block_size = block_size
         self.checkpoint = checkpoint or block_size  # B0 (see the module docstring)
         self.on_evict = on_evict  # (tokens, entry) of each state LRU eviction is about to drop
+        # what a segment, state or logits array counts against the budget: its bytes, unless set
+        # (ranks in lockstep weigh with numbers they agreed on, so that they evict alike)
+        self.weigh: Callable[[Any], int] = lambda x: x.nbytes
         if self.checkpoint % block_size:
             raise ValueError("checkpoint must be a multiple of block_size")
         self.root = _Node()
@@ -190,7 +189,8 @@ class PrefixCache:
             return False
         start = self.match(tokens)
         assert len(kv) == len(tokens) - start, (len(kv), len(tokens), start)
-        added = (kv.nbytes if start < len(tokens) else 0) + state.nbytes + (logits.nbytes if logits is not None else 0)
+        added = (self.weigh(kv) if start < len(tokens) else 0) + self.weigh(state) + (
+            self.weigh(logits) if logits is not None else 0)
         if added > self.budget:
             return False
         node = self._node_at(list(tokens), kv)
@@ -198,16 +198,20 @@ class PrefixCache:
             kind = node.kind
         self._drop_state(node)
         node.state, node.logits, node.kind = state, logits, kind
-        self.nbytes += node.state_bytes
+        self.nbytes += self._state_bytes(node)
         self._lru[id(node)] = node
         self._drop_left_generations(node)
         self._thin(node)
         self._evict()
         return True
 
+    def _state_bytes(self, node: _Node) -> int:
+        return (self.weigh(node.state) if node.state is not None else 0) + (
+            self.weigh(node.logits) if node.logits is not None else 0)
+
     def _add_kv(self, node: _Node, kv: Any, sign: int = 1) -> None:
-        self.nbytes += sign * kv.nbytes
-        self.kv_bytes += sign * kv.nbytes
+        self.nbytes += sign * self.weigh(kv)
+        self.kv_bytes += sign * self.weigh(kv)
         self.kv_tokens += sign * len(kv)
 
     def _node_at(self, tokens: list[int], kv: Any) -> _Node:
@@ -264,7 +268,7 @@ class PrefixCache:
     def _drop_state(self, node: _Node) -> None:
         if node.state is None:
             return
-        self.nbytes -= node.state_bytes
+        self.nbytes -= self._state_bytes(node)
         node.state = node.logits = None
         node.kind = ""
         del self._lru[id(node)]
