@@ -132,7 +132,8 @@ def main(argv=None):
     header = (f"Measured {stamp} on {backend()}, {platform.processor() or platform.machine()}, "
               f"{'full' if args.full else 'CPU-sized'} run (`python -m bench.run_all{' --full' if args.full else ''}`).")
     md = table(results, header)
-    out.write_text("".join(json.dumps(r) + "\n" for r in suites + results))
+    if not args.table_only:  # the rows were read from the file: rewriting it would only reorder it
+        out.write_text("".join(json.dumps(r) + "\n" for r in suites + results))
     print(md)
     if not args.no_write:
         write_table(md)
