@@ -1,4 +1,5 @@
-"""A deltaserve app on a real socket (uvicorn in a background thread) for the openai client."""
+"""A deltaserve app on a real socket (uvicorn in a background thread) for the openai client, and the
+small references engine tests compare against."""
 
 from __future__ import annotations
 
@@ -86,3 +87,19 @@ class ModelSpy:
 
     def __getattr__(self, name):
         return getattr(self.model, name)
+
+
+def solo_greedy(model, tokens: list[int], n: int):
+    """The model alone on one sequence (a plain batch-1 cache, no engine): its greedy tokens and the
+    logits each was chosen from, what a request must produce whatever runs beside it."""
+    import mlx.core as mx
+    import numpy as np
+
+    cache = model.make_cache(1)
+    logits = model(mx.array(tokens)[None], cache, last_only=True)[0, -1]
+    out, seen = [], []
+    for _ in range(n):
+        seen.append(np.array(logits))
+        out.append(int(mx.argmax(logits).item()))
+        logits = model(mx.array([out[-1]])[None], cache)[0, -1]
+    return out, seen

@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from fixtures import get_fixture
+from server_harness import solo_greedy
 
 from model import load
 from model.cache import KV_STEP, KVLayer, kv_capacity
@@ -36,18 +37,6 @@ def bucket_bytes(runner: Runner) -> int:
 
 def prompt(n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(100, 50000, size=n).tolist()
-
-
-def solo_greedy(model, tokens: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
-    """The model alone on one sequence (a plain batch-1 Cache): greedy tokens and their logits."""
-    cache = model.make_cache(1)
-    logits = model(mx.array(tokens)[None], cache, last_only=True)[0, -1]
-    out, seen = [], []
-    for _ in range(n):
-        seen.append(np.array(logits))
-        out.append(int(mx.argmax(logits).item()))
-        logits = model(mx.array([out[-1]])[None], cache)[0, -1]
-    return out, seen
 
 
 def random_cache(model, length: int, seed: int):

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from fixtures import get_fixture
-from server_harness import ModelSpy, wait_until
+from server_harness import ModelSpy, solo_greedy, wait_until
 
 from model import load
 from server.engine import Engine, EngineConfig, EngineCore, PromptTooLong, QueueFull, SamplingParams
@@ -53,20 +53,10 @@ def tokens(deltas):
     return [t for d in deltas for t in d.token_ids]
 
 
-def direct_greedy(model, prompt, n):
-    cache = model.make_cache()
-    logits = model(mx.array(prompt)[None], cache)[0, -1]
-    out = []
-    for _ in range(n):
-        out.append(int(mx.argmax(logits).item()))
-        logits = model(mx.array([out[-1]])[None], cache)[0, -1]
-    return out
-
-
 def test_solo_equals_direct_model_greedy(lm):
     p = prompts(1, seed=3)[0]
     (out,), _ = run(lm, [(p, SamplingParams(**GREEDY, ignore_eos=True))])
-    assert tokens(out) == direct_greedy(lm[0], p, 12)
+    assert tokens(out) == solo_greedy(lm[0], p, 12)[0]
 
 
 def test_batch_of_eight_arriving_at_different_steps_equals_solo(lm):
@@ -245,7 +235,7 @@ def test_threaded_engine_async_stream_and_close_cancels(lm):
             return got
 
         got = asyncio.run(main())
-        assert tokens(got) == direct_greedy(model, p, 12)
+        assert tokens(got) == solo_greedy(model, p, 12)[0]
         assert got[-1].finish_reason == "length" and got[-1].usage.completion_tokens == 12
         for _ in range(200):
             if engine.stats()["running"] == 0:
@@ -317,8 +307,8 @@ def test_submit_cancel_and_stats_never_wait_for_a_step(lm):
         assert outcome.get("stats") is not None, "submit, cancel or stats waited for the step in progress"
         assert outcome["full"] and outcome["taken"] and outcome["stats"]["steps"] == 0
         release.set()
-        assert tokens(list(first)) == direct_greedy(model, p[0], 12)
-        assert tokens(list(outcome["second"])) == direct_greedy(model, p[1], 12)
+        assert tokens(list(first)) == solo_greedy(model, p[0], 12)[0]
+        assert tokens(list(outcome["second"])) == solo_greedy(model, p[1], 12)[0]
         assert wait_until(lambda: engine.stats()["running"] + engine.stats()["waiting"] == 0)
     finally:
         release.set()

@@ -7,7 +7,7 @@ import logging
 import httpx
 import mlx.core as mx
 import pytest
-from server_harness import ServerThread, tiny_app, tiny_engine, tiny_model
+from server_harness import ServerThread, solo_greedy, tiny_app, tiny_engine, tiny_model
 
 from model.cache import kv_capacity
 from server import wired_memory
@@ -104,17 +104,6 @@ def test_a_request_that_can_never_fit_is_a_400_naming_the_numbers(small_server, 
     assert httpx.post(srv.base_url + path, json=REQUESTS[path](4), timeout=30).status_code == 200
 
 
-def _greedy(model, prompt, n):
-    """The model alone, no engine: the expected continuation."""
-    cache = model.make_cache()
-    logits = model(mx.array(prompt)[None], cache)[0, -1]
-    out = []
-    for _ in range(n):
-        out.append(int(mx.argmax(logits).item()))
-        logits = model(mx.array([out[-1]])[None], cache)[0, -1]
-    return out
-
-
 def test_a_request_that_fits_later_waits_for_room_then_runs():
     model, tok = tiny_model()
     prompts = [list(range(200, 240)), list(range(300, 350))]
@@ -128,4 +117,4 @@ def test_a_request_that_fits_later_waits_for_room_then_runs():
     while core.has_work():
         assert len(core.scheduler.running) <= 1
         core.step()
-    assert [out[i] for i in ids] == [_greedy(model, p, 6) for p in prompts]
+    assert [out[i] for i in ids] == [solo_greedy(model, p, 6)[0] for p in prompts]
