@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "bench"

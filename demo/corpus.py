@@ -21,7 +21,6 @@ import random
 import re
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 
 from .entities import Pools
 from .tools import TOOLS, Call, ToolSpec, pick, request_for
