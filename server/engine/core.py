@@ -216,9 +216,14 @@ class EngineCore:
         failed: dict[str, Exception] = {}
         finished: list[Request] = []
 
-        if plan.decode and self.runner.rows and self.runner.speculative:
-            finished += self._decode_speculative(failed)
+        # speculative decoding: the depth the controller picks; at 0, a plain step (decode-ahead
+        # allowed), which also ends a step launched ahead before drafting resumes
+        drafting = self.runner.speculative and plan.decode and self.runner.rows
+        depth = self.depth.choose(len(self.runner.rows)) if drafting else 0
+        if plan.decode and depth and self.runner.pending is None:
+            finished += self._decode_speculative(failed, depth)
         elif plan.decode and self.runner.rows:
+            start = time.perf_counter()
             reqs = [self.requests[r] for r in self.runner.rows]
             if self.runner.pending is not None:  # launched last step, already fed
                 chosen, logits = self.runner.take_pending()
@@ -227,7 +232,7 @@ class EngineCore:
                 chosen = self.sampler.choose(logits, reqs, failed)
                 for req in reqs:
                     req.num_computed += 1
-            if self._can_decode_ahead(plan, reqs):
+            if self._can_decode_ahead(plan, reqs) and not depth:
                 ahead = self.runner.decode(chosen)
                 self.runner.pending = (self.sampler.choose(ahead, reqs, failed), ahead)
                 mx.async_eval(*self.runner.pending)
@@ -235,6 +240,8 @@ class EngineCore:
                     req.num_computed += 1
             tokens, logprobs = self.sampler.read(chosen, logits, reqs)
             new_tokens += zip(reqs, tokens, logprobs)
+            if self.runner.speculative:
+                self.depth.record(len(reqs), 0, len(reqs), time.perf_counter() - start)
 
         for req, entry in plan.admitted:
             snapshot, hit_logits = self._restore(req, entry)
@@ -294,7 +301,7 @@ class EngineCore:
                 log.exception("request %s: its last delta could not be delivered", req.id)
         self._retire(reqs, remember=False)
 
-    def _decode_speculative(self, failed: dict[str, Exception]) -> list[Request]:
+    def _decode_speculative(self, failed: dict[str, Exception], depth: int) -> list[Request]:
         """One speculative decode step: the MTP head drafts, one forward verifies every row, each row
         appends its emitted tokens one by one (stop strings, EOS, max_tokens, streaming as in plain
         decoding; tokens after a stop are dropped) and keeps the state of what it appended.
@@ -306,7 +313,6 @@ class EngineCore:
         limit = self.scheduler.config.max_model_len
         remaining = [min(r.params.max_tokens - len(r.output_ids), limit - r.num_prompt - len(r.output_ids))
                      for r in reqs]
-        depth = self.depth.choose(len(reqs))
         k = speculative.draft_depths(depth, remaining, [not r.params.logits_processors for r in reqs])
         drafted = self.runner.draft(last, k)
         drafts = [d[:n] for d, n in zip(drafted.tolist(), k)] if drafted is not None else [[] for _ in reqs]
@@ -329,7 +335,8 @@ class EngineCore:
             kept.append(max(n, 1))  # emitted token j came from fed position j
             req.num_computed += kept[-1]
         self.runner.commit(kept)
-        self.depth.record(len(reqs), depth, sum(kept), time.perf_counter() - start)
+        if drafted is not None:  # a step where no row could draft yet says nothing about the depth
+            self.depth.record(len(reqs), depth, sum(kept), time.perf_counter() - start)
         return finished
 
     def _can_decode_ahead(self, plan, reqs: list[Request]) -> bool:

@@ -165,7 +165,10 @@ class Runner:
     # ---- decode ----
     def decode(self, tokens: mx.array) -> mx.array:
         """Feed one token [B] per batch row (in row order; may be a not-yet-evaluated device array);
-        returns logits [B, vocab]."""
+        returns logits [B, vocab]. With speculative decoding the MTP head skips these positions: its
+        rows start drafting again one verify step later, with a gap in the head's context."""
+        for r in self.rows:
+            self.mtp_input.pop(r, None)
         self.batch.fit(1)
         return self.model(tokens[:, None], self.batch)[:, -1]
 

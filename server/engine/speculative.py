@@ -61,7 +61,7 @@ class DepthController:
     and depth 0 wins; on a bandwidth-bound GPU a few more positions cost nearly nothing), which
     is why this measures instead of holding a table."""
 
-    EXPLORE = 16
+    EXPLORE = 64  # a switch costs up to two slower steps (the step launched ahead ends, the head catches up)
     SAMPLES = 3  # steps per depth and bucket before the averages are trusted
     DECAY = 0.9
 
