@@ -325,3 +325,26 @@ def test_the_depth_follows_measured_throughput():
     assert picks[1].count(1) >= 290 and picks[16].count(0) >= 290
     assert set(picks[1]) == {0, 1, 2}  # the others are still tried now and then
     assert DepthController(3, adapt=False).choose(64) == 3
+
+
+def test_cancelling_a_drafting_row_leaves_its_neighbours_alone(mtp_lm):
+    from server.engine import EngineConfig, EngineCore, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    ps = _prompts(mtp_lm[0], 3, seed=4)
+    plain, _ = _engine_run(mtp_lm, [(p, params) for p in ps])
+    core = EngineCore(*mtp_lm, EngineConfig(prefix_cache_bytes=0, memory_budget_bytes=1 << 30,
+                                            num_speculative_tokens=2, speculative_adapt=False))
+    events = {}
+    core.emit = lambda d: events.setdefault(d.request_id, []).append(d)
+    ids = [core.add(p, params).id for p in ps]
+    for step in range(40):
+        if step == 3:
+            core.cancel(ids[1])
+        if not core.has_work():
+            break
+        core.step()
+    out = [[t for d in events[i] for t in d.token_ids] for i in ids]
+    assert events[ids[1]][-1].finish_reason == "cancelled" and len(out[1]) < 12
+    assert [out[0], out[2]] == [plain[0], plain[2]]
+    assert core.runner.mtp_batch is None and not core.runner.mtp_input
