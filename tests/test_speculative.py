@@ -210,9 +210,9 @@ def test_a_rejection_at_every_draft_position_rolls_back_exactly(mtp_lm):
     real_draft, calls = core.runner.draft, [0]
 
     def oracle(last, k):
-        real = real_draft(last, k)  # the head still runs: its KV must follow the rows
+        real, k = real_draft(last, k)  # the head still runs: its KV must follow the rows
         if real is None:
-            return None
+            return None, k
         rows = []
         for b, rid in enumerate(core.runner.rows):
             req = core.requests[rid]
@@ -223,12 +223,12 @@ def test_a_rejection_at_every_draft_position_rolls_back_exactly(mtp_lm):
                 want[bad] = (want[bad] + 1) % V
             rows.append(want)
         calls[0] += 1
-        return mx.array(rows, dtype=mx.uint32)
+        return mx.array(rows, dtype=mx.uint32), k
 
     real_commit, checked = core.runner.commit, [0]
 
-    def commit_and_check(kept):
-        real_commit(kept)
+    def commit_and_check(kept, fed):
+        real_commit(kept, fed)
         model = mtp_lm[0]
         for b, rid in enumerate(core.runner.rows):
             fed = core.requests[rid].all_ids[: core.requests[rid].num_computed]

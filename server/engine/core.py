@@ -314,9 +314,9 @@ class EngineCore:
         remaining = [min(r.params.max_tokens - len(r.output_ids), limit - r.num_prompt - len(r.output_ids))
                      for r in reqs]
         k = speculative.draft_depths(depth, remaining, [not r.params.logits_processors for r in reqs])
-        drafted = self.runner.draft(last, k)
+        drafted, k = self.runner.draft(last, k)
+        logits = self.runner.verify(last, drafted, k)
         drafts = [d[:n] for d, n in zip(drafted.tolist(), k)] if drafted is not None else [[] for _ in reqs]
-        logits = self.runner.verify(last, drafts)
         finished, kept = [], []
         for req, d, (tokens, logprobs) in zip(reqs, drafts, self.sampler.accept(logits, reqs, drafts, failed)):
             for j in range(len(d)):
@@ -334,7 +334,7 @@ class EngineCore:
                     break
             kept.append(max(n, 1))  # emitted token j came from fed position j
             req.num_computed += kept[-1]
-        self.runner.commit(kept)
+        self.runner.commit(kept, [[t] + d for t, d in zip(last, drafts)])
         if drafted is not None:  # a step where no row could draft yet says nothing about the depth
             self.depth.record(len(reqs), depth, sum(kept), time.perf_counter() - start)
         return finished

@@ -173,16 +173,17 @@ class Runner:
         return self.model(tokens[:, None], self.batch)[:, -1]
 
     # ---- speculative decode ----
-    def draft(self, last: list[int], k: list[int]) -> mx.array | None:
+    def draft(self, last: list[int], k: list[int]) -> tuple[mx.array | None, list[int]]:
         """Row b's next k[b] tokens as the MTP head chains them greedily, [B, max k] on the device
-        (None when no row drafts). `last`: each row's last chosen token (not fed yet). Every row
-        with pending input hands it to the head (so that its KV keeps up); rows without (a
-        prefix-cache hit that needed no prefill) draft nothing this step."""
+        (None when no row drafts), and the drafts per row it made. `last`: each row's last chosen
+        token (not fed yet). Every row with pending input hands it to the head (so that its KV
+        keeps up); rows without (a prefix-cache hit that needed no prefill, rows just back from
+        plain steps) draft nothing this step."""
         rows = [self.mtp_input.get(r) for r in self.rows]
         k = [kb if inp is not None else 0 for kb, inp in zip(k, rows)]
         K = max(k, default=0)
         if K == 0:
-            return None
+            return None, k
         lengths = [len(inp[1]) if inp is not None else 0 for inp in rows]
         T = max(lengths)
         H = self.model.config.hidden_size
@@ -205,7 +206,7 @@ class Runner:
             logits, h = self.model.draft(h, drafts[-1][:, None], self.mtp_batch, on)
             drafts.append(mx.argmax(logits[:, -1], axis=-1))
         self.mtp_batch.offsets = read
-        return mx.stack(drafts, axis=1).astype(mx.uint32)
+        return mx.stack(drafts, axis=1).astype(mx.uint32), k
 
     def _head(self, hidden, tokens, cache, lengths=None) -> mx.array:
         """The MTP head without its vocabulary projection: its normed output [B, T, H]."""
@@ -216,24 +217,27 @@ class Runner:
         lm = self.model.language_model
         return lm.model.embed_tokens.as_linear(x) if self.model.config.tie_word_embeddings else lm.lm_head(x)
 
-    def verify(self, last: list[int], drafts: list[list[int]]) -> mx.array:
-        """Feed each row its last token and its drafts (ragged: rows that did not draft feed one)
-        in one forward that keeps every position's state; logits [B, 1 + max drafts, vocab].
-        `commit` then says how many positions each row keeps."""
-        lengths = [1 + len(d) for d in drafts]
+    def verify(self, last: list[int], drafted: mx.array | None, k: list[int]) -> mx.array:
+        """Feed each row its last token and its first k[b] drafts (`draft`'s device array, so no
+        wait between drafting and verifying; ragged: rows that did not draft feed one) in one
+        forward that keeps every position's state; logits [B, 1 + max k, vocab]. `commit` then
+        says how many positions each row keeps."""
+        lengths = [1 + n for n in k]
         T = max(lengths)
-        fed = [[t] + list(d) for t, d in zip(last, drafts)]
-        tokens = mx.array([f + [0] * (T - len(f)) for f in fed])
+        tokens = mx.array(last, dtype=mx.uint32)[:, None]
+        if T > 1:
+            tokens = mx.concatenate([tokens, drafted[:, : T - 1]], axis=1)
         self.batch.fit(T)
         logits, hidden = self.model(tokens, self.batch, lengths=lengths, return_hidden=True, keep_states=T > 1)
-        self._verified = (hidden, fed, lengths)
+        self._verified = (hidden, lengths)
         return logits
 
-    def commit(self, kept: list[int]) -> None:
-        """Row b keeps the first kept[b] positions of the last `verify` (1..fed): the rest rolls back
-        (recurrent and conv state from the kept position, KV past it masked), and the kept
-        positions' hidden states become the head's pending input."""
-        hidden, fed, lengths = self._verified
+    def commit(self, kept: list[int], fed: list[list[int]]) -> None:
+        """Row b keeps the first kept[b] positions of the last `verify` (1..fed), whose tokens were
+        fed[b] (its last token and drafts): the rest rolls back (recurrent and conv state from the
+        kept position, KV past it masked), and the kept positions' hidden states become the head's
+        pending input."""
+        hidden, lengths = self._verified
         self._verified = None
         if max(lengths) > 1:
             self.batch.rollback(kept, lengths)
