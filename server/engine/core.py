@@ -96,8 +96,8 @@ class EngineCore:
                 prefill_tokens_per_step=config.prefill_tokens_per_step,
                 max_model_len=config.max_model_len or model.config.max_position_embeddings,
                 memory_budget_bytes=max(budget - cache_bytes, 1),
-                kv_bytes_per_token=self.runner.kv_bytes_per_token(),
-                state_bytes_per_seq=self.runner.state_bytes_per_seq(),
+                kv_bytes_per_token=self.runner.kv_bytes_per_token() + self.runner.speculative_bytes()[0],
+                state_bytes_per_seq=self.runner.state_bytes_per_seq() + self.runner.speculative_bytes()[1],
             ),
             self.prefix_cache,
         )

@@ -45,7 +45,7 @@ class Runner:
     # Counted from the layers this model instance holds (a pipeline stage holds only its own).
     def kv_bytes_per_token(self) -> int:
         """K and V bytes one token takes; the scheduler rounds tokens up with model.cache.kv_capacity."""
-        layers = self.model.make_cache(1).layers + (self.model.make_mtp_cache(1).layers if self.speculative else [])
+        layers = self.model.make_cache(1).layers
         return sum(2 * layer.keys.itemsize * layer.keys.shape[1] * layer.keys.shape[3]
                    for layer in layers if isinstance(layer, KVLayer))
 
@@ -55,6 +55,17 @@ class Runner:
         layers = self.model.make_cache(1).layers
         logits = self.model.config.vocab_size * self.model.compute_dtype.size + 4  # + the chosen token
         return logits + sum(layer.conv.nbytes + layer.state.nbytes for layer in layers if isinstance(layer, LinearLayer))
+
+    def speculative_bytes(self) -> tuple[int, int]:
+        """What speculative decoding adds per token (the MTP head's KV) and per sequence (a verify
+        forward's per-position states and logits for K more positions, the head's pending input);
+        (0, 0) when off. Apart from the two above, which the prefix cache's spacing also reads."""
+        if not self.speculative:
+            return 0, 0
+        kv = sum(2 * layer.keys.itemsize * layer.keys.shape[1] * layer.keys.shape[3]
+                 for layer in self.model.make_mtp_cache(1).layers)
+        head = MAX_PENDING * self.model.config.hidden_size * self.model.compute_dtype.size
+        return kv, self.speculative * self.state_bytes_per_seq() + head
 
     def live_bytes(self) -> int:
         """Bytes the running sequences' state holds: the decode batch, the caches still in
