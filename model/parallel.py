@@ -35,7 +35,7 @@ import mlx.nn as nn
 from .cache import Cache
 from .config import ModelConfig
 from .loader import load_model
-from .qwen3_5 import MLP, Attention, Batch, GatedDeltaNet, Model, SparseMoE, _attention_mask
+from .qwen3_5 import MLP, Attention, GatedDeltaNet, Model, SparseMoE, _attention_mask, forward_rows
 
 MODES = ("pipeline", "tensor")
 _LAYER = re.compile(r"^language_model\.model\.layers\.(\d+)\.(.+)$")
@@ -132,17 +132,8 @@ class PipelineModel(nn.Module):
         return Cache(states, [0] * batch_size)
 
     def __call__(self, tokens: mx.array, cache: Cache | None = None, lengths=None, last_only: bool = False):
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must have shape [batch, time], got {tokens.shape}")
-        B, T = tokens.shape
-        if cache is None:
-            cache = self.make_cache(B)
-        if cache.batch_size != B:
-            raise ValueError(f"cache holds {cache.batch_size} rows but tokens has {B}")
-        lengths = [T] * B if lengths is None else [int(n) for n in lengths]
-        if len(lengths) != B or any(not 0 <= n <= T for n in lengths):
-            raise ValueError(f"lengths must give 0..{T} for each of {B} rows, got {lengths}")
-        batch = Batch(list(cache.offsets), lengths, T)
+        cache, batch = forward_rows(self, tokens, cache, lengths)
+        (B, T), lengths = tokens.shape, batch.lengths
         mask = _attention_mask(batch)
         lm = self.model.language_model
         if self.rank == 0:

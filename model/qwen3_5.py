@@ -292,6 +292,21 @@ class LanguageModel(nn.Module):
             self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
 
 
+def forward_rows(model, tokens: mx.array, cache, lengths, keep_states: bool = False):
+    """Checks a forward's arguments; returns the cache to use (a new one when None) and the Batch."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must have shape [batch, time], got {tokens.shape}")
+    B, T = tokens.shape
+    if cache is None:
+        cache = model.make_cache(B)
+    if cache.batch_size != B:
+        raise ValueError(f"cache holds {cache.batch_size} rows but tokens has {B}")
+    lengths = [T] * B if lengths is None else [int(n) for n in lengths]
+    if len(lengths) != B or any(not 0 <= n <= T for n in lengths):
+        raise ValueError(f"lengths must give 0..{T} for each of {B} rows, got {lengths}")
+    return cache, Batch(list(cache.offsets), lengths, T, keep_states=keep_states)
+
+
 def _attention_mask(batch: Batch):
     """Causal mask over [cached + new] keys; row b's query i sees keys j <= offsets[b] + i."""
     return _causal_mask(batch.offsets, batch.T)
@@ -359,17 +374,8 @@ class Model(nn.Module):
         (logits, the final-normed hidden state [B, T, H] at every position, last_only or not), what
         the MTP head reads. `keep_states` keeps each GatedDeltaNet position's state for
         `cache.rollback` (a speculative verify forward)."""
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must have shape [batch, time], got {tokens.shape}")
-        B, T = tokens.shape
-        if cache is None:
-            cache = self.make_cache(B)
-        if cache.batch_size != B:
-            raise ValueError(f"cache holds {cache.batch_size} rows but tokens has {B}")
-        lengths = [T] * B if lengths is None else [int(n) for n in lengths]
-        if len(lengths) != B or any(not 0 <= n <= T for n in lengths):
-            raise ValueError(f"lengths must give 0..{T} for each of {B} rows, got {lengths}")
-        batch = Batch(list(cache.offsets), lengths, T, keep_states=keep_states)
+        cache, batch = forward_rows(self, tokens, cache, lengths, keep_states)
+        lengths = batch.lengths
         mask = _attention_mask(batch)
         lm = self.language_model
         x = lm.model.embed_tokens(tokens).astype(self.compute_dtype)
