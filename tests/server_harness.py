@@ -103,3 +103,20 @@ def solo_greedy(model, tokens: list[int], n: int):
         out.append(int(mx.argmax(logits).item()))
         logits = model(mx.array([out[-1]])[None], cache)[0, -1]
     return out, seen
+
+
+def drive(core, reqs, arrive=None) -> list[list]:
+    """Steps an EngineCore until it is done, adding reqs[i] = (prompt ids, SamplingParams) at step
+    arrive[i] (default: all at once); returns each request's deltas, in reqs' order."""
+    events = {}
+    core.emit = lambda d: events.setdefault(d.request_id, []).append(d)
+    arrive = arrive or [0] * len(reqs)
+    order = sorted(range(len(reqs)), key=lambda i: arrive[i])
+    ids, step = {}, 0
+    while order or core.has_work():
+        while order and arrive[order[0]] <= step:
+            i = order.pop(0)
+            ids[i] = core.add(reqs[i][0], reqs[i][1]).id
+        core.step()
+        step += 1
+    return [events[ids[i]] for i in range(len(reqs))]

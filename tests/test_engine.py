@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from fixtures import get_fixture
-from server_harness import ModelSpy, solo_greedy, wait_until
+from server_harness import ModelSpy, drive, solo_greedy, wait_until
 
 from model import load
 from server.engine import Engine, EngineConfig, EngineCore, PromptTooLong, QueueFull, SamplingParams
@@ -31,22 +31,11 @@ def prompts(n, seed=0, lo=5, hi=300):
 def run(lm, reqs, cache_bytes=0, block=32, budget=48, arrive=None, core=None, **cfg):
     """Drive EngineCore step by step; reqs = [(prompt, params)]; arrive[i] = step of submission."""
     model, tok = lm
-    events = {}
     if core is None:
         config = EngineConfig(prefix_cache_bytes=cache_bytes, block_size=block, memory_budget_bytes=1 << 30,
                               prefill_tokens_per_step=budget, **cfg)
         core = EngineCore(model, tok, config)
-    core.emit = lambda d: events.setdefault(d.request_id, []).append(d)
-    arrive = arrive or [0] * len(reqs)
-    order = sorted(range(len(reqs)), key=lambda i: arrive[i])
-    ids, step = {}, 0
-    while order or core.has_work():
-        while order and arrive[order[0]] <= step:
-            i = order.pop(0)
-            ids[i] = core.add(reqs[i][0], reqs[i][1]).id
-        core.step()
-        step += 1
-    return [events[ids[i]] for i in range(len(reqs))], core
+    return drive(core, reqs, arrive), core
 
 
 def tokens(deltas):

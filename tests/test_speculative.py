@@ -12,6 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from fixtures.mtp import MTP_FIXTURES, get_mtp_fixture
+from server_harness import drive
 
 from model import load_model
 from model.cache import DecodeBatch
@@ -126,22 +127,12 @@ def _engine_run(lm, reqs, arrive=None, core=None, **cfg):
     from server.engine import EngineConfig, EngineCore
 
     model, tok = lm
-    events = {}
     if core is None:
         cfg = {"prefix_cache_bytes": 0, "block_size": 16, **cfg}
         core = EngineCore(model, tok, EngineConfig(memory_budget_bytes=1 << 30, prefill_tokens_per_step=48, **cfg))
-    core.emit = lambda d: events.setdefault(d.request_id, []).append(d)
-    arrive = arrive or [0] * len(reqs)
-    order = sorted(range(len(reqs)), key=lambda i: arrive[i])
-    ids, step = {}, 0
-    while order or core.has_work():
-        while order and arrive[order[0]] <= step:
-            i = order.pop(0)
-            ids[i] = core.add(reqs[i][0], reqs[i][1]).id
-        core.step()
-        step += 1
-    out = [[t for d in events[ids[i]] for t in d.token_ids] for i in range(len(reqs))]
-    logprobs = [[lp.logprob for d in events[ids[i]] for lp in d.logprobs] for i in range(len(reqs))]
+    deltas = drive(core, reqs, arrive)
+    out = [[t for d in ds for t in d.token_ids] for ds in deltas]
+    logprobs = [[lp.logprob for d in ds for lp in d.logprobs] for ds in deltas]
     return ([(o, lp) for o, lp in zip(out, logprobs)] if any(logprobs) else out), core
 
 
