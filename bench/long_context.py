@@ -38,6 +38,7 @@ import httpx
 
 from bench.common import backend, checkpoint
 from bench.server_speed import WORDS, stop
+from bench.server_speed import launch as serve
 from fixtures.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,27 +111,13 @@ def state_sizes(path: Path) -> tuple[int, int]:
 def launch(cmd: list[str], port: int, what: str, optional: bool = False) -> subprocess.Popen | None:
     """Starts a server. One that exits before answering ends the run with its reason, or when `optional`
     prints it and returns None."""
-    err = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, start_new_session=True, cwd=REPO)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            err.seek(0)
-            return _failed(f"{what}: exited before serving: {err.read()[-1500:]}", optional)
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop(proc)
-    return _failed(f"{what}: did not answer within 600 s", optional)
-
-
-def _failed(message: str, optional: bool) -> None:
-    if not optional:
-        raise SystemExit(message)
-    print(f"  {message}")
+    try:
+        return serve(cmd, port, what)
+    except RuntimeError as e:
+        if not optional:
+            raise SystemExit(str(e))
+        print(f"  {e}")
+        return None
 
 
 def deltaserve(model: Path, port: int, *extra: str) -> list[str]:

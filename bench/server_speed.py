@@ -19,6 +19,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,12 +42,20 @@ def start(kind: str, model: Path, port: int) -> subprocess.Popen:
                "--temp", "0", "--decode-concurrency", "64", "--prompt-concurrency", "8"]
     else:
         cmd = [sys.executable, "-m", "server.cli", "serve", str(model), "--port", str(port), "--max-num-seqs", "64"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, cwd=Path(__file__).resolve().parents[1])
-    deadline = time.time() + 300
+    return launch(cmd, port, f"{kind} server", timeout=300)
+
+
+def launch(cmd: list[str], port: int, what: str, timeout: float = 600) -> subprocess.Popen:
+    """Starts a server in its own process group and waits until it answers /v1/models; raises
+    RuntimeError with its stderr's tail when it exits first or does not answer in time."""
+    err = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, start_new_session=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{kind} server exited: {proc.stderr.read()[-2000:]}")
+            err.seek(0)
+            raise RuntimeError(f"{what}: exited before serving: {err.read()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
                 return proc
@@ -54,7 +63,7 @@ def start(kind: str, model: Path, port: int) -> subprocess.Popen:
             pass
         time.sleep(0.5)
     stop(proc)
-    raise RuntimeError(f"{kind} server did not come up")
+    raise RuntimeError(f"{what}: did not answer within {timeout:.0f} s")
 
 
 def stop(proc: subprocess.Popen) -> None:
