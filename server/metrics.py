@@ -42,6 +42,19 @@ class _EngineCollector:
             yield gauge(f"mlx_{name}_memory_bytes", f"MLX {name} memory", value)
         if "prefix_cache_disk" in stats:
             yield from _disk_metrics(stats["prefix_cache_disk"], gauge)
+        if "speculative" in stats:
+            yield from _speculative_metrics(stats["speculative"])
+
+
+def _speculative_metrics(spec: dict):
+    """Drafts made and accepted per draft position (label `position`, 1-based): acceptance at
+    position k is accepted/drafted there."""
+    for key, doc in (("drafted", "MTP draft tokens proposed, by draft position"),
+                     ("accepted", "MTP draft tokens accepted, by draft position")):
+        c = CounterMetricFamily(f"deltaserve_spec_decode_{key}_tokens", doc, labels=["position"])
+        for position, n in enumerate(spec[key], start=1):
+            c.add_metric([str(position)], float(n))
+        yield c
 
 
 _DISK_GAUGES = (("bytes", "Bytes of prefix-cache files on disk"), ("files", "Prefix-cache files on disk"),

@@ -177,6 +177,13 @@ def test_greedy_output_with_drafting_equals_plain_decoding(mtp_lm):
     _same(spec, plain)
     assert core.runner.batch is None and core.runner.mtp_batch is None and not core.runner.mtp_input
     assert core.scheduler.reserved_bytes == 0
+    # /metrics: drafts and acceptances per position, as the engine counted them
+    from server.metrics import Metrics
+
+    text = Metrics(core).render().decode()
+    for key, counts in (("drafted", core.drafted), ("accepted", core.accepted)):
+        for position, n in enumerate(counts, start=1):
+            assert f'deltaserve_spec_decode_{key}_tokens_total{{position="{position}"}} {float(n)}' in text
 
 
 def test_a_rejection_at_every_draft_position_rolls_back_exactly(mtp_lm):
