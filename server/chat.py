@@ -151,6 +151,34 @@ def history_end(tokenizer, messages: list[Message], tools: list[Tool] | None, te
     return start if 0 < start and ids[start:] == tail else None
 
 
+def system_end(tokenizer, messages: list[Message], tools: list[Tool] | None, template_kwargs: dict | None,
+               prompt: str, ids: list[int]) -> int | None:
+    """The token offset in `ids` where the leading system (and developer) messages and the tools end,
+    with the next user turn's header: what every conversation with the same system prompt and tools
+    shares. None where the request has none, or the template does not render them as a prefix.
+
+    Found as where two renderings that differ only in a probe user message part: templates may
+    refuse a system message alone (Qwen3's "No user query found")."""
+    k = 0
+    while k < len(messages) and messages[k].role in ("system", "developer"):
+        k += 1
+    if (k == 0 and not tools) or k == len(messages) or messages[k].role != "user":
+        return None
+    try:
+        a, b = (_apply_template(tokenizer, [*messages[:k], Message(role="user", content=probe)], tools,
+                                template_kwargs, add_generation_prompt=False) for probe in ("A", "B"))
+    except (jinja2.TemplateError, TypeError, ValueError):
+        return None
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    if n == 0 or not prompt.startswith(a[:n]):
+        return None
+    # the header's last token may merge with the text after it ("\n" + "Write" is one token in
+    # some vocabularies): the tokens every such conversation shares end where ids and head part
+    head = encode_prompt(tokenizer, a[:n])
+    m = next((i for i, (x, y) in enumerate(zip(head, ids)) if x != y), min(len(head), len(ids)))
+    return m if 0 < m < len(ids) else None
+
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """The rendered template already holds every special token; add none."""
     return list(tokenizer.encode(prompt, add_special_tokens=False))

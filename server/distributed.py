@@ -244,7 +244,8 @@ def _encode(kind: str, item) -> list:
         req: Request = item
         params = {k: v for k, v in asdict(req.params).items() if k != "logits_processors"}
         return [kind, {"id": req.id, "prompt_ids": req.prompt_ids, "params": params,
-                       "processors": len(req.params.logits_processors), "snapshot_at": list(req.snapshot_at)}]
+                       "processors": len(req.params.logits_processors), "snapshot_at": list(req.snapshot_at),
+                       "shared_at": list(req.shared_at)}]
     if kind == "warm_up":
         ids, processors, _done = item
         return [kind, {"ids": list(ids), "processors": len(processors)}]
@@ -253,7 +254,8 @@ def _encode(kind: str, item) -> list:
 
 def _decode_request(item: dict) -> Request:
     params = SamplingParams(**item["params"], logits_processors=[_rank0_processor] * item["processors"])
-    return Request(item["id"], item["prompt_ids"], params, snapshot_at=tuple(item["snapshot_at"]))
+    return Request(item["id"], item["prompt_ids"], params, snapshot_at=tuple(item["snapshot_at"]),
+                   shared_at=tuple(item["shared_at"]))
 
 
 class LockstepSampler(Sampler):

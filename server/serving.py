@@ -10,7 +10,7 @@ from typing import AsyncIterator, Callable, Optional
 
 from server.engine import Delta, EngineStopped, PromptTooLong, QueueFull, SamplingParams, TokenLogprob
 
-from .chat import encode_prompt, history_end, render_prompt, template_takes_tools
+from .chat import encode_prompt, history_end, render_prompt, system_end, template_takes_tools
 from .constrained import GrammarCompiler, LogitBias
 from .errors import APIError, BadRequest, NotFound, TooManyRequests, Unavailable
 from .metrics import Metrics, RequestTimer
@@ -65,6 +65,7 @@ class Job:
     echo_text: str = ""
     id: str = ""
     snapshot_at: tuple[int, ...] = ()  # where the prefix cache should keep the state (see chat.history_end)
+    shared_at: tuple[int, ...] = ()  # those other conversations share (see chat.system_end)
     created: int = field(default_factory=now)
 
 
@@ -134,6 +135,7 @@ async def chat_job(state: ServerState, req: ChatCompletionRequest) -> Job:
     _check_chars(state, prompt, "messages")
     ids = await asyncio.to_thread(encode_prompt, state.tokenizer, prompt)
     cut = await asyncio.to_thread(history_end, state.tokenizer, req.messages, tools, kwargs, prompt, ids)
+    system = await asyncio.to_thread(system_end, state.tokenizer, req.messages, tools, kwargs, prompt, ids)
     max_tokens = _max_tokens(state, req.max_completion_tokens or req.max_tokens, len(ids))
     open_reasoning = prompt_opens_reasoning(prompt)
     tool_dicts = [t.model_dump(exclude_none=True) for t in tools or []]
@@ -165,7 +167,8 @@ async def chat_job(state: ServerState, req: ChatCompletionRequest) -> Job:
     params.stop = []  # the parser matches them in the answer alone (see Generation.pieces)
     return Job("chat", ids, params, req.model or state.settings.model_name, req.stream,
                bool(req.stream_options and req.stream_options.include_usage), make_parser,
-               id=new_id("chatcmpl"), snapshot_at=(cut,) if cut else ())
+               id=new_id("chatcmpl"), snapshot_at=tuple(p for p in (system, cut) if p),
+               shared_at=(system,) if system else ())
 
 
 async def completion_job(state: ServerState, req: CompletionRequest) -> Job:
@@ -201,7 +204,8 @@ class Generation:
         self.state, self.job = state, job
         self.timer = RequestTimer(state.metrics, job.endpoint)
         try:
-            self.stream = state.engine.submit(job.prompt_ids, job.params, snapshot_at=job.snapshot_at)
+            self.stream = state.engine.submit(job.prompt_ids, job.params, snapshot_at=job.snapshot_at,
+                                              shared_at=job.shared_at)
         except PromptTooLong as e:
             raise BadRequest(str(e), param="messages", code="context_length_exceeded") from None
         except QueueFull as e:

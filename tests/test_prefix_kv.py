@@ -124,6 +124,23 @@ def test_concurrent_sequences_sharing_a_prefix(lm):
     assert pc.kv_tokens < sum(len(p) for p in prompts)  # the shared prefix once
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_system_prompt_end_stays_for_other_conversations(lm, shared):
+    """A point a request marks shared_at (a chat's system prompt + tools end: serving.chat_job) is kept
+    however long its conversation grows past it, so the next conversation with the same system
+    prompt resumes exactly there; unmarked, the checkpoints near it thin out and it resumes earlier."""
+    system = rand(100, 20)  # not on a 16-token block boundary
+    core = core_for(lm, 1 << 28)
+    first = core.add(system + rand(400, 21), SamplingParams(**PARAMS), snapshot_at=(100,) * shared,
+                     shared_at=(100,) * shared)
+    while core.has_work():
+        core.step()
+    assert first.finish_reason == "length"
+    out, cached = run(core, [system + rand(20, 22)])
+    assert out == cold(lm, [system + rand(20, 22)])
+    assert (cached[0] == 100) if shared else (cached[0] < 100)
+
+
 def test_disk_tier_serves_a_restarted_engine(lm, tmp_path):
     model, _ = lm
     fp = fingerprint(identity(get_fixture(FIXTURE).hf_dir, model.compute_dtype))

@@ -225,6 +225,22 @@ def test_next_chat_turn_resumes_where_the_history_ended(client):
     assert second.usage.prompt_tokens_details.cached_tokens == len(history)
 
 
+def test_a_new_conversation_resumes_where_the_shared_system_prompt_ends(client):
+    """Coding agents start every session with the same long system prompt: the server has the prefix
+    cache keep the state where it ends (with the first user turn's header, ChatML), kept however
+    long a conversation grows past it, so the next session's first request starts from there."""
+    _, tok = tiny_model()
+    system = "You are a careful coding agent. " + "Follow the repository's conventions. " * 20
+    first = [{"role": "system", "content": system}, {"role": "user", "content": "Fix the bug " + "in the parser " * 80}]
+    chat(client, first, max_tokens=2, extra_body=NO_THINK)
+    second = [{"role": "system", "content": system}, {"role": "user", "content": "Write the tests."}]
+    r = chat(client, second, max_tokens=2, extra_body=NO_THINK)
+    a, b = (tok.encode(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False, enable_thinking=False),
+                       add_special_tokens=False) for m in (first, second))
+    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert shared > 100 and r.usage.prompt_tokens_details.cached_tokens == shared
+
+
 def test_models_health_and_metrics(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     health = json.loads(urllib.request.urlopen(server.base_url + "/health").read())

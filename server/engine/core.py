@@ -120,12 +120,14 @@ class EngineCore:
 
     # ---- requests ----
     def new_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    snapshot_at: tuple[int, ...] = ()) -> Request:
+                    snapshot_at: tuple[int, ...] = (), shared_at: tuple[int, ...] = ()) -> Request:
         """A checked request, not yet queued (raises ValueError / PromptTooLong). Reads only the
-        configuration, so any thread may call it."""
+        configuration, so any thread may call it. shared_at: points of snapshot_at (or more) whose
+        state other prompts share, kept as "shared" (never thinned)."""
         params.validate()
-        req = Request(request_id or uuid.uuid4().hex, list(prompt_ids), params,
-                      snapshot_at=tuple(sorted(p for p in set(snapshot_at) if 0 < p < len(prompt_ids))))
+        inside = {p for p in (*snapshot_at, *shared_at) if 0 < p < len(prompt_ids)}
+        req = Request(request_id or uuid.uuid4().hex, list(prompt_ids), params, snapshot_at=tuple(sorted(inside)),
+                      shared_at=tuple(sorted(p for p in set(shared_at) if p in inside)))
         self.scheduler.check(req)
         return req
 
@@ -152,8 +154,8 @@ class EngineCore:
         self._outputs[req.id] = _Output(self.tokenizer, self._hidden_ids, req.params.stop)
 
     def add(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-            snapshot_at: tuple[int, ...] = ()) -> Request:
-        req = self.new_request(prompt_ids, params, request_id, snapshot_at)
+            snapshot_at: tuple[int, ...] = (), shared_at: tuple[int, ...] = ()) -> Request:
+        req = self.new_request(prompt_ids, params, request_id, snapshot_at, shared_at)
         self.enqueue(req)
         return req
 
@@ -268,8 +270,8 @@ class EngineCore:
                 at_cut = req.num_computed % self.prefix_cache.block_size == 0
                 asked = req.num_computed in req.snapshot_at and not at_cut
                 if self.prefix_cache.enabled and (done or asked or at_cut):
-                    kind = ("shared" if req.num_computed == self._shared_at.get(req.id) else "pin" if asked
-                            else "end" if done else "block")
+                    shared = req.num_computed == self._shared_at.get(req.id) or req.num_computed in req.shared_at
+                    kind = "shared" if shared else "pin" if asked else "end" if done else "block"
                     self._remember(req, req.prompt_ids[: req.num_computed], logits if done else None, kind)
                 if done:
                     new_tokens.append(self._first_token(req, logits))

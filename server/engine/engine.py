@@ -107,10 +107,11 @@ class Engine:
         return self.core.model.config.vocab_size
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-               snapshot_at: tuple[int, ...] = ()) -> Stream:
+               snapshot_at: tuple[int, ...] = (), shared_at: tuple[int, ...] = ()) -> Stream:
         """Raises ValueError, QueueFull, PromptTooLong or EngineStopped at once if the request cannot run.
-        snapshot_at: prompt offsets worth a prefix-cache snapshot (where a chat's history ends)."""
-        req = self.core.new_request(prompt_ids, params, request_id, snapshot_at)
+        snapshot_at: prompt offsets worth a prefix-cache snapshot (where a chat's history ends);
+        shared_at: offsets whose snapshot other conversations share (where the system prompt ends)."""
+        req = self.core.new_request(prompt_ids, params, request_id, snapshot_at, shared_at)
         with self._lock:
             if self._stop:  # set before the loop's last drain, which takes this lock
                 raise EngineStopped(self.failure or "the engine is shutting down")

@@ -14,9 +14,10 @@ kv_bytes_per_token` tokens (the demo model: 76; Qwen3.5-397B: ~6k; the tests' fi
 so the rule is sized to it: B0 (`checkpoint`) = the block size times max(1, round(state bytes /
 KV bytes of a block)). States are taken at block boundaries, prompt ends (with logits),
 generation ends, the points a request asks for (`snapshot_at`: a chat's history end), the last
-block boundary before a prompt's end, and where a prompt leaves a cached path ("shared": the
-next prompt sharing that prefix, e.g. another conversation after the same system prompt and
-tools, resumes there). When a state is inserted at depth e, each state on its path at depth d
+block boundary before a prompt's end, and where a prompt leaves a cached path or a request says
+others share its prefix (`shared_at`: a chat's system prompt and tools end) ("shared": the next
+prompt sharing that prefix, e.g. another conversation after the same system prompt and tools,
+resumes there). When a state is inserted at depth e, each state on its path at depth d
 stays if
 - it is "shared" (never thinned; LRU only), or
 - e - d < 2 blocks, or e - d < 2 B0 for anything but a block checkpoint (dense near the end), or

@@ -120,6 +120,9 @@ class Request:
     # prompt offsets, besides block boundaries, where the prefix cache should get a snapshot: a chat
     # prompt's history ends where its generation prompt begins, and the next turn resumes from there
     snapshot_at: tuple[int, ...] = ()
+    # those of them that stay while the prefix cache holds their path (never thinned): where a chat's
+    # system prompt and tools end, which other conversations share
+    shared_at: tuple[int, ...] = ()
     reserved_bytes: int = 0
     finish_reason: Optional[str] = None
     arrival_time: float = field(default_factory=time.monotonic)
