@@ -79,8 +79,8 @@ class EngineCore:
         self.runner = Runner(model, config.num_speculative_tokens)
         budget = config.memory_budget_bytes or default_memory_budget()
         cache_bytes = budget // 4 if config.prefix_cache_bytes is None else config.prefix_cache_bytes
-        checkpoint = PrefixCache.checkpoint_for(config.block_size, self.runner.state_bytes_per_seq(),
-                                                self.runner.kv_bytes_per_token())
+        kv_per_token, state_per_seq = self.runner.kv_bytes_per_token(), self.runner.state_bytes_per_seq()
+        checkpoint = PrefixCache.checkpoint_for(config.block_size, state_per_seq, kv_per_token)
         self.prefix_cache = PrefixCache(cache_bytes, config.block_size, checkpoint, on_evict=self._evicted)
         # the layers this model instance holds state for (a pipeline stage: its own layers only)
         self._layer_types = ["full_attention" if isinstance(layer, KVLayer) else "linear_attention"
@@ -89,6 +89,7 @@ class EngineCore:
                      if config.prefix_cache_dir else None)
         mx.set_cache_limit(budget // 16 if config.allocator_cache_bytes is None else config.allocator_cache_bytes)
         self.model_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+        spec_per_token, spec_per_seq = self.runner.speculative_bytes()
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -96,8 +97,8 @@ class EngineCore:
                 prefill_tokens_per_step=config.prefill_tokens_per_step,
                 max_model_len=config.max_model_len or model.config.max_position_embeddings,
                 memory_budget_bytes=max(budget - cache_bytes, 1),
-                kv_bytes_per_token=self.runner.kv_bytes_per_token() + self.runner.speculative_bytes()[0],
-                state_bytes_per_seq=self.runner.state_bytes_per_seq() + self.runner.speculative_bytes()[1],
+                kv_bytes_per_token=kv_per_token + spec_per_token,
+                state_bytes_per_seq=state_per_seq + spec_per_seq,
             ),
             self.prefix_cache,
         )
@@ -106,7 +107,6 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self._outputs: dict[str, _Output] = {}
         self._cancelled: dict[str, str] = {}  # request id -> finish reason
-        self._shared_at: dict[str, int] = {}  # request id -> where its prompt leaves a cached path
         eos = set(model.config.eos_token_id)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -147,7 +147,7 @@ class EngineCore:
             extra = {p for p in (last_block,) if p > max(resumable, shared)}
             if resumable < shared < req.num_prompt:
                 extra.add(shared)
-                self._shared_at[req.id] = shared
+                req.shared_at = tuple(sorted({*req.shared_at, shared}))
             req.snapshot_at = tuple(sorted({*req.snapshot_at, *extra}))
         self.scheduler.add(req)  # raises QueueFull
         self.requests[req.id] = req
@@ -270,8 +270,8 @@ class EngineCore:
                 at_cut = req.num_computed % self.prefix_cache.block_size == 0
                 asked = req.num_computed in req.snapshot_at and not at_cut
                 if self.prefix_cache.enabled and (done or asked or at_cut):
-                    shared = req.num_computed == self._shared_at.get(req.id) or req.num_computed in req.shared_at
-                    kind = "shared" if shared else "pin" if asked else "end" if done else "block"
+                    kind = ("shared" if req.num_computed in req.shared_at else "pin" if asked
+                            else "end" if done else "block")
                     self._remember(req, req.prompt_ids[: req.num_computed], logits if done else None, kind)
                 if done:
                     new_tokens.append(self._first_token(req, logits))
@@ -455,7 +455,6 @@ class EngineCore:
             self.sampler.remove(req.id)
             self.requests.pop(req.id, None)
             self._outputs.pop(req.id, None)
-            self._shared_at.pop(req.id, None)
 
     def _apply_cancellations(self) -> None:
         if not self._cancelled:

@@ -121,7 +121,7 @@ class Request:
     # prompt's history ends where its generation prompt begins, and the next turn resumes from there
     snapshot_at: tuple[int, ...] = ()
     # those of them that stay while the prefix cache holds their path (never thinned): where a chat's
-    # system prompt and tools end, which other conversations share
+    # system prompt and tools end, and where the prompt leaves a path already cached (EngineCore.enqueue)
     shared_at: tuple[int, ...] = ()
     reserved_bytes: int = 0
     finish_reason: Optional[str] = None
