@@ -155,9 +155,7 @@ class PipelineModel(nn.Module):
         mx.async_eval(x)
         x = lm.model.norm(x)
         cache.offsets = [o + n for o, n in zip(cache.offsets, lengths)]
-        if self.config.tie_word_embeddings:
-            return lm.model.embed_tokens.as_linear(x)
-        return lm.lm_head(x)
+        return self.model.logits(x)
 
 
 # ---- tensor ----
@@ -183,7 +181,10 @@ def _shard_config(c: ModelConfig, n: int) -> ModelConfig:
                    shared_expert_intermediate_size=c.shared_expert_intermediate_size // n)
 
 
-class ShardedAttention(Attention):
+class _SummedMixer:
+    """A mixer built at one rank's share of the heads whose output projection's partial sums are
+    added across ranks."""
+
     def __init__(self, c: ModelConfig, group: mx.distributed.Group):
         super().__init__(c)
         self.group = group
@@ -192,13 +193,12 @@ class ShardedAttention(Attention):
         return mx.distributed.all_sum(super().__call__(*args), group=self.group)
 
 
-class ShardedGatedDeltaNet(GatedDeltaNet):
-    def __init__(self, c: ModelConfig, group: mx.distributed.Group):
-        super().__init__(c)
-        self.group = group
+class ShardedAttention(_SummedMixer, Attention):
+    pass
 
-    def __call__(self, *args):
-        return mx.distributed.all_sum(super().__call__(*args), group=self.group)
+
+class ShardedGatedDeltaNet(_SummedMixer, GatedDeltaNet):
+    pass
 
 
 def _closing_sum(y: mx.array, block) -> mx.array:

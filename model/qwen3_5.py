@@ -359,11 +359,14 @@ class Model(nn.Module):
         """The MTP head's own KV cache (one KVLayer per MTP layer)."""
         return self.mtp.make_cache(batch_size, self.compute_dtype)
 
+    def logits(self, x: mx.array) -> mx.array:
+        """The vocabulary projection of final-normed hidden states: lm_head, or the tied embedding."""
+        lm = self.language_model
+        return lm.model.embed_tokens.as_linear(x) if self.config.tie_word_embeddings else lm.lm_head(x)
+
     def draft(self, hidden: mx.array, next_tokens: mx.array, cache: Cache, lengths=None):
         """The MTP head with this model's embedding and lm_head: see `mtp.MTP.__call__`."""
-        lm = self.language_model
-        head = lm.model.embed_tokens.as_linear if self.config.tie_word_embeddings else lm.lm_head
-        return self.mtp(hidden, next_tokens, cache, lm.model.embed_tokens, head, lengths)
+        return self.mtp(hidden, next_tokens, cache, self.language_model.model.embed_tokens, self.logits, lengths)
 
     def __call__(self, tokens: mx.array, cache: Cache | None = None, lengths=None,
                  last_only: bool = False, return_hidden: bool = False, keep_states: bool = False):
@@ -387,10 +390,7 @@ class Model(nn.Module):
             x = mx.take_along_axis(x, last[:, None, None], axis=1)
         x = lm.model.norm(x) if hidden is None or last_only else hidden
         cache.offsets = [o + n for o, n in zip(cache.offsets, lengths)]
-        if self.config.tie_word_embeddings:
-            logits = lm.model.embed_tokens.as_linear(x)
-        else:
-            logits = lm.lm_head(x)
+        logits = self.logits(x)
         return (logits, hidden) if return_hidden else logits
 
 

@@ -210,7 +210,7 @@ class Runner:
         at = mx.array([max(n, 1) - 1 for n in lengths])
         h = mx.take_along_axis(h, at[:, None, None], axis=1)
         read = list(self.mtp_batch.offsets)  # the chained steps below write KV the next round overwrites
-        drafts = [mx.argmax(self._lm_head(h)[:, -1], axis=-1)]
+        drafts = [mx.argmax(self.model.logits(h)[:, -1], axis=-1)]
         on = [1 if kb > 1 else 0 for kb in k]
         for _ in range(1, K):
             self.mtp_batch.fit(1)
@@ -223,10 +223,6 @@ class Runner:
         """The MTP head without its vocabulary projection: its normed output [B, T, H]."""
         return self.model.mtp(hidden, tokens, cache, self.model.language_model.model.embed_tokens,
                               lambda x: x, lengths)[1]
-
-    def _lm_head(self, x: mx.array) -> mx.array:
-        lm = self.model.language_model
-        return lm.model.embed_tokens.as_linear(x) if self.model.config.tie_word_embeddings else lm.lm_head(x)
 
     def verify(self, last: list[int], drafted: mx.array | None, k: list[int]) -> mx.array:
         """Feed each row its last token and its first k[b] drafts (`draft`'s device array, so no
