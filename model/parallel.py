@@ -292,6 +292,7 @@ def _shard(model: Model, weights: dict, *, group: mx.distributed.Group) -> dict:
     """loader prepare hook: give every layer its sharded modules and slice the tensors to match."""
     c, n, rank = model.config, group.size(), group.rank()
     shard = _shard_config(c, n)
+    model.compiled_step = False  # the layers' all_sums (and the last one's async_eval) stay out of traces
     for layer in model.language_model.model.layers:
         if layer.is_linear:
             layer.linear_attn = ShardedGatedDeltaNet(shard, group)

@@ -184,25 +184,32 @@ class Attention(nn.Module):
         return KVLayer(mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype))
 
     def __call__(self, x: mx.array, cache: KVLayer, batch: Batch, mask) -> mx.array:
+        offsets = batch.offsets
+        q, k, v, gate = self.project(x, offsets[0] if len(set(offsets)) == 1 else mx.array(offsets))
+        return self.finish(self.attend(q, k, v, cache, batch, mask), gate)
+
+    def project(self, x: mx.array, offset) -> tuple[mx.array, ...]:
+        """q, k, v [B, heads, T, D] with rope from `offset` (an int, or an array [B] per row), and the
+        output gate [B, T, heads * D]."""
         B, T, _ = x.shape
         qg = self.q_proj(x).reshape(B, T, self.n_heads, 2 * self.head_dim)
         q, gate = qg[..., : self.head_dim], qg[..., self.head_dim :]
         q = self.q_norm(q).transpose(0, 2, 1, 3)
         k = self.k_norm(self.k_proj(x).reshape(B, T, self.n_kv, -1)).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, T, self.n_kv, -1).transpose(0, 2, 1, 3)
-
-        offsets = batch.offsets
-        offset = offsets[0] if len(set(offsets)) == 1 else mx.array(offsets)
         rope = dict(dims=self.rotary_dims, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
-        q, k = mx.fast.rope(q, **rope), mx.fast.rope(k, **rope)
+        return mx.fast.rope(q, **rope), mx.fast.rope(k, **rope), v, gate.reshape(B, T, -1)
 
+    def attend(self, q, k, v, cache: KVLayer | BucketedKV, batch: Batch, mask) -> mx.array:
+        """Writes k, v into the cache; the attention output [B, heads, T, D]."""
         if isinstance(cache, BucketedKV):
-            o = self._attend_by_bucket(q, k, v, cache, batch)
-        else:
-            keys, values = cache.update(k, v, offsets)
-            o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
-        o = o.transpose(0, 2, 1, 3).reshape(B, T, -1)
-        return self.o_proj(_sigmoid_gate(o, gate.reshape(B, T, -1)))
+            return self._attend_by_bucket(q, k, v, cache, batch)
+        keys, values = cache.update(k, v, batch.offsets)
+        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
+
+    def finish(self, o: mx.array, gate: mx.array) -> mx.array:
+        B, _, T, _ = o.shape
+        return self.o_proj(_sigmoid_gate(o.transpose(0, 2, 1, 3).reshape(B, T, -1), gate))
 
     def _attend_by_bucket(self, q, k, v, cache: BucketedKV, batch: Batch) -> mx.array:
         """Each length bucket of a DecodeBatch attends over its own keys only (a short row never
@@ -275,6 +282,38 @@ class DecoderLayer(nn.Module):
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def step(self, x: mx.array, cache, batch: Batch, mask, offsets: mx.array) -> mx.array:
+        """The same as __call__ for a decode step (one valid token per row, no kept states), with
+        everything but the attention core in compiled functions: the core (the cache write and
+        attention over each row's keys) changes shape every step, the rest only with the batch
+        size. MLX then fuses the elementwise work into a few kernels and the host builds a handful
+        of graph nodes per layer instead of about a hundred. `offsets` [B]: each row's position,
+        as an array so that a new position is not a new trace. The weights are constants of the
+        traces (compiled on first use, per batch size)."""
+        if self.is_linear:
+            if self._linear_step is None:
+                self._linear_step = mx.compile(self._linear_body)
+            x, cache.conv, cache.state = self._linear_step(x, cache.conv, cache.state)
+            return x
+        if self._attention_in is None:
+            attn = self.self_attn
+            self._attention_in = mx.compile(lambda x, offsets: attn.project(self.input_layernorm(x), offsets))
+            self._attention_out = mx.compile(self._attention_out_body)
+        q, k, v, gate = self._attention_in(x, offsets)
+        return self._attention_out(x, self.self_attn.attend(q, k, v, cache, batch, mask), gate)
+
+    _linear_step = _attention_in = _attention_out = None
+
+    def _linear_body(self, x, conv, state):
+        B = x.shape[0]
+        cache = LinearLayer(conv, state)
+        x = self(x, cache, Batch([0] * B, [1] * B, 1), None)
+        return x, cache.conv, cache.state
+
+    def _attention_out_body(self, x, o, gate):
+        x = x + self.self_attn.finish(o, gate)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
 
 class TextModel(nn.Module):
     def __init__(self, c: ModelConfig):
@@ -343,6 +382,9 @@ class Model(nn.Module):
 
             self.mtp = MTP(config)
         self.compute_dtype = mx.float32
+        # decode steps run the layers' compiled forms (DecoderLayer.step); off where a layer's
+        # forward holds a collective that must not be traced (model/parallel.py's tensor split)
+        self.compiled_step = True
 
     @property
     def layers(self) -> list[DecoderLayer]:
@@ -382,6 +424,8 @@ class Model(nn.Module):
         mask = _attention_mask(batch)
         lm = self.language_model
         x = lm.model.embed_tokens(tokens).astype(self.compute_dtype)
+        if batch.T == 1 and not batch.ragged and not keep_states and self.compiled_step:
+            return self._step(x, cache, batch, mask, return_hidden)
         for layer, state in zip(lm.model.layers, cache.layers):
             x = layer(x, state, batch, mask)
         hidden = lm.model.norm(x) if return_hidden else None
@@ -392,6 +436,21 @@ class Model(nn.Module):
         cache.offsets = [o + n for o, n in zip(cache.offsets, lengths)]
         logits = self.logits(x)
         return (logits, hidden) if return_hidden else logits
+
+    def _step(self, x, cache, batch: Batch, mask, return_hidden: bool):
+        """A decode step (one token per row) through the layers' compiled forms (DecoderLayer.step)
+        and a compiled final norm + vocabulary projection."""
+        offsets = mx.array(batch.offsets)
+        for layer, state in zip(self.layers, cache.layers):
+            x = layer.step(x, state, batch, mask, offsets)
+        if self._final is None:
+            norm = self.language_model.model.norm
+            self._final = mx.compile(lambda x: (self.logits(norm(x)), norm(x)))
+        logits, hidden = self._final(x)
+        cache.offsets = [o + 1 for o in cache.offsets]
+        return (logits, hidden) if return_hidden else logits
+
+    _final = None
 
 
 _FLOAT32_PARAMS = ("A_log", "dt_bias", "norm.weight", "layernorm.weight")
