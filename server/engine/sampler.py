@@ -8,7 +8,7 @@ import random
 import mlx.core as mx
 import numpy as np
 
-from .request import Request, TokenLogprob
+from .request import Request, SamplingParams, TokenLogprob
 from .speculative import accept_greedy, accept_sampled
 
 
@@ -28,27 +28,70 @@ def _penalise(logits: mx.array, req: Request, ahead: list[int]) -> mx.array:
     return logits
 
 
-def _truncate(logits: mx.array, req: Request) -> mx.array:
-    """Scale by temperature and mask what top-k, top-p and min-p exclude."""
+TINY = float(np.finfo(np.float32).tiny)
+
+
+def _plain(req: Request) -> bool:
+    """Whether the row's token depends on its logits alone (no processors, no penalties): such rows
+    are chosen together, over the batch at once."""
     p = req.params
-    logits = logits / p.temperature
-    neg = mx.array(-float("inf"), dtype=logits.dtype)
-    if 0 < p.top_k < logits.shape[-1]:
-        kth = mx.sort(logits)[-p.top_k]
-        logits = mx.where(logits < kth, neg, logits)
-    if p.top_p < 1.0 or p.min_p > 0.0:
-        probs = mx.softmax(logits)
-        if p.min_p > 0.0:
-            logits = mx.where(probs < p.min_p * probs.max(), neg, logits)
-        if p.top_p < 1.0:
-            order = mx.argsort(-probs)
-            sorted_probs = probs[order]
+    return not (p.logits_processors or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty)
+
+
+def _kept(x: mx.array, params: list[SamplingParams]) -> tuple[mx.array, mx.array | None]:
+    """x [N, V] logits, one row per params -> (values [N, C], their token ids [N, C], or None when
+    they are the whole vocabulary in order): the row's entries scaled by its temperature, those
+    top-k, top-p and min-p exclude at -inf. Top-k takes the k largest (argpartition, exactly k),
+    and top-p and min-p then look at those k alone (top-p sorts k entries, not the vocabulary;
+    it sorts the vocabulary only for rows without top-k). Values are shifted so that each row's
+    largest is 0 (softmax and argmax do not change), so no temperature overflows to inf or NaN.
+    With top-k or top-p, values are in descending order, else in token order: column j of a row
+    means the same token whatever the other rows ask, as far as that row's own k reaches."""
+    V = x.shape[-1]
+    ks = [p.top_k if 0 < p.top_k < V else V for p in params]
+    C = max(ks)
+    # a temperature below float32's range is greedy, not a division by zero
+    temps = mx.array([max(p.temperature, TINY) for p in params], dtype=mx.float32)[:, None]
+    if C < V:
+        ids = mx.argpartition(-x, C - 1, axis=-1)[:, :C]
+        vals = mx.take_along_axis(x, ids, axis=-1)
+    else:
+        ids, vals = None, x
+    if ids is not None or any(p.top_p < 1.0 for p in params):  # descending: top-k and top-p are prefixes
+        order = mx.argsort(-vals, axis=-1)
+        vals = mx.take_along_axis(vals, order, axis=-1)
+        ids = order if ids is None else mx.take_along_axis(ids, order, axis=-1)
+        vals = (vals - vals[:, :1]) / temps
+    else:
+        vals = (vals - vals.max(axis=-1, keepdims=True)) / temps
+    neg = mx.array(-float("inf"), dtype=vals.dtype)
+    if any(k < C for k in ks):
+        vals = mx.where(mx.arange(C)[None] >= mx.array(ks)[:, None], neg, vals)
+    if any(p.top_p < 1.0 or p.min_p > 0.0 for p in params):
+        probs = mx.softmax(vals, axis=-1)
+        drop = mx.zeros(vals.shape, dtype=mx.bool_)
+        if any(p.min_p > 0.0 for p in params):
+            min_p = mx.array([p.min_p for p in params], dtype=mx.float32)[:, None]
+            drop = drop | (probs < min_p * probs.max(axis=-1, keepdims=True))
+        if any(p.top_p < 1.0 for p in params):
             # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
-            drop_sorted = (mx.cumsum(sorted_probs) - sorted_probs) >= p.top_p
-            drop = mx.zeros_like(drop_sorted)
-            drop[order] = drop_sorted
-            logits = mx.where(drop, neg, logits)
-    return logits
+            top_p = mx.array([p.top_p if p.top_p < 1.0 else float("inf") for p in params], dtype=mx.float32)
+            drop = drop | ((mx.cumsum(probs, axis=-1) - probs) >= top_p[:, None])
+        vals = mx.where(drop, neg, vals)
+    return vals, ids
+
+
+def _truncate(logits: mx.array, req: Request) -> mx.array:
+    """One row [V]: scaled by temperature, what top-k, top-p and min-p exclude at -inf (as `_kept`)."""
+    p = req.params
+    if not (0 < p.top_k < logits.shape[-1] or p.top_p < 1.0 or p.min_p > 0.0):
+        return logits / p.temperature  # unshifted: an infinite logit stays the only choice (see target)
+    vals, ids = _kept(logits[None], [p])
+    if ids is None:
+        return vals[0]
+    out = mx.full(logits.shape, -float("inf"), dtype=vals.dtype)
+    out[ids[0]] = vals[0]
+    return out
 
 
 class Sampler:
@@ -63,34 +106,75 @@ class Sampler:
         self._keys.pop(request_id, None)
 
     def _draw(self, req: Request, logits: mx.array) -> mx.array:
-        key, sub = mx.random.split(self._keys[req.id])
-        self._keys[req.id] = key
-        return mx.random.categorical(logits, key=sub)
+        return mx.random.categorical(logits, key=self._next_key(req))
 
     @staticmethod
     def needs_history(requests: list[Request]) -> bool:
         """Whether choosing needs the tokens generated so far on the host (penalties, processors)."""
-        return any(r.params.logits_processors or r.params.repetition_penalty != 1.0
-                   or r.params.presence_penalty or r.params.frequency_penalty for r in requests)
+        return not all(_plain(r) for r in requests)
 
     def choose(self, logits: mx.array, requests: list[Request], failed: dict | None = None) -> mx.array:
         """logits [B, vocab] for requests in row order -> chosen token ids [B], not yet evaluated.
-        A row whose own work raises (its logits processors, its penalties) is recorded in `failed`
-        (request id -> the exception) and gets a placeholder token, so that one request's error
-        leaves its neighbours' tokens alone; without `failed` the error propagates."""
+        Rows without processors or penalties are chosen together (`_choose_plain`); the others one
+        by one. A row whose own work raises (its logits processors, its penalties) is recorded in
+        `failed` (request id -> the exception) and gets a placeholder token, so that one request's
+        error leaves its neighbours' tokens alone; without `failed` the error propagates."""
         logits = logits.astype(mx.float32)
-        if all(r.params.temperature == 0 for r in requests) and not self.needs_history(requests):
-            return mx.argmax(logits, axis=-1)
-        rows = []
+        plain = [i for i, r in enumerate(requests) if _plain(r)]
+        if len(plain) == len(requests):
+            return self._choose_plain(logits, requests)
+        rows = {}
+        if plain:
+            chosen = self._choose_plain(logits[mx.array(plain)], [requests[i] for i in plain])
+            rows = {i: chosen[j] for j, i in enumerate(plain)}
         for i, req in enumerate(requests):
+            if i in rows:
+                continue
             try:
-                rows.append(self._choose_row(logits[i], req))
+                rows[i] = self._choose_row(logits[i], req)
             except Exception as e:
                 if failed is None:
                     raise
                 failed[req.id] = e
-                rows.append(mx.argmax(logits[i]))
-        return mx.stack(rows)
+                rows[i] = mx.argmax(logits[i]).astype(mx.uint32)
+        return mx.stack([rows[i] for i in range(len(requests))])
+
+    def _choose_plain(self, logits: mx.array, requests: list[Request]) -> mx.array:
+        """logits [N, V] float32 of rows whose token depends on their logits alone -> ids [N]: argmax
+        at temperature 0, else a Gumbel-max draw (what mx.random.categorical does) over what `_kept`
+        leaves, with noise from the row's own key. Rows go to `_kept` in groups whose column order
+        is the same (top-k, top-p without top-k, neither), and each row's noise covers its own k
+        columns only, so its draw never depends on its neighbours."""
+        V = logits.shape[-1]
+        out = mx.argmax(logits, axis=-1).astype(mx.uint32)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            p = r.params
+            if p.temperature > 0:
+                groups.setdefault("k" if 0 < p.top_k < V else "p" if p.top_p < 1.0 else "v", []).append(i)
+        for rows in groups.values():
+            x = logits if len(rows) == len(requests) else logits[mx.array(rows)]
+            params = [requests[i].params for i in rows]
+            vals, ids = _kept(x, params)
+            C = vals.shape[-1]
+            noise = []
+            for i, p in zip(rows, params):
+                n = p.top_k if 0 < p.top_k < C else C
+                g = mx.random.gumbel((n,), key=self._next_key(requests[i]))
+                noise.append(g if n == C else mx.concatenate([g, mx.zeros((C - n,), dtype=g.dtype)]))
+            pick = mx.argmax(vals + mx.stack(noise), axis=-1)
+            if ids is not None:
+                pick = mx.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
+            pick = pick.astype(mx.uint32)
+            if len(rows) == len(requests):
+                return pick
+            out[mx.array(rows)] = pick
+        return out
+
+    def _next_key(self, req: Request) -> mx.array:
+        key, sub = mx.random.split(self._keys[req.id])
+        self._keys[req.id] = key
+        return sub
 
     def target(self, raw: mx.array, req: Request, ahead: list[int] = ()) -> tuple[mx.array, mx.array]:
         """The logits a token is drawn from (softmax) or argmax'ed (temperature 0) after the request's
@@ -118,9 +202,7 @@ class Sampler:
 
     def uniforms(self, req: Request, n: int) -> np.ndarray:
         """n uniform draws in [0, 1) from the request's own seeded stream (speculative acceptance)."""
-        key, sub = mx.random.split(self._keys[req.id])
-        self._keys[req.id] = key
-        return np.array(mx.random.uniform(shape=(n,), key=sub), dtype=np.float64)
+        return np.array(mx.random.uniform(shape=(n,), key=self._next_key(req)), dtype=np.float64)
 
     def _choose_row(self, raw: mx.array, req: Request) -> mx.array:
         final, fallback = self.target(raw, req)
@@ -131,24 +213,33 @@ class Sampler:
         return mx.where((final > -float("inf")).any(), pick, fallback).astype(mx.uint32)
 
     def read(self, chosen: mx.array, logits: mx.array, requests: list[Request]):
-        """The chosen ids as ints, and their logprobs where a request asked for them."""
+        """The chosen ids as ints, and their logprobs where a request asked for them (the rows that
+        asked, at once: one log-sum-exp over their vocabularies, the top entries by argpartition)."""
         tokens = chosen.tolist()
-        want = [r.params.logprobs or r.params.top_logprobs > 0 for r in requests]
-        if not any(want):
+        want = [i for i, r in enumerate(requests) if r.params.logprobs or r.params.top_logprobs > 0]
+        if not want:
             return tokens, [None] * len(requests)
-        logits = logits.astype(mx.float32)
-        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        out = []
-        for i, req in enumerate(requests):
-            if not want[i]:
-                out.append(None)
-                continue
-            row = logp[i]
-            top = []
-            if req.params.top_logprobs:
-                ids = mx.argsort(-row)[: req.params.top_logprobs]
-                top = list(zip(ids.tolist(), row[ids].tolist()))
-            out.append(TokenLogprob(tokens[i], row[tokens[i]].item(), top))
+        rows = logits if len(want) == len(requests) else logits[mx.array(want)]
+        rows = rows.astype(mx.float32)
+        lse = mx.logsumexp(rows, axis=-1, keepdims=True)
+        ids = mx.array([tokens[i] for i in want])[:, None]
+        picked = mx.take_along_axis(rows, ids, axis=-1)[:, 0] - lse[:, 0]
+        n = max(requests[i].params.top_logprobs for i in want)
+        top_ids = top_vals = None
+        if n:
+            top_ids = mx.argpartition(-rows, n - 1, axis=-1)[:, :n]
+            top_vals = mx.take_along_axis(rows, top_ids, axis=-1)
+            order = mx.argsort(-top_vals, axis=-1)
+            top_ids = mx.take_along_axis(top_ids, order, axis=-1)
+            top_vals = mx.take_along_axis(top_vals, order, axis=-1) - lse
+            mx.eval(picked, top_ids, top_vals)
+            top_ids, top_vals = top_ids.tolist(), top_vals.tolist()
+        picked = picked.tolist()
+        out = [None] * len(requests)
+        for j, i in enumerate(want):
+            k = requests[i].params.top_logprobs
+            top = list(zip(top_ids[j][:k], top_vals[j][:k])) if k else []
+            out[i] = TokenLogprob(tokens[i], picked[j], top)
         return tokens, out
 
     def accept(self, logits: mx.array, requests: list[Request], drafts: list[list[int]],
