@@ -25,7 +25,7 @@ import mlx.nn as nn
 
 from .cache import Cache
 from .config import ModelConfig
-from .qwen3_5 import Batch, DecoderLayer, RMSNorm, _attention_mask
+from .qwen3_5 import MAX_VERIFY, Batch, DecoderLayer, RMSNorm, _attention_mask
 from .quantized import Linear
 
 
@@ -55,13 +55,28 @@ class MTP(nn.Module):
         if cache.batch_size != B:
             raise ValueError(f"the MTP cache holds {cache.batch_size} rows but next_tokens has {B}")
         lengths = [T] * B if lengths is None else [int(n) for n in lengths]
-        e = self.pre_fc_norm_embedding(embed(next_tokens).astype(hidden.dtype))
-        h = self.pre_fc_norm_hidden(hidden)
-        x = self.fc(mx.concatenate([e, h], axis=-1))
+        # Drafting steps (a few positions) run compiled, one trace per [B, T]; prompt chunks, whose
+        # lengths vary, do not.
+        compiled = T <= MAX_VERIFY
+        if compiled and self._input is None:
+            self._input = mx.compile(self._input_body)
+        x = (self._input if compiled else self._input_body)(embed(next_tokens).astype(hidden.dtype), hidden)
         batch = Batch(list(cache.offsets), lengths, T)
         mask = _attention_mask(batch)
+        offsets = mx.array(batch.offsets)
         for layer, state in zip(self.layers, cache.layers):
-            x = layer(x, state, batch, mask)
+            # full attention only: its compiled form takes any [B, T] (padding needs no masking
+            # there: a padded position's KV lies past the row's offset, masked until overwritten)
+            if compiled and layer.traceable(B * T):
+                x = layer.step(x, state, batch, mask, offsets)
+            else:
+                x = layer(x, state, batch, mask)
         cache.offsets = [o + n for o, n in zip(cache.offsets, lengths)]
         x = self.norm(x)
         return lm_head(x), x
+
+    _input = None
+
+    def _input_body(self, embedded, hidden):
+        e, h = self.pre_fc_norm_embedding(embedded), self.pre_fc_norm_hidden(hidden)
+        return self.fc(mx.concatenate([e, h], axis=-1))

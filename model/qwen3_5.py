@@ -32,13 +32,19 @@ class Batch:
     buckets: tuple | None = field(default=None, repr=False)
     # a verify forward: GatedDeltaNet layers keep every position's state for a rollback (cache.py)
     keep_states: bool = False
+    # the lengths as an array, inside a compiled step (DecoderLayer.step), where `lengths` is only a
+    # placeholder: a Python list would be a constant of the trace. Treated as ragged.
+    length_array: mx.array | None = field(default=None, repr=False)
 
     @property
     def ragged(self) -> bool:
-        return any(n != self.T for n in self.lengths)
+        return self.length_array is not None or any(n != self.T for n in self.lengths)
+
+    def lengths_array(self) -> mx.array:
+        return self.length_array if self.length_array is not None else mx.array(self.lengths)
 
     def valid(self) -> mx.array:  # [B, T] bool
-        return mx.arange(self.T)[None, :] < mx.array(self.lengths)[:, None]
+        return mx.arange(self.T)[None, :] < self.lengths_array()[:, None]
 
 
 class RMSNorm(nn.Module):
@@ -137,7 +143,7 @@ class GatedDeltaNet(nn.Module):
         window = mx.concatenate([cache.conv.astype(qkv.dtype), qkv], axis=1)  # [B, K-1+T, C]
         if batch.ragged:
             # The new conv state is the K-1 inputs ending at each row's last valid token.
-            pos = mx.array(batch.lengths)[:, None] + mx.arange(self.kernel - 1)
+            pos = batch.lengths_array()[:, None] + mx.arange(self.kernel - 1)
             cache.conv = mx.take_along_axis(window, pos[..., None], axis=1)
         else:
             # a copy: a slice would keep the whole [B, K-1+T, C] window alive with the cache
@@ -247,6 +253,10 @@ class SparseMoE(nn.Module):
         self.shared_expert = MLP(c.hidden_size, c.shared_expert_intermediate_size)
         self.shared_expert_gate = Linear(c.hidden_size, 1, bias=False)
 
+    def traceable(self, rows: int) -> bool:
+        """Whether `rows` tokens go through this block without reading anything on the host."""
+        return not self.switch_mlp.reads_host(rows * self.top_k)
+
     def __call__(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
@@ -283,14 +293,24 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def step(self, x: mx.array, cache, batch: Batch, mask, offsets: mx.array) -> mx.array:
-        """The same as __call__ for a decode step (one valid token per row, no kept states), with
-        everything but the attention core in compiled functions: the core (the cache write and
-        attention over each row's keys) changes shape every step, the rest only with the batch
-        size. MLX then fuses the elementwise work into a few kernels and the host builds a handful
-        of graph nodes per layer instead of about a hundred. `offsets` [B]: each row's position,
-        as an array so that a new position is not a new trace. The weights are constants of the
-        traces (compiled on first use, per batch size)."""
+        """The same as __call__ for a decode step (T = 1, no padding) or a verify forward (a few
+        positions per row, ragged, every GatedDeltaNet position's state kept), with everything but
+        the attention core in compiled functions: the core (the cache write and attention over each
+        row's keys) changes shape every step, the rest only with [B, T]. MLX then fuses the
+        elementwise work into a few kernels and the host builds a handful of graph nodes per layer
+        instead of about a hundred. `offsets` [B]: each row's position, as an array so that a new
+        position is not a new trace. The weights are constants of the traces (compiled on first
+        use, per shape)."""
         if self.is_linear:
+            if batch.keep_states:
+                if self._verify_step is None:
+                    self._verify_step = mx.compile(self._verify_body)
+                x, cache.conv, cache.state, *steps = self._verify_step(x, cache.conv, cache.state,
+                                                                        batch.lengths_array())
+                cache.steps = tuple(steps)
+                return x
+            if batch.ragged:
+                raise ValueError("a compiled step of a GatedDeltaNet layer takes padding only in a verify forward")
             if self._linear_step is None:
                 self._linear_step = mx.compile(self._linear_body)
             x, cache.conv, cache.state = self._linear_step(x, cache.conv, cache.state)
@@ -302,13 +322,23 @@ class DecoderLayer(nn.Module):
         q, k, v, gate = self._attention_in(x, offsets)
         return self._attention_out(x, self.self_attn.attend(q, k, v, cache, batch, mask), gate)
 
-    _linear_step = _attention_in = _attention_out = None
+    _linear_step = _verify_step = _attention_in = _attention_out = None
+
+    def traceable(self, rows: int) -> bool:
+        """Whether a forward of `rows` tokens can run as `step` (nothing read on the host)."""
+        return not isinstance(self.mlp, SparseMoE) or self.mlp.traceable(rows)
 
     def _linear_body(self, x, conv, state):
         B = x.shape[0]
         cache = LinearLayer(conv, state)
         x = self(x, cache, Batch([0] * B, [1] * B, 1), None)
         return x, cache.conv, cache.state
+
+    def _verify_body(self, x, conv, state, lengths):
+        B, T = x.shape[:2]
+        cache = LinearLayer(conv, state)
+        x = self(x, cache, Batch([0] * B, [T] * B, T, keep_states=True, length_array=lengths), None)
+        return (x, cache.conv, cache.state, *cache.steps)
 
     def _attention_out_body(self, x, o, gate):
         x = x + self.self_attn.finish(o, gate)
@@ -372,6 +402,10 @@ def _causal_mask(offsets: list[int], T: int):
     return (mx.arange(S)[None, None, :] <= q_pos[..., None])[:, None]  # [B, 1, T, S]
 
 
+# Verify forwards up to this many positions per row run compiled (one trace per [B, T]).
+MAX_VERIFY = 8
+
+
 class Model(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -424,7 +458,8 @@ class Model(nn.Module):
         mask = _attention_mask(batch)
         lm = self.language_model
         x = lm.model.embed_tokens(tokens).astype(self.compute_dtype)
-        if batch.T == 1 and not batch.ragged and not keep_states and self.compiled_step:
+        if (self.compiled_step and self.layers[0].traceable(tokens.size)
+                and ((batch.T == 1 and not batch.ragged) or (keep_states and batch.T <= MAX_VERIFY and not last_only))):
             return self._step(x, cache, batch, mask, return_hidden)
         for layer, state in zip(lm.model.layers, cache.layers):
             x = layer(x, state, batch, mask)
@@ -438,8 +473,8 @@ class Model(nn.Module):
         return (logits, hidden) if return_hidden else logits
 
     def _step(self, x, cache, batch: Batch, mask, return_hidden: bool):
-        """A decode step (one token per row) through the layers' compiled forms (DecoderLayer.step)
-        and a compiled final norm + vocabulary projection."""
+        """A decode step or a verify forward through the layers' compiled forms (DecoderLayer.step)
+        and a compiled final norm + vocabulary projection (at every position)."""
         offsets = mx.array(batch.offsets)
         for layer, state in zip(self.layers, cache.layers):
             x = layer.step(x, state, batch, mask, offsets)
@@ -447,7 +482,7 @@ class Model(nn.Module):
             norm = self.language_model.model.norm
             self._final = mx.compile(lambda x: (self.logits(norm(x)), norm(x)))
         logits, hidden = self._final(x)
-        cache.offsets = [o + 1 for o in cache.offsets]
+        cache.offsets = [o + n for o, n in zip(cache.offsets, batch.lengths)]
         return (logits, hidden) if return_hidden else logits
 
     _final = None

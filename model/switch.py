@@ -84,6 +84,11 @@ class SwitchGLU(nn.Module):
         self.up_proj = SwitchLinear(hidden, intermediate, num_experts)
         self.down_proj = SwitchLinear(intermediate, hidden, num_experts)
 
+    def reads_host(self, assignments: int) -> bool:
+        """Whether N rows with k experts each (assignments = N * k) take the path that reads the
+        expert indices on the host (which a compiled function cannot)."""
+        return assignments >= 64 and dequantize_pays(2 * assignments // self.gate_proj.weight.shape[0])
+
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         """x [N, H], indices [N, k] -> [N, k, H]."""
         N, k = indices.shape
