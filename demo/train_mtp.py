@@ -1,22 +1,31 @@
-"""Train the demo model's MTP head with the trunk frozen, write it into the demo GGUF, report acceptance.
+"""Train the demo model's MTP head for chained drafting with the trunk frozen, write it into the demo GGUF, report acceptance.
 
-    python -m demo.train_mtp [--steps 600] [--out model/demo/deltaserve-demo.gguf]
+    python -m demo.train_mtp [--steps 200] [--feed true|argmax] [--out model/demo/deltaserve-demo.gguf]
 
-Training runs in torch (as demo/train.py does; our MLX model trains ~10x slower on this CPU): the trunk
-is the GGUF read back into transformers (demo/grow.py), frozen; the head is transformers' own decoder
-layer (full attention, MoE) with fc and the two zero-centred input norms, started from the trunk's last
-full-attention layer and final norm with fc passing the normed hidden state through, so it starts as
-a seventh layer. At position i it reads the trunk's final-normed h_i and the embedding of token i+1 and
-learns (cross-entropy) the trunk's own greedy token after next (its argmax at i+1), on assistant
-tokens, where drafting happens; the frozen trunk's states are computed once. The GGUF is rewritten by
-convert/gguf_writer.py with the MTP block laid out as llama.cpp lays it out (nextn.* in block
-n_layers); every trunk tensor keeps its bytes (checked).
+Training runs in torch (as demo/train.py does; our MLX model trains ~10x slower on this CPU): the head is
+transformers' own decoder layer (full attention, MoE) with fc and the two zero-centred input norms, started
+from the trunk's last full-attention layer and final norm with fc passing the normed hidden state through,
+so it starts as a seventh layer (any head the input GGUF carries is replaced).
 
-Acceptance, measured by our MLX model (model/mtp.py) on the written GGUF as serving converts it: held-out conversations, the trunk generates greedily
-from each one's last assistant turn; at every generated position t the head drafts K = 3 tokens, the
-first from (h_t, the trunk's token t+1), each next one from its own hidden output and drafted token.
-Draft k is accepted when it equals the trunk's own greedy token t+1+k; reported per draft position
-alone and chained (drafts 1..k all accepted, what speculative decoding keeps).
+What it learns is what the engine keeps (server/engine/runner.py Runner.draft): a draft counts only when it
+equals the trunk's greedy token, and drafts 2..K are made from the head's own output. So the data are the
+trunk's own: each training conversation's prompt (its messages before the last assistant turn) followed by
+the trunk's greedy answer (the engine at temperature 0); the frozen trunk's final-normed states and argmax
+come from our MLX model (what serving computes), once. The loss unrolls K = 3 drafting steps at every
+position i at once: step 1 reads (h_i, token i+1) at position i and learns the trunk's argmax after i+1;
+step j reads the head's own normed output of step j-1 and the token step j-1 should have drafted (`--feed
+true`: the trunk's greedy token; `argmax`: its own draft) at position i+j-1, attending over step 1's KV at
+positions <= i and its own chain's earlier steps (as the engine's head attends), and learns the trunk's
+argmax after i+j. Step j's targets count only where tokens i+2..i+j are the trunk's greedy ones (otherwise
+the engine would have rejected an earlier draft) and the target is an assistant token; the steps' losses are
+weighted CHAIN_WEIGHTS. The GGUF is rewritten by convert/gguf_writer.py with the MTP block laid out as
+llama.cpp lays it out (nextn.* in block n_layers); every trunk tensor keeps its bytes (checked), and the
+trunk's greedy answers are checked unchanged.
+
+Acceptance is measured in the engine (EngineCore, num_speculative_tokens = K, depth fixed, temperature 0, one
+request at a time) on held-out conversations' last-turn prompts, before (the input GGUF's head, if any) and
+after: per draft position k, the share of drafts k accepted (drafts 1..k all equal to the trunk's greedy
+tokens: what speculative decoding keeps); its output is checked equal to plain decoding's.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from . import corpus
 
 MTP_SEED = 2468  # the conversations the head trains on (a stream of its own)
 K = 3
+CHAIN_WEIGHTS = (1.0, 0.6, 0.3)  # draft 1 counts in every accepted run, draft 3 only after two hits
 
 
 def tokenizer_of(gguf: Path, work: Path):
@@ -65,6 +75,7 @@ class Head:
 
         c = copy.deepcopy(trunk.config)
         c.num_hidden_layers, c.layer_types = 1, ["full_attention"]
+        c._attn_implementation = "sdpa"  # takes the boolean chain mask of `unroll` as it is
         H, eps = c.hidden_size, c.rms_norm_eps
         self.trunk = trunk
         self.block = Qwen3_5MoeTextModel(c).float()
@@ -81,14 +92,27 @@ class Head:
     def parameters(self):
         return [p for m in (self.block, self.fc, self.enorm, self.hnorm) for p in m.parameters() if p.requires_grad]
 
-    def __call__(self, hidden, next_tokens):
-        """hidden [B, T, H] (the trunk's final-normed state), next_tokens [B, T] -> logits [B, T, V]."""
+    def unroll(self, hidden, tokens, k: int, feed: str) -> list:
+        """k chained drafting steps from every root position i at once. hidden [B, N, H]: the trunk's
+        final-normed h_i; tokens [B, N + k - 1]: the trunk's greedy tokens i+1, i+2, ... Step j (from 0) sits
+        at position i+j and attends over step 0's KV at positions <= i and its own chain's steps 1..j (the
+        engine's head: the real positions' KV, then the chained drafts'). Returns each step's logits [B, N, V]."""
         import torch
+        from transformers import DynamicCache
 
-        e = self.trunk.model.embed_tokens(next_tokens)
-        x = self.fc(torch.cat([self.enorm(e), self.hnorm(hidden)], dim=-1))
-        pos = torch.arange(x.shape[1])[None].expand(x.shape[0], -1)
-        return self.trunk.lm_head(self.block(inputs_embeds=x, position_ids=pos).last_hidden_state)
+        B, N, _ = hidden.shape
+        cache = DynamicCache(config=self.block.config)
+        causal, diagonal = torch.ones(N, N, dtype=torch.bool).tril(), torch.eye(N, dtype=torch.bool)
+        out, h = [], hidden
+        for j in range(k):
+            tok = tokens[:, j:j + N] if j == 0 or feed == "true" else out[-1].argmax(-1)
+            x = self.fc(torch.cat([self.enorm(self.trunk.model.embed_tokens(tok)), self.hnorm(h)], dim=-1))
+            mask = torch.cat([causal] + [diagonal] * j, dim=1)[None, None].expand(B, 1, N, (j + 1) * N)
+            h = self.block(inputs_embeds=x, position_ids=(torch.arange(N) + j)[None].expand(B, -1), cache=cache,
+                           use_cache=True, attention_mask={"full_attention": mask, "linear_attention": None}
+                           ).last_hidden_state  # the head's normed output: the next step's input
+            out.append(self.trunk.lm_head(h))
+        return out
 
     def hf_tensors(self) -> dict:
         """Under Qwen's published names (norms as w, experts fused as transformers holds them)."""
@@ -98,47 +122,109 @@ class Head:
         return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 
-def encode_rows(tok, samples, max_len: int):
+def last_turn_prompt(s) -> list[dict]:
+    """The messages before the sample's last assistant turn (what the model answers)."""
+    last = max(i for i, m in enumerate(s.messages) if m["role"] == "assistant")
+    return s.messages[:last]
+
+
+def prompts_of(tok, samples) -> list[tuple[list[int], list[int]]]:
+    """Each sample's last-turn prompt: token ids and labels (IGNORE outside earlier assistant turns)."""
     from .train import encode
 
+    return [encode(tok, corpus.render(last_turn_prompt(s), s.tools, add_generation_prompt=True))[:2]
+            for s in samples]
+
+
+def run_engine(lm, prompts: list[list[int]], new_tokens: int, k: int = 0, one_at_a_time: bool = False):
+    """The engine's greedy answers to `prompts` (all in one batch, or one request at a time), drafting k
+    tokens per step at a fixed depth; returns (answers, the EngineCore: its drafted/accepted counters)."""
+    from server.engine import EngineConfig, EngineCore, SamplingParams
+
+    core = EngineCore(*lm, EngineConfig(prefix_cache_bytes=0, memory_budget_bytes=1 << 30,
+                                        num_speculative_tokens=k, speculative_adapt=False))
+    out = {}
+    core.emit = lambda d: out.setdefault(d.request_id, []).extend(d.token_ids)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens)
+    ids = []
+    for group in ([[p] for p in prompts] if one_at_a_time else [prompts]):
+        ids += [core.add(p, params).id for p in group]
+        while core.has_work():
+            core.step()
+    return [out.get(i, []) for i in ids], core
+
+
+def acceptance(lm, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Per draft position k = 1..K, in the engine at depth K, one request at a time: drafts k made and
+    accepted (drafts 1..k all equal to the trunk's greedy tokens), and whether the answers equal plain
+    decoding's."""
+    t = time.perf_counter()
+    plain, _ = run_engine(lm, prompts, new_tokens)
+    spec, core = run_engine(lm, prompts, new_tokens, k=K, one_at_a_time=True)
+    return {"drafted": core.drafted, "accepted": core.accepted,
+            "rate": [round(a / max(d, 1), 4) for a, d in zip(core.accepted, core.drafted)],
+            "same_as_plain": spec == plain, "prompts": len(prompts), "new_tokens": new_tokens,
+            "seconds": round(time.perf_counter() - t, 1)}
+
+
+def trunk_rows(model, prompts, answers, max_len: int) -> list[dict]:
+    """Per conversation (prompt + the trunk's greedy answer), the last max_len positions of: ids, the
+    trunk's final-normed states h and argmax (our MLX model, float32), `label` (1 where the token is an
+    assistant token: earlier turns' or the answer's) and `greedy` (1 where token p is the trunk's argmax
+    after p-1)."""
+    import mlx.core as mx
+    import numpy as np
+
     rows = []
-    for s in samples:
-        ids, labels, _ = encode(tok, corpus.render_sample(s))
-        rows.append((ids[-max_len:], labels[-max_len:]))  # the end: the last turns, assistant text
+    for (ids, labels), answer in zip(prompts, answers):
+        seq = ids + answer
+        logits, hidden = model(mx.array([seq]), model.make_cache(1), return_hidden=True)
+        argmax = np.array(mx.argmax(logits[0], axis=-1))
+        label = np.array([float(y >= 0) for y in labels] + [1.0] * len(answer))
+        greedy = np.concatenate([[0.0], (np.array(seq[1:]) == argmax[:-1]).astype(np.float64)])
+        rows.append({"ids": np.array(seq)[-max_len:], "h": np.array(hidden[0].astype(mx.float32))[-max_len:],
+                     "argmax": argmax[-max_len:], "label": label[-max_len:], "greedy": greedy[-max_len:]})
     return rows
 
 
-def batch_tensors(rows, pad_id: int):
+def batches(rows: list[dict], batch: int, pad_id: int) -> list[dict]:
+    """Similar-length conversations together (less padding), padded at the end: torch tensors [B, T(, H)]."""
+    import numpy as np
     import torch
 
-    T = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    weight = torch.zeros((len(rows), T - 2))  # position i: the target is token i+2
-    for b, (r, labels) in enumerate(rows):
-        ids[b, :len(r)] = torch.tensor(r)
-        weight[b, :len(r) - 2] = torch.tensor([float(y >= 0) for y in labels[2:]])
-    return ids, weight
-
-
-def trunk_states(trunk, rows, batch: int, pad_id: int) -> list[tuple]:
-    """Per batch of similar-length conversations, what the frozen trunk gives the head once for all steps:
-    (ids [B, T], h [B, T, H] after the final norm, the trunk's greedy token after next for positions
-    0..T-3 [B, T-2], the loss weight [B, T-2])."""
-    import torch
-
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths together: less padding
+    rows = sorted(rows, key=lambda r: len(r["ids"]))
     out = []
-    with torch.no_grad():
-        for i in range(0, len(order), batch):
-            ids, weight = batch_tensors([rows[j] for j in order[i:i + batch]], pad_id)
-            hidden = trunk.model(input_ids=ids).last_hidden_state
-            target = trunk.lm_head(hidden[:, 1:-1]).argmax(-1)  # the trunk at i+1: its greedy token i+2
-            out.append((ids, hidden, target, weight))
+    for i in range(0, len(rows), batch):
+        group = rows[i:i + batch]
+        T = max(len(r["ids"]) for r in group)
+        b = {}
+        for key, fill, dtype in (("ids", pad_id, torch.long), ("argmax", pad_id, torch.long),
+                                 ("label", 0.0, torch.float32), ("greedy", 0.0, torch.float32)):
+            b[key] = torch.tensor(np.stack([np.pad(r[key], (0, T - len(r[key])), constant_values=fill) for r in group]),
+                                  dtype=dtype)
+        b["h"] = torch.tensor(np.stack([np.pad(r["h"], ((0, T - len(r["h"])), (0, 0))) for r in group]))
+        out.append(b)
     return out
 
 
-def train(head: Head, states: list[tuple], steps: int, lr: float, log=print) -> list[dict]:
-    """Cross-entropy against the trunk's own greedy token after next (what a draft must equal)."""
+def chain_losses(head: Head, b: dict, feed: str) -> list:
+    """Per drafting step j (from 0) at every root i: cross-entropy against the trunk's argmax after i+j+1,
+    counted where the target is an assistant token and tokens i+2..i+j+1 are the trunk's greedy ones."""
+    import torch
+
+    N = b["ids"].shape[1] - K - 1
+    logits = head.unroll(b["h"][:, :N], b["ids"][:, 1:N + K], K, feed)
+    losses, chain = [], torch.ones_like(b["label"][:, :N])
+    for j, lg in enumerate(logits):
+        if j:
+            chain = chain * b["greedy"][:, j + 1:j + 1 + N]
+        w = chain * b["label"][:, j + 2:j + 2 + N]
+        ce = torch.nn.functional.cross_entropy(lg.transpose(1, 2), b["argmax"][:, j + 1:j + 1 + N], reduction="none")
+        losses.append((ce * w).sum() / w.sum().clamp(min=1.0))
+    return losses
+
+
+def train(head: Head, data: list[dict], steps: int, lr: float, feed: str, log=print) -> list[dict]:
     import torch
 
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
@@ -153,71 +239,19 @@ def train(head: Head, states: list[tuple], steps: int, lr: float, log=print) -> 
     rng = random.Random(MTP_SEED)
     history, t0, running = [], time.perf_counter(), []
     for step in range(steps):
-        ids, hidden, target, weight = rng.choice(states)
-        logits = head(hidden[:, :-2], ids[:, 1:-1])
-        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-        loss = (ce * weight).sum() / weight.sum().clamp(min=1.0)
+        losses = chain_losses(head, rng.choice(data), feed)
+        loss = sum(w * x for w, x in zip(CHAIN_WEIGHTS, losses))
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-        running.append(float(loss.detach()))
+        running.append([float(x.detach()) for x in losses])
         if (step + 1) % 25 == 0 or step + 1 == steps:
-            history.append({"step": step + 1, "loss": round(sum(running) / len(running), 4),
-                            "seconds": round(time.perf_counter() - t0, 1)})
+            per_step = [round(sum(r[j] for r in running) / len(running), 4) for j in range(K)]
+            history.append({"step": step + 1, "loss": per_step, "seconds": round(time.perf_counter() - t0, 1)})
             running = []
-            log(f"step {step + 1}/{steps}: loss {history[-1]['loss']} ({history[-1]['seconds']} s)")
+            log(f"step {step + 1}/{steps}: loss per draft position {per_step} ({history[-1]['seconds']} s)")
     return history
-
-
-def last_turn_prompt(s) -> list[dict]:
-    """The messages before the sample's last assistant turn (what the model answers)."""
-    last = max(i for i, m in enumerate(s.messages) if m["role"] == "assistant")
-    return s.messages[:last]
-
-
-def acceptance(model, tok, samples, new_tokens: int = 48, eos_id: int | None = None) -> dict:
-    """Per draft position k = 1..K: the share of generated positions where draft k equals the trunk's greedy
-    token (alone), and where drafts 1..k all do (chained). `model` carries its MTP head."""
-    import mlx.core as mx
-
-    alone, chained, n = [0] * K, [0] * K, [0] * K
-    for s in samples:
-        prompt = tok.encode(corpus.render(last_turn_prompt(s), s.tools, add_generation_prompt=True),
-                            add_special_tokens=False).ids
-        cache = model.make_cache(1)
-        logits, hidden = model(mx.array([prompt]), cache, return_hidden=True)
-        hs, seq = [hidden], list(prompt)
-        for _ in range(new_tokens):
-            nxt = int(mx.argmax(logits[0, -1]))
-            seq.append(nxt)
-            if nxt == eos_id:
-                break
-            logits, hidden = model(mx.array([[nxt]]), cache, return_hidden=True)
-            hs.append(hidden)
-        hidden = mx.concatenate(hs, axis=1)  # [1, len(seq) - 1 or len(seq), H]: h_t for t < len(seq) - 1 at least
-        P = len(prompt)
-        mtp_cache = model.make_mtp_cache(1)
-        model.draft(hidden[:, :P - 1], mx.array([seq[1:P]]), mtp_cache)  # the prompt's own positions
-        for t in range(P - 1, len(seq) - 2):  # the trunk's token t+1 is generated: a draft step follows it
-            out, h = model.draft(hidden[:, t:t + 1], mx.array([[seq[t + 1]]]), mtp_cache)
-            chain = mtp_cache.select([0])
-            drafts = []
-            for k in range(K):
-                if k:
-                    out, h = model.draft(h, mx.array([[drafts[-1]]]), chain)
-                drafts.append(int(mx.argmax(out[0, -1])))
-            ok = True
-            for k in range(K):
-                if t + 2 + k >= len(seq):
-                    break
-                hit = drafts[k] == seq[t + 2 + k]
-                ok = ok and hit
-                n[k] += 1
-                alone[k] += hit
-                chained[k] += ok
-    return {"positions": n, "alone": [round(a / max(m, 1), 4) for a, m in zip(alone, n)],
-            "chained": [round(c / max(m, 1), 4) for c, m in zip(chained, n)], "conversations": len(samples)}
 
 
 def write_with_head(gguf: Path, head: Head, tok_dir: Path, work: Path, out: Path) -> None:
@@ -262,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from convert import convert
-    from model import load_model
+    from model import load
 
     from .build import _build_info_of, _sha256, record_path, summary
     from .grow import load_gguf
@@ -275,14 +309,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--max-len", type=int, default=320, help="tokens kept of each training conversation (its end)")
+    p.add_argument("--feed", choices=("true", "argmax"), default="true",
+                   help="the token chained steps read: the trunk's greedy one, or the head's own draft")
+    p.add_argument("--max-len", type=int, default=320, help="positions kept of each training conversation (its end)")
+    p.add_argument("--answer-tokens", type=int, default=128, help="at most this many greedy answer tokens")
     p.add_argument("--conversations", type=int, default=120)
     p.add_argument("--heldout", type=int, default=16, help="held-out conversations for the acceptance")
     args = p.parse_args(argv)
     if not args.gguf.is_file():
         p.error(f"{args.gguf}: no such GGUF")
-    if args.steps < 1 or args.batch < 1 or args.heldout < 1:
-        p.error("--steps, --batch and --heldout must be positive")
+    if min(args.steps, args.batch, args.heldout, args.conversations, args.answer_tokens) < 1:
+        p.error("--steps, --batch, --heldout, --conversations and --answer-tokens must be positive")
+    if args.max_len < K + 3:
+        p.error(f"--max-len must be at least {K + 3}")
     torch.manual_seed(MTP_SEED)
     args.work.mkdir(parents=True, exist_ok=True)
     init_sha256 = _sha256(args.gguf)
@@ -293,32 +332,44 @@ def main(argv: list[str] | None = None) -> int:
     trunk.requires_grad_(False)
     tok, tok_dir = tokenizer_of(args.gguf, args.work)
     eos_id, pad_id = token_ids(tok)
-    samples = corpus.generate("train", args.conversations, seed=MTP_SEED, reasoning="lookup", open_values=0.5)
-    rows = encode_rows(tok, samples, args.max_len)
+    # what serving loads: the GGUF converted, in MLX
+    before = load(convert(args.gguf, args.work / "input", dtype="float32", progress=False, overwrite=True),
+                  dtype="float32")
+    heldout = [ids for ids, _ in prompts_of(tok, corpus.generate("heldout", args.heldout, reasoning="lookup"))]
+    acc_before = acceptance(before, heldout, 48) if before[0].config.mtp_num_hidden_layers else None
+    if acc_before:
+        print(f"the input's head, in the engine: accepted {acc_before['rate']} per draft position", flush=True)
     timings["prepare_s"] = round(time.perf_counter() - t, 1)
-    print(f"{len(rows)} conversations, {sum(len(r[0]) for r in rows)} tokens", flush=True)
 
     t = time.perf_counter()
-    states = trunk_states(trunk, rows, args.batch, pad_id)
+    prompts = prompts_of(tok, corpus.generate("train", args.conversations, seed=MTP_SEED, reasoning="lookup",
+                                              open_values=0.5))
+    answers, _ = run_engine(before, [ids for ids, _ in prompts], args.answer_tokens)
+    print(f"greedy answers: {round(time.perf_counter() - t, 1)} s", flush=True)
+    rows = trunk_rows(before[0], prompts, answers, args.max_len)
+    data = batches(rows, args.batch, pad_id)
     timings["trunk_s"] = round(time.perf_counter() - t, 1)
-    print(f"trunk states: {timings['trunk_s']} s", flush=True)
+    print(f"{len(rows)} conversations, {sum(len(r['ids']) for r in rows)} positions "
+          f"({sum(map(len, answers))} in greedy answers): {timings['trunk_s']} s", flush=True)
+
     t = time.perf_counter()
     head = Head(trunk)
-    history = train(head, states, args.steps, args.lr, log=lambda m: print(m, flush=True))
+    history = train(head, data, args.steps, args.lr, args.feed, log=lambda m: print(m, flush=True))
     timings["train_s"] = round(time.perf_counter() - t, 1)
 
     t = time.perf_counter()
     write_with_head(args.gguf, head, tok_dir, args.work, args.out)
     timings["gguf_s"] = round(time.perf_counter() - t, 1)
 
-    t = time.perf_counter()  # measured on what serving loads: the written GGUF, converted, in MLX
-    served = load_model(convert(args.out, args.work / "served", dtype="float32", progress=False, overwrite=True),
-                        dtype="float32")
-    heldout = corpus.generate("heldout", args.heldout, reasoning="lookup")
-    acc = acceptance(served, tok, heldout, eos_id=eos_id)
+    t = time.perf_counter()
+    after = load(convert(args.out, args.work / "served", dtype="float32", progress=False, overwrite=True),
+                 dtype="float32")
+    if run_engine(after, heldout, 48)[0] != run_engine(before, heldout, 48)[0]:
+        raise RuntimeError("the trunk's greedy answers changed with the new head")
+    acc = acceptance(after, heldout, 48)
     timings["acceptance_s"] = round(time.perf_counter() - t, 1)
-    print(f"acceptance over {acc['positions'][0]} positions of {acc['conversations']} held-out conversations: "
-          f"alone {acc['alone']}, chained {acc['chained']}", flush=True)
+    print(f"the new head, in the engine: accepted {acc['rate']} per draft position "
+          f"(drafted {acc['drafted']}; same tokens as plain decoding: {acc['same_as_plain']})", flush=True)
 
     info = {
         "command": " ".join([Path(sys.executable).name, "-m", "demo.train_mtp", *sys.argv[1:]]),
@@ -327,17 +378,18 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": (init_build or {}).get("parameters"),
         "mtp_parameters": sum(v.numel() for v in head.hf_tensors().values()),
         "shape": (init_build or {}).get("shape"), "vocab_size": tok.get_vocab_size(),
-        "mtp_train": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "max_len": args.max_len,
+        "mtp_train": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "feed": args.feed,
+                      "chain_weights": CHAIN_WEIGHTS, "max_len": args.max_len, "answer_tokens": args.answer_tokens,
                       "conversations": args.conversations, "seed": MTP_SEED, "loss_history": history},
         "final_loss": (init_build or {}).get("final_loss"),
-        "mtp_final_loss": history[-1]["loss"], "acceptance": acc, "timings": timings,
-        "init_sha256": init_sha256, "init_build": init_build,
+        "mtp_final_loss": history[-1]["loss"], "acceptance_before": acc_before, "acceptance": acc,
+        "timings": timings, "init_sha256": init_sha256, "init_build": init_build,
         "software": {d: metadata.version(d) for d in ("mlx", "torch", "transformers", "tokenizers", "gguf")}
         | {"python": platform.python_version()},
         "machine": {"platform": platform.platform()},
     }
     record_path(args.out).write_text(json.dumps(info, indent=2) + "\n")
-    short = summary(info) | {"mtp_acceptance": {k: acc[k] for k in ("alone", "chained")}}
+    short = summary(info) | {"mtp_acceptance": {k: acc[k] for k in ("drafted", "accepted", "rate")}}
     (args.out.parent / "build.json").write_text(json.dumps(short, indent=2) + "\n")
     return 0
 
