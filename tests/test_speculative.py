@@ -28,10 +28,17 @@ def shape(request):
 
 
 @pytest.fixture(scope="module")
-def mtp_lm(shape):
-    from model import load
+def tokenizer():
+    from model.loader import load_tokenizer
 
-    return load(get_mtp_fixture(shape).hf_dir, dtype="float32")
+    return load_tokenizer(get_mtp_fixture(FULL[0]).hf_dir)  # every fixture carries the same one
+
+
+@pytest.fixture(scope="module")
+def mtp_lm(shape, tokenizer):
+    from model import load_model
+
+    return load_model(get_mtp_fixture(shape).hf_dir, dtype="float32"), tokenizer
 
 
 def _solo(model, ids):
