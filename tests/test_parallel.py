@@ -1,9 +1,12 @@
-"""model.parallel on 2 local ranks (mlx.launch, ring backend) against one rank, in both modes, on
-every fixture shape: fp32 logits within 1e-4 (relative to the logit range) of transformers' and 24
-greedy tokens equal to transformers', identical logits on every rank; a 4-bit checkpoint written by
-mlx-lm against our model on one rank; each rank holding only its share of the layers; clear
-refusals of impossible splits.
-Each mode's ranks are launched once (tests/data/parallel_worker.py) and check every case."""
+"""model.parallel on 2 local ranks (ring backend) against one rank, in both modes: fp32
+logits within 1e-4 (relative to the logit range) of transformers' and 24 greedy tokens equal to
+transformers', identical logits on every rank; a 4-bit checkpoint written by mlx-lm against our model
+on one rank; each rank holding only its share of the layers; clear refusals of impossible splits.
+The tensor split runs every fixture shape (each splits its heads differently); a pipeline stage runs
+its layers unchanged, so the pipeline runs an untied MoE (also split unevenly) and a tied dense
+model, which between them take every path of its own: the embedding on rank 0 only or on every
+rank, the stage boundaries, last_only and ragged batches.
+Both modes' cases run in one launch of 2 ranks (tests/data/parallel_worker.py)."""
 
 import json
 import os
@@ -12,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,38 +31,60 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "data" / "parallel_worker.py"
 LAUNCH_TIMEOUT = 300  # a hung collective fails the test instead of hanging it
 GREEDY_TOKENS = 24
-BATCH_CASES = ("moe_r3_fa2", "dense_r2_tied")  # also run the runner's out-of-order evaluation
+MODES = ("pipeline", "tensor")
+SHAPES = {"pipeline": ["moe_r4", "dense_r2_tied"], "tensor": FIXTURES}
+# also run the runner's out-of-order evaluation (the tensor split's closing all_sum differs in MoE)
+BATCH_CASES = {"pipeline": ("dense_r2_tied",), "tensor": ("moe_r3_fa2", "dense_r2_tied")}
 
 
 def launch(n: int, cases: list[dict], out: Path) -> list[dict]:
-    """Run the worker on n local ranks; each rank's {name: result}."""
+    """Run the worker on n local ranks; each rank's {name: result}. Each rank is started with the
+    environment mlx.launch would give it: mlx.launch's own loop polls its ranks' pipes without
+    blocking, half a core for as long as they run."""
     out.mkdir(parents=True, exist_ok=True)
     spec = out / "spec.json"
     spec.write_text(json.dumps({"out": str(out), "cases": cases}))
-    cmd = [str(Path(sys.executable).parent / "mlx.launch"), "-n", str(n), "--backend", "ring",
-           "--starting-port", str(free_port()), "--", sys.executable, str(WORKER), str(spec)]
+    hostfile = out / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(n)]))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "MLX_HOSTFILE": str(hostfile),
            "OPENBLAS_NUM_THREADS": "1"}  # the ranks share this machine's cores: BLAS threads would wait on each other
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    logs = [out / f"rank{r}.log" for r in range(n)]
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(spec)], cwd=REPO, env={**env, "MLX_RANK": str(r)},
+                              stdout=logs[r].open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+             for r in range(n)]
+
+    def log() -> str:
+        return "\n".join(f"--- rank {r}\n{path.read_text(errors='replace')[-3000:]}" for r, path in enumerate(logs))
+
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
     try:
-        log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"{n} ranks did not finish within {LAUNCH_TIMEOUT} s:\n{log[-4000:]}")
+        # a rank that fails leaves the others blocked in a collective: stop at the first failure
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() for p in procs):
+                pytest.fail(f"a rank failed:\n{log()}")
+            time.sleep(0.2)
+        if any(p.poll() is None for p in procs):
+            pytest.fail(f"{n} ranks did not finish within {LAUNCH_TIMEOUT} s:\n{log()}")
+        assert not any(p.returncode for p in procs), log()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
     ranks = []
     for r in range(n):
         path = out / f"rank{r}.json"
-        assert path.exists(), f"rank {r} wrote no results:\n{log[-4000:]}"
+        assert path.exists(), f"rank {r} wrote no results:\n{log()}"
         ranks.append({res["name"]: res for res in json.loads(path.read_text())["results"]})
     return ranks
 
 
 def fixture_case(name: str, mode: str) -> dict:
     fx = get_fixture(name)
-    return dict(name=name, path=str(fx.hf_dir), mode=mode, prompt=fx.prompt_ids.tolist(), greedy=GREEDY_TOKENS,
-                ref_logits=str(fx.hf_dir.parent / "ref_logits.npy"), batch=name in BATCH_CASES)
+    return dict(name=f"{mode}/{name}", path=str(fx.hf_dir), mode=mode, prompt=fx.prompt_ids.tolist(),
+                greedy=GREEDY_TOKENS, ref_logits=str(fx.hf_dir.parent / "ref_logits.npy"),
+                batch=name in BATCH_CASES.get(mode, ()))
 
 
 @pytest.fixture(scope="module")
@@ -79,18 +105,23 @@ def quantized(tmp_path_factory):
     return fx, out
 
 
-@pytest.fixture(scope="module", params=["pipeline", "tensor"])
-def run(request, quantized, tmp_path_factory):
-    mode = request.param
+@pytest.fixture(scope="module")
+def runs(quantized, tmp_path_factory):
+    """{mode: each rank's {name: result}}, from one launch of 2 ranks."""
     fx, q = quantized
-    cases = [fixture_case(name, mode) for name in FIXTURES]
-    common = dict(mode=mode, prompt=fx.prompt_ids.tolist(), greedy=GREEDY_TOKENS, plain=True)
-    cases.append(dict(name="q4g32", path=str(q[32]), **common))
-    if mode == "pipeline":  # a rank with 3x the memory of the other takes 3/4 of the layers
-        cases.append({**fixture_case("moe_r4", mode), "name": "moe_r4_uneven", "memory": [3, 1], "ref_logits": None})
-    else:
-        cases.append(dict(name="q4g64", path=str(q[64]), **common))
-    return mode, launch(2, cases, tmp_path_factory.mktemp(mode))
+    cases = []
+    for mode in MODES:
+        cases += [fixture_case(name, mode) for name in SHAPES[mode]]
+        common = dict(mode=mode, prompt=fx.prompt_ids.tolist(), greedy=GREEDY_TOKENS, plain=True)
+        cases.append(dict(name=f"{mode}/q4g32", path=str(q[32]), **common))
+    # a rank with 3x the memory of the other takes 3/4 of the layers
+    cases.append({**fixture_case("moe_r4", "pipeline"), "name": "pipeline/moe_r4_uneven", "memory": [3, 1],
+                  "ref_logits": None})
+    cases.append(dict(name="tensor/q4g64", path=str(q[64]), mode="tensor", prompt=fx.prompt_ids.tolist(),
+                      greedy=GREEDY_TOKENS, plain=True))
+    ranks = launch(2, cases, tmp_path_factory.mktemp("ranks"))
+    return {mode: [{k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(f"{mode}/")} for r in ranks]
+            for mode in MODES}
 
 
 def ok(ranks, name):
@@ -100,9 +131,9 @@ def ok(ranks, name):
     return results
 
 
-@pytest.mark.parametrize("name", FIXTURES)
-def test_logits_and_greedy_tokens_match_one_rank(run, name):
-    mode, ranks = run
+@pytest.mark.parametrize("mode, name", [(mode, name) for mode in MODES for name in SHAPES[mode]])
+def test_logits_and_greedy_tokens_match_one_rank(runs, mode, name):
+    ranks = runs[mode]
     fx = get_fixture(name)
     results = ok(ranks, name)
     # every rank computes the same logits, bit for bit, so all sample the same tokens; rank 0's
@@ -112,13 +143,14 @@ def test_logits_and_greedy_tokens_match_one_rank(run, name):
     res = results[0]
     assert res["rel_err"] <= 1e-4, (mode, res["rel_err"])
     assert res["tokens"] == [int(t) for t in fx.greedy_ids[:GREEDY_TOKENS]]
-    if name in BATCH_CASES:
+    if name in BATCH_CASES[mode]:
         assert res["batch_rel_err"] <= 1e-4, (mode, res["batch_rel_err"])
         assert all(r["token_from_rank0"] == res["tokens"][0] for r in results)
 
 
-def test_quantized_checkpoint(run):
-    mode, ranks = run
+@pytest.mark.parametrize("mode", MODES)
+def test_quantized_checkpoint(runs, mode):
+    ranks = runs[mode]
     results = ok(ranks, "q4g32")
     for key in ("logits_digest", "greedy_digest", "tokens"):
         assert len({str(res[key]) for res in results}) == 1, key
@@ -126,11 +158,12 @@ def test_quantized_checkpoint(run):
     assert results[0]["tokens"] == results[0]["plain_tokens"]
 
 
-def test_each_rank_holds_its_share(run):
+@pytest.mark.parametrize("mode", MODES)
+def test_each_rank_holds_its_share(runs, mode):
     """Pipeline: the ranks' layers partition the model's (rank 0 the first half); tensor: every
     rank has every layer with half its weights (norms and routers replicated). Memory after loading
     is what the rank's parameters hold: nothing else was read and kept."""
-    mode, ranks = run
+    ranks = runs[mode]
     fx = get_fixture("moe_r4")
     n_layers = fx.config["num_hidden_layers"]
     results = ok(ranks, "moe_r4")
@@ -150,11 +183,8 @@ def test_each_rank_holds_its_share(run):
             assert 0.5 * plain <= res["layer_param_bytes"] <= 0.52 * plain
 
 
-def test_tensor_split_refuses_partial_quantization_groups(run):
-    mode, ranks = run
-    if mode != "tensor":
-        pytest.skip("the pipeline never splits a tensor")
-    for r in ranks:
+def test_tensor_split_refuses_partial_quantization_groups(runs):
+    for r in runs["tensor"]:
         error = r["q4g64"].get("error", "")
         # o_proj's and out_proj's 64 input columns are one group of 64
         assert re.fullmatch(r"tensor parallel over 2 ranks is impossible: language_model\.model\.layers\.\d+\."
@@ -166,7 +196,7 @@ def test_three_ranks_refuse_tensor_split_naming_the_sizes(tmp_path):
     fx = get_fixture("moe_r4")
     ranks = launch(3, [fixture_case("moe_r4", "tensor")], tmp_path)
     for r in ranks:
-        assert r["moe_r4"].get("error") == (
+        assert r["tensor/moe_r4"].get("error") == (
             "tensor parallel over 3 ranks is impossible: num_key_value_heads (2) is not divisible by 3; "
             "linear_num_key_heads (2) is not divisible by 3; moe_intermediate_size (32) is not divisible by 3; "
             f"shared_expert_intermediate_size ({fx.config['shared_expert_intermediate_size']}) is not divisible by 3")
