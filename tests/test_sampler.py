@@ -110,3 +110,14 @@ def test_greedy_rows_beside_sampled_ones_take_the_argmax():
     out = np.array(sampler.choose(mx.array(logits), reqs))
     assert out[0] == logits[0].argmax()
     assert out[1] in np.argsort(-logits[1])[:3]
+
+
+def test_nan_is_never_chosen_and_infinite_logits_are_the_only_choices():
+    """As the one-row path (Sampler.target) has it: NaN left out; +inf ones kept alone, drawn uniformly."""
+    inf, nan = float("inf"), float("nan")
+    logits = np.array([0.1, inf, -1.0, inf, 5.0, nan], dtype=np.float32)
+    for case in (dict(temperature=1.0), dict(temperature=0.8, top_k=3), dict(temperature=0.8, min_p=0.1)):
+        counts = np.bincount(draw(SamplingParams(**case), 400, logits), minlength=len(logits))
+        assert counts[[0, 2, 4, 5]].sum() == 0 and min(counts[1], counts[3]) > 120, (case, counts)
+    finite = np.array([0.1, nan, 2.0, -1.0], dtype=np.float32)
+    assert set(draw(SamplingParams(temperature=1.0), 200, finite)) <= {0, 2, 3}

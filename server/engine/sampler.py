@@ -44,10 +44,12 @@ def _kept(x: mx.array, params: list[SamplingParams]) -> tuple[mx.array, mx.array
     top-k, top-p and min-p exclude at -inf. Top-k takes the k largest (argpartition, exactly k),
     and top-p and min-p then look at those k alone (top-p sorts k entries, not the vocabulary;
     it sorts the vocabulary only for rows without top-k). Values are shifted so that each row's
-    largest is 0 (softmax and argmax do not change), so no temperature overflows to inf or NaN.
+    largest is 0 (softmax and argmax do not change), so no temperature overflows to inf or NaN;
+    NaN logits are left out, and where a row has +inf ones, they alone are kept.
     With top-k or top-p, values are in descending order, else in token order: column j of a row
     means the same token whatever the other rows ask, as far as that row's own k reaches."""
     V = x.shape[-1]
+    x = mx.where(mx.isnan(x), -float("inf"), x)  # a NaN logit is never chosen
     ks = [p.top_k if 0 < p.top_k < V else V for p in params]
     C = max(ks)
     # a temperature below float32's range is greedy, not a division by zero
@@ -61,9 +63,11 @@ def _kept(x: mx.array, params: list[SamplingParams]) -> tuple[mx.array, mx.array
         order = mx.argsort(-vals, axis=-1)
         vals = mx.take_along_axis(vals, order, axis=-1)
         ids = order if ids is None else mx.take_along_axis(ids, order, axis=-1)
-        vals = (vals - vals[:, :1]) / temps
+        top = vals[:, :1]
     else:
-        vals = (vals - vals.max(axis=-1, keepdims=True)) / temps
+        top = vals.max(axis=-1, keepdims=True)
+    # the largest at 0 (so +inf ones too: they stay the only choices, drawn uniformly)
+    vals = mx.where(vals == top, 0.0, (vals - top) / temps)
     neg = mx.array(-float("inf"), dtype=vals.dtype)
     if any(k < C for k in ks):
         vals = mx.where(mx.arange(C)[None] >= mx.array(ks)[:, None], neg, vals)
@@ -224,7 +228,7 @@ class Sampler:
         lse = mx.logsumexp(rows, axis=-1, keepdims=True)
         ids = mx.array([tokens[i] for i in want])[:, None]
         picked = mx.take_along_axis(rows, ids, axis=-1)[:, 0] - lse[:, 0]
-        n = max(requests[i].params.top_logprobs for i in want)
+        n = min(max(requests[i].params.top_logprobs for i in want), rows.shape[-1])
         top_ids = top_vals = None
         if n:
             top_ids = mx.argpartition(-rows, n - 1, axis=-1)[:, :n]
