@@ -21,7 +21,9 @@ what it learned, as a server's engine would); a warm-up pass runs every configur
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -189,11 +191,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="demo", help="demo | mtp_dense | mtp_moe | path to an MLX checkpoint")
     ap.add_argument("--batches", default="1,4,16")
-    ap.add_argument("--depths", default="1,2,3", help="fixed draft depths besides 0; the adaptive run may use up to the largest")
+    ap.add_argument("--depths", default="1,2,3",
+                    help="fixed draft depths besides 0; the adaptive run may use up to the largest")
     ap.add_argument("--tokens", type=int, default=64, help="generated tokens per row")
-    ap.add_argument("--prompt", type=int, default=256, help="prompt tokens (demo: at most, a conversation's prompt is what it is; other models: random tokens)")
+    ap.add_argument("--prompt", type=int, default=256,
+                    help="prompt tokens (demo: at most, each conversation's prompt as it is; others: random tokens)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--profile-tokens", type=int, default=32, help="tokens per row of the step-time breakdown (0: skip it)")
+    ap.add_argument("--profile-tokens", type=int, default=32,
+                    help="tokens per row of the step-time breakdown (0: skip it)")
     ap.add_argument("--out", type=Path, default=None, help="append JSON results here")
     args = ap.parse_args(argv)
     try:
@@ -229,6 +234,7 @@ def main(argv=None):
             for name in names:
                 runs[b, name].append(run(name, prompts, args.tokens))
             depths_at.setdefault(b, Counter()).update(chosen)
+            print(f"repeat {r + 1}/{args.repeats}, batch {b}: done", file=sys.stderr, flush=True)
 
     results = []
     for b in batches:
@@ -262,8 +268,6 @@ def main(argv=None):
         c.update(bench=f"spec_cost_b{c['batch']}_k{c['k']}", suite="speculative", **meta)
     results = finish(results, meta, args.out)
     if args.out and costs:
-        import json
-
         with open(args.out, "a") as f:
             f.writelines(json.dumps(c) + "\n" for c in costs)
     return results
@@ -278,7 +282,8 @@ def table(results: list[dict], costs: list[dict], batches: list[int], depths: li
         rows = [r for r in results if r["batch"] == b]
         lines.append(f"| {b} | mlx-lm | {rows[0]['mlx_lm_tok_s']:.0f} | | | | |")
         for r in rows:
-            acc = ", ".join("–" if a is None else f"{a:.2f}" for a in r["acceptance"]) or "–"
+            acc = ", ".join("–" if a is None else f"{a:.2f}" for a in r["acceptance"])
+            acc = f"{acc} ({r['drafted'][0]} first drafts)" if acc else "–"
             engine = r["engine"] if "depth_share" not in r else "adaptive (depth " + ", ".join(
                 f"{k}: {share:.0%}" for k, share in r["depth_share"].items()) + ")"
             lines.append(f"| {b} | {engine} | {r['ours_tok_s']:.0f} | {r['ratio_k0']:.2f}× | {r['ratio']:.2f}× "
@@ -299,8 +304,8 @@ def table(results: list[dict], costs: list[dict], batches: list[int], depths: li
         lines += ["", "Where a decode step's time goes (ms per step, each part finished before the next starts):", "",
                   "| batch | K | draft | forward (K=0: plain, else verify over K+1 positions) | the rest | step |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {c['batch']} | {c['k']} | {c['draft']:.1f} | {c['forward']:.1f} | {c['rest']:.1f} | {c['step']:.1f} |"
-                  for c in costs]
+        lines += [f"| {c['batch']} | {c['k']} | {c['draft']:.1f} | {c['forward']:.1f} | {c['rest']:.1f} "
+                  f"| {c['step']:.1f} |" for c in costs]
     return "\n".join(lines)
 
 
