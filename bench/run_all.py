@@ -4,6 +4,7 @@
     python -m bench.run_all --full               # the sizes the issues name (for a GPU / Apple Silicon run)
     python -m bench.run_all --models wide --keep # rerun one model, keep the other rows of bench/results.jsonl
     python -m bench.run_all --table-only         # redraw the table from bench/results.jsonl
+    python -m bench.run_all --speculative        # also bench.speculative on the first model (its own table)
 
 The HTTP comparison runs on the first model of --models (or --server-model). Rows whose target is not met are followed
 by the cause we measured for the gap (CAUSES), so the table never shows a miss without a reason.
@@ -17,7 +18,7 @@ import platform
 import time
 from pathlib import Path
 
-from bench import engine_speed, memory, model_speed, server_speed
+from bench import engine_speed, memory, model_speed, server_speed, speculative
 from bench.common import backend, describe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,6 +105,9 @@ def main(argv=None):
                     "of --models; 'none' skips it)")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave docs/benchmarks.md as it is")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from bench/results.jsonl")
+    ap.add_argument("--speculative", action="store_true", help="also run bench.speculative on the first of --models: "
+                    "its table is printed (docs/benchmarks.md's section is written by hand), its rows kept in "
+                    "bench/results.jsonl beside the table's")
     args = ap.parse_args(argv)
     models = args.models.split(",")
     out = REPO / "bench" / "results.jsonl"
@@ -118,9 +122,14 @@ def main(argv=None):
     server_model = args.server_model or (models[0] if models else "none")
     if server_model != "none":
         results += server_speed.main(["--model", server_model, "--streams", "1,4,16" if not args.full else "1,4,16,32"])
+    spec = speculative.main(["--model", models[0]]) if args.speculative and models else []
     # read after the runs, so that runs of different models can go side by side
     rows = [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
-    suites = [r for r in rows if "suite" in r]  # other scripts' rows (bench.long_context): kept, not in the table
+    # other scripts' rows (bench.long_context, bench.speculative): kept, not in the table; a new
+    # speculative run replaces its model's old rows
+    replaced = {("speculative", models[0])} if spec else set()
+    suites = [r for r in rows if "suite" in r and (r["suite"], r.get("model")) not in replaced]
+    suites += spec
     rows = [r for r in rows if "suite" not in r]
     kept = rows if args.table_only else [r for r in rows if r["model"] not in models] if args.keep else []
     stamp = time.strftime("%Y-%m-%d")
