@@ -1,12 +1,16 @@
 """Quantised matmuls, and the CPU backend's faster way to run them over many rows.
 
 MLX's quantised kernels are the fast path on Metal and CUDA. On the CPU backend they run at about
-1 GMAC/s on one thread, while dequantising costs ~8-13 ns per weight and the BLAS (OpenBLAS,
-see _blas.py) multiplies floats at 30+ GMAC/s. So on the CPU, when at least `DEQUANT_MIN_ROWS` rows
-meet one weight (prefill, or a large decode batch), we dequantise the weight, in slices of at most
-`DEQUANT_SLICE_BYTES`, and use a float matmul: the same products (the dequantised weights are exactly
-what the kernel multiplies by), summed in another order. `python -m bench.cpu_qmm` measures the
-crossover; everywhere else the quantised kernel runs unchanged.
+1 GMAC/s on one thread, while dequantising costs ~8-13 ns per weight and OpenBLAS (see _blas.py)
+multiplies floats at 30+ GMAC/s. So on the CPU with OpenBLAS loaded, when at least `DEQUANT_MIN_ROWS`
+rows meet one weight (prefill, or a large decode batch), we dequantise the weight, in slices of at
+most `DEQUANT_SLICE_BYTES`, and use a float matmul: the same products (the dequantised weights are
+exactly what the kernel multiplies by), summed in another order. The wheel's reference BLAS (~1.2
+GMAC/s) does not repay the dequantising (`python -m bench.cpu_qmm`, 8192x2048 4-bit: 0.48x at 16
+rows, 0.94x at 512; a 152k-vocabulary lm_head at 16 rows 10.5 against 6.2 ms per row), so without
+OpenBLAS the kernel runs. Sorted experts that many rows meet are dequantised one expert at a time
+either way: that beats gather_qmm even with the reference BLAS (64x512x2048, 512 tokens top-8: 1.31x;
+one quantised matmul per expert instead: 0.93x).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from itertools import groupby
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from . import _blas
 
 DEQUANT_MIN_ROWS = 16  # measured crossover on x86 (bench/cpu_qmm.py): ~12 rows
 DEQUANT_SLICE_BYTES = 64 << 20  # bounds the transient float copy of a weight
@@ -51,6 +57,11 @@ def on_cpu() -> bool:
 
 
 def dequantize_pays(rows: int) -> bool:
+    return rows >= DEQUANT_MIN_ROWS and on_cpu() and _blas.loaded is not None
+
+
+def experts_apart_pay(rows: int) -> bool:
+    """Whether sorted experts with this many rows on average go through sorted_expert_matmul."""
     return rows >= DEQUANT_MIN_ROWS and on_cpu()
 
 
@@ -58,6 +69,11 @@ def quantized_matmul(x, w, scales, biases, group_size: int, bits: int, mode: str
     """x [..., in] @ W.T for the quantised W [out, in] held as (w, scales, biases)."""
     if not dequantize_pays(x.size // x.shape[-1]):
         return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
+    return dequantized_matmul(x, w, scales, biases, group_size, bits, mode)
+
+
+def dequantized_matmul(x, w, scales, biases, group_size: int, bits: int, mode: str = "affine"):
+    """quantized_matmul's product through the dequantised weight, in slices, and a float matmul."""
     out_dims = scales.shape[0]
     step = max(1, DEQUANT_SLICE_BYTES // (x.shape[-1] * 4))  # float32 slices
     parts = []
@@ -82,7 +98,7 @@ def sorted_expert_matmul(x, w, scales, biases, indices, group_size: int, bits: i
             for e in run:
                 n = int(counts[e])
                 sel = (w[e], scales[e], None if biases is None else biases[e])
-                outs.append(quantized_matmul(flat[row:row + n], *sel, group_size, bits, mode))
+                outs.append(dequantized_matmul(flat[row:row + n], *sel, group_size, bits, mode))
                 row += n
         elif n := int(counts[run].sum()):
             y = mx.gather_qmm(x[row:row + n], w, scales, biases, rhs_indices=indices[row:row + n], transpose=True,

@@ -7,7 +7,7 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
-from .quantized import dequantize_pays, on_cpu, sorted_expert_matmul
+from .quantized import experts_apart_pay, on_cpu, sorted_expert_matmul
 
 
 @partial(mx.compile, shapeless=True)
@@ -56,7 +56,7 @@ class QuantizedSwitchLinear(nn.Module):
         return q
 
     def __call__(self, x, indices, sorted_indices=False):
-        if sorted_indices and dequantize_pays(2 * indices.size // self.weight.shape[0]):
+        if sorted_indices and experts_apart_pay(2 * indices.size // self.weight.shape[0]):
             # On the CPU, with half the crossover's rows per expert on average or more, the experts that
             # many rows meet are cheaper dequantised (see quantized.py).
             return sorted_expert_matmul(x, self.weight, self.scales, self.get("biases"), indices,
@@ -87,7 +87,7 @@ class SwitchGLU(nn.Module):
     def reads_host(self, assignments: int) -> bool:
         """Whether N rows with k experts each (assignments = N * k) take the path that reads the
         expert indices on the host (which a compiled function cannot)."""
-        return assignments >= 64 and dequantize_pays(2 * assignments // self.gate_proj.weight.shape[0])
+        return assignments >= 64 and experts_apart_pay(2 * assignments // self.gate_proj.weight.shape[0])
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         """x [N, H], indices [N, k] -> [N, k, H]."""

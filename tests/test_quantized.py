@@ -35,6 +35,7 @@ def test_dequantize_is_mlxs_in_float32_bit_for_bit(bits, shape, dtype):
 @pytest.mark.parametrize("slice_bytes", [64 << 20, 40 * 128 * 4])  # one slice; uneven slices of 40 rows
 def test_dense_dequantised_path_equals_the_kernel(monkeypatch, bits, dtype, slice_bytes):
     monkeypatch.setattr(quantized, "DEQUANT_SLICE_BYTES", slice_bytes)
+    monkeypatch.setattr(quantized._blas, "loaded", "libopenblas.so.0")  # the path is taken only with OpenBLAS
     w, s, b = _quantised((200, 128), bits, 0, dtype)
     x = mx.random.normal((2, 24, 128), key=mx.random.key(1))
     assert quantized.dequantize_pays(48)
@@ -43,7 +44,11 @@ def test_dense_dequantised_path_equals_the_kernel(monkeypatch, bits, dtype, slic
     _close(got, want)
 
 
-def test_quantized_linear_takes_the_dequantised_path_for_many_rows_only(monkeypatch):
+@pytest.mark.parametrize("openblas", [True, False])
+def test_quantized_linear_takes_the_dequantised_path_for_many_rows_with_openblas_only(monkeypatch, openblas):
+    """The reference BLAS does not repay dequantising (quantized.py's docstring): without OpenBLAS the
+    kernel runs at every row count."""
+    monkeypatch.setattr(quantized._blas, "loaded", "libopenblas.so.0" if openblas else None)
     layer = quantized.Linear(128, 96, bias=True).to_quantized(group_size=64, bits=4)
     assert isinstance(layer, quantized.QuantizedLinear) and isinstance(layer, nn.QuantizedLinear)
     calls = []
@@ -55,7 +60,7 @@ def test_quantized_linear_takes_the_dequantised_path_for_many_rows_only(monkeypa
         want = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, transpose=True, group_size=64,
                                    bits=4) + layer.bias
         _close(layer(x), want)
-        assert bool(calls) == (rows >= quantized.DEQUANT_MIN_ROWS)
+        assert bool(calls) == (openblas and rows >= quantized.DEQUANT_MIN_ROWS)
 
 
 def test_sorted_experts_mix_dequantised_and_kernel_rows():
