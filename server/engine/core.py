@@ -318,6 +318,7 @@ class EngineCore:
         k = speculative.draft_depths(depth, remaining, [not r.params.logits_processors for r in reqs])
         drafted, k = self.runner.draft(last, k)
         logits = self.runner.verify(last, drafted, k)
+        mx.async_eval(logits)  # the verify forward runs on while the host reads the drafts
         drafts = [d[:n] for d, n in zip(drafted.tolist(), k)] if drafted is not None else [[] for _ in reqs]
         finished, kept = [], []
         for req, d, (tokens, logprobs) in zip(reqs, drafts, self.sampler.accept(logits, reqs, drafts, failed)):
