@@ -187,6 +187,25 @@ def profile(model, prompts, tokens: int, k: int) -> dict:
     return {**ms, "step": 1000 * total / steps, "rest": 1000 * total / steps - sum(ms.values())}
 
 
+def forward_costs(model, shapes=((1, 1), (1, 2), (1, 4), (2, 1), (4, 1), (16, 1), (16, 2), (16, 4)),
+                  context: int = 100, reps: int = 20) -> list[dict]:
+    """The trunk's forward alone, ms (median of reps) per (rows, positions per row) after `context`
+    tokens, keeping per-position states as verification does when positions > 1: what an extra draft
+    position costs against an extra row."""
+    out = []
+    for rows, positions in shapes:
+        cache = model.make_cache(rows)
+        model(mx.zeros((rows, context), dtype=mx.uint32), cache)
+        mx.eval(cache.state())
+        tokens, times = mx.ones((rows, positions), dtype=mx.uint32), []
+        for _ in range(reps):  # the context grows by reps * positions: small beside `context`'s effect
+            t = time.perf_counter()
+            mx.eval(model(tokens, cache, lengths=[positions] * rows, keep_states=positions > 1))
+            times.append(time.perf_counter() - t)
+        out.append({"rows": rows, "positions": positions, "ms": 1000 * statistics.median(times)})
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="demo", help="demo | mtp_dense | mtp_moe | path to an MLX checkpoint")
@@ -255,15 +274,16 @@ def main(argv=None):
                 row["depth_share"] = {k: round(n / total, 3) for k, n in sorted(depths_at[b].items())}
             results.append(row)
 
-    costs = []
+    costs, forwards = [], []
     if args.profile_tokens:
         for b in batches:
             for k in [0, *depths]:
                 costs.append({"batch": b, "k": k, **profile(model, pool[:b], args.profile_tokens, k)})
+        forwards = forward_costs(model)
 
     meta = {"model": args.model, "backend": backend(), "dtype": str(model.compute_dtype), "tokens": args.tokens,
             "repeats": args.repeats, "date": time.strftime("%Y-%m-%d")}
-    print(table(results, costs, batches, depths, meta))
+    print(table(results, costs, forwards, batches, meta))
     for c in costs:
         c.update(bench=f"spec_cost_b{c['batch']}_k{c['k']}", suite="speculative", **meta)
     results = finish(results, meta, args.out)
@@ -273,7 +293,7 @@ def main(argv=None):
     return results
 
 
-def table(results: list[dict], costs: list[dict], batches: list[int], depths: list[int], meta: dict) -> str:
+def table(results: list[dict], costs: list[dict], forwards: list[dict], batches: list[int], meta: dict) -> str:
     lines = [f"Model `{meta['model']}`, {meta['backend']}, {meta['dtype']}, {meta['tokens']} greedy tokens per row, "
              f"median of {meta['repeats']} runs:", "",
              "| batch | engine | tok/s | × K=0 | × mlx-lm | tokens per row-step | acceptance per draft position |",
@@ -306,6 +326,10 @@ def table(results: list[dict], costs: list[dict], batches: list[int], depths: li
                   "|---|---|---|---|---|---|"]
         lines += [f"| {c['batch']} | {c['k']} | {c['draft']:.1f} | {c['forward']:.1f} | {c['rest']:.1f} "
                   f"| {c['step']:.1f} |" for c in costs]
+    if forwards:
+        lines += ["", "The trunk's forward alone (ms), by rows × positions per row:", "",
+                  "| " + " | ".join(f"{f['rows']}×{f['positions']}" for f in forwards) + " |",
+                  "|" + "---|" * len(forwards), "| " + " | ".join(f"{f['ms']:.1f}" for f in forwards) + " |"]
     return "\n".join(lines)
 
 
