@@ -42,16 +42,18 @@ GOAL_LARGE = 0.95  # the largest batch: never below this x K = 0 (adaptive)
 def checkpoint(name: str) -> Path:
     if name == "demo":
         return models.get("demo")
-    if name.startswith("mtp_"):
+    from fixtures.mtp import MTP_FIXTURES
+
+    if name in MTP_FIXTURES:
         from convert import convert
         from fixtures.mtp import get_mtp_fixture
 
-        fx = get_mtp_fixture(name)  # a KeyError naming the known ones otherwise
+        fx = get_mtp_fixture(name)
         # keyed by the fixture's directory, whose name changes with its build inputs
         return convert(fx.hf_dir, models.CACHE / fx.hf_dir.parent.name, dtype="bfloat16", progress=False)
     path = Path(name)
     if not (path / "config.json").exists():
-        raise SystemExit(f"--model {name}: not demo, mtp_dense, mtp_moe or a checkpoint directory")
+        raise SystemExit(f"--model {name}: not demo, one of {', '.join(MTP_FIXTURES)} or a checkpoint directory")
     return path
 
 
