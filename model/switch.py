@@ -80,6 +80,7 @@ class SwitchGLU(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, num_experts: int):
         super().__init__()
+        self.num_experts = num_experts
         self.gate_proj = SwitchLinear(hidden, intermediate, num_experts)
         self.up_proj = SwitchLinear(hidden, intermediate, num_experts)
         self.down_proj = SwitchLinear(intermediate, hidden, num_experts)
@@ -87,7 +88,7 @@ class SwitchGLU(nn.Module):
     def reads_host(self, assignments: int) -> bool:
         """Whether N rows with k experts each (assignments = N * k) take the path that reads the
         expert indices on the host (which a compiled function cannot)."""
-        return assignments >= 64 and experts_apart_pay(2 * assignments // self.gate_proj.weight.shape[0])
+        return assignments >= 64 and experts_apart_pay(2 * assignments // self.num_experts)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         """x [N, H], indices [N, k] -> [N, k, H]."""

@@ -336,6 +336,25 @@ def test_the_depth_follows_measured_throughput():
     assert DepthController(3, adapt=False).choose(64) == 3
 
 
+def test_measuring_a_losing_depth_costs_little():
+    """Where drafting loses (a CPU at batch 16: a speculative step costs 2-4 plain ones), deeper
+    depths are not measured at all once depth 1 loses, and depth 1 is retried ever more rarely; where a
+    depth wins, it is used nearly always."""
+    from server.engine.speculative import DepthController
+
+    for speed, best, rare in (([100, 40, 30, 25], 0, {2: 0, 3: 0}), ([100, 150, 120, 90], 1, {3: 10})):
+        c = DepthController(3)
+        picks = []
+        for step in range(5000):
+            k = c.choose(16)
+            picks.append(k)
+            c.record(16, k, speed[k] * (1 + 0.1 * ((step * 7919) % 13 - 6) / 6), 1.0)  # +-10% noise
+        assert picks.count(best) >= 0.99 * len(picks)
+        assert all(picks.count(k) <= n for k, n in rare.items()), [picks.count(k) for k in range(4)]
+        if best == 0:
+            assert picks.count(1) <= 3 + 12  # its 3 first measurements, then retries 64, 128, 256, ... steps apart
+
+
 @pytest.mark.parametrize("shape", FULL, indirect=True)
 def test_cancelling_a_drafting_row_leaves_its_neighbours_alone(mtp_lm):
     from server.engine import EngineConfig, EngineCore, SamplingParams

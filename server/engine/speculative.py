@@ -53,53 +53,73 @@ def accept_sampled(probs: np.ndarray, drafts: list[int], u: np.ndarray) -> list[
 
 class DepthController:
     """Chooses the draft depth (0..K) per step from measured throughput: per batch-size bucket
-    (powers of two), an average of emitted tokens per second for each depth; the best depth is
-    used, each other one tried every EXPLORE steps so the averages follow changes (acceptance
-    differs by text; a large batch makes the verify forward compute-bound, where drafting stops
-    paying). Whether drafting pays depends on the machine and the model (on the CPU, with the
-    4M-parameter demo model, verifying 2 positions costs 1.35x one at batch 1 and 1.6x at batch 4,
-    and depth 0 wins; on a bandwidth-bound GPU a few more positions cost nearly nothing), which
-    is why this measures instead of holding a table."""
+    (powers of two), an average of emitted tokens per second for each depth, and the best depth is
+    used. Whether drafting pays depends on the machine and the model (on the CPU a verify position
+    costs about what a row does, and depth 0 wins; on a bandwidth-bound GPU a few more positions cost
+    nearly nothing), which is why this measures instead of holding a table. What measuring costs is
+    kept small, since a losing speculative step can cost 2-4 plain ones:
+    - depths are first measured shallow to deep, a deeper one only while the one before it kept up
+      (within PRUNE of the best so far): a deeper draft costs more and its extra tokens are rarer;
+    - afterwards only the depths next to the best are tried again (so the averages follow changes:
+      acceptance differs by text, load by batch), each after EXPLORE steps of its bucket, an interval
+      that doubles (up to MAX_EXPLORE) each time the depth loses again."""
 
-    EXPLORE = 64  # a switch costs up to two slower steps (the step launched ahead ends, the head catches up)
-    SAMPLES = 3  # steps per depth and bucket before the averages are trusted
-    DECAY = 0.9
+    EXPLORE = 64
+    MAX_EXPLORE = 4096
+    SAMPLES = 3  # steps per depth and bucket before its average is trusted
+    PRUNE = 0.9
+    DECAY = 0.9  # the best depth's average; a retried depth's moves halfway to each new measurement
 
     def __init__(self, K: int, adapt: bool = True):
         self.K, self.adapt = K, adapt
-        self.rate: dict[int, list[float]] = {}  # bucket -> tokens per second per depth
-        self.count: dict[int, list[int]] = {}
-        self.steps = 0
+        self.buckets: dict[int, dict[str, list]] = {}
 
-    @staticmethod
-    def _bucket(rows: int) -> int:
-        return max(rows, 1).bit_length()
+    def _state(self, rows: int) -> dict[str, list]:
+        b = max(rows, 1).bit_length()
+        if b not in self.buckets:
+            n = self.K + 1
+            self.buckets[b] = {"rate": [0.0] * n, "count": [0] * n, "wait": [self.EXPLORE] * n,
+                               "due": [self.EXPLORE] * n, "steps": [0]}
+        return self.buckets[b]
+
+    def _best(self, s) -> int:
+        measured = [k for k in range(self.K + 1) if s["count"][k] >= self.SAMPLES] or [0]
+        return max(measured, key=s["rate"].__getitem__)
 
     def choose(self, rows: int) -> int:
         if not self.adapt:
             return self.K
-        b = self._bucket(rows)
-        count = self.count.setdefault(b, [0] * (self.K + 1))
-        rate = self.rate.setdefault(b, [0.0] * (self.K + 1))
-        self.steps += 1
-        fresh = [k for k in range(self.K + 1) if count[k] < self.SAMPLES]
-        if fresh:
-            return fresh[0]
-        best = max(range(self.K + 1), key=rate.__getitem__)
-        if self.steps % self.EXPLORE == 0:
-            others = [k for k in range(self.K + 1) if k != best]
-            return others[(self.steps // self.EXPLORE) % len(others)]
+        s = self._state(rows)
+        s["steps"][0] += 1
+        rate, count = s["rate"], s["count"]
+        for k in range(self.K + 1):
+            if count[k] < self.SAMPLES:
+                if k == 0 or rate[k - 1] >= self.PRUNE * max(rate[:k]):
+                    return k
+                break
+        best = self._best(s)
+        for k in (best - 1, best + 1):
+            if 0 <= k <= self.K and s["steps"][0] >= s["due"][k]:
+                s["due"][k] = s["steps"][0] + s["wait"][k]
+                return k
         return best
 
     def record(self, rows: int, depth: int, tokens: int, seconds: float) -> None:
         if not self.adapt or seconds <= 0:
             return
-        b = self._bucket(rows)
-        count = self.count.setdefault(b, [0] * (self.K + 1))
-        rate = self.rate.setdefault(b, [0.0] * (self.K + 1))
+        s = self._state(rows)
+        rate, count = s["rate"], s["count"]
+        best = self._best(s)
         r = tokens / seconds
-        rate[depth] = r if count[depth] == 0 else self.DECAY * rate[depth] + (1 - self.DECAY) * r
+        if count[depth] == 0:
+            rate[depth] = r
+        else:
+            keep = self.DECAY if depth == best or count[depth] < self.SAMPLES else 0.5
+            rate[depth] = keep * rate[depth] + (1 - keep) * r
         count[depth] += 1
+        if depth != best and count[depth] > self.SAMPLES:  # a retry: back off while it keeps losing
+            s["wait"][depth] = (min(2 * s["wait"][depth], self.MAX_EXPLORE) if rate[depth] < rate[best]
+                                else self.EXPLORE)
 
 
 def draft_depths(k: int, remaining: list[int], drafting: list[bool]) -> list[int]:
