@@ -77,15 +77,16 @@ def test_ragged_batch_equals_solo(case):
         tokens[row, : len(s)] = s
     cache = model.make_cache(3)
     batched = np.array(model(mx.array(tokens), cache, lengths=[len(s) for s in seqs]))
-    solos = [logits(model, s) for s in seqs]
+    solo_caches = [model.make_cache() for _ in seqs]
+    solos = [logits(model, s, c) for s, c in zip(seqs, solo_caches)]
     for row, s in enumerate(seqs):
         assert relative_error(batched[row, : len(s)], solos[row]) <= 1e-5
 
-    # One decode step continues each row from its own length.
+    # One decode step continues each row from its own length, as each row's own cache does.
     nxt = [int(solo[-1].argmax()) for solo in solos]
     step = np.array(model(mx.array(nxt)[:, None], cache))
     for row, s in enumerate(seqs):
-        solo = logits(model, np.append(s, nxt[row]))[-1]
+        solo = logits(model, [nxt[row]], solo_caches[row])[-1]
         assert relative_error(step[row, 0], solo) <= 1e-4
 
 
