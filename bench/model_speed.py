@@ -49,6 +49,8 @@ def main(argv=None):
     ap.add_argument("--prefill", default="512,2048,8192")
     ap.add_argument("--chunk", type=int, default=2048, help="prefill chunk, both engines")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--uncompiled", action="store_true",
+                    help="also decode with the layers' compiled step off (row decode_b1_uncompiled)")
     ap.add_argument("--out", type=Path, default=None, help="append JSON results here")
     args = ap.parse_args(argv)
 
@@ -68,6 +70,11 @@ def main(argv=None):
     best(prompt, 4)  # warm up
     (_, o), (_, t) = best(prompt, args.decode)
     results.append({"bench": "decode_b1", "ours_tok_s": 1 / o, "mlx_lm_tok_s": 1 / t, "ratio": t / o})
+    if args.uncompiled:  # the same, without DecoderLayer.step's compiled functions
+        ours.compiled_step = False
+        (_, o), (_, t) = best(prompt, args.decode)
+        ours.compiled_step = True
+        results.append({"bench": "decode_b1_uncompiled", "ours_tok_s": 1 / o, "mlx_lm_tok_s": 1 / t, "ratio": t / o})
     for n in [int(x) for x in args.prefill.split(",") if x]:
         prompt = rng.integers(0, vocab, size=n).tolist()
         (o, _), (t, _) = best(prompt, 1)
