@@ -275,7 +275,7 @@ def main(argv=None):
                    "acceptance": [round(float(a / d), 3) if d else None for a, d in zip(accepted, drafted)],
                    "drafted": drafted.tolist()}
             if name == "adaptive":
-                total = sum(depths_at[b].values())
+                total = max(sum(depths_at[b].values()), 1)
                 row["depth_share"] = {k: round(n / total, 3) for k, n in sorted(depths_at[b].items())}
             results.append(row)
 
@@ -291,10 +291,12 @@ def main(argv=None):
     print(table(results, costs, forwards, batches, meta))
     for c in costs:
         c.update(bench=f"spec_cost_b{c['batch']}_k{c['k']}", suite="speculative", **meta)
+    for f in forwards:
+        f.update(bench=f"spec_forward_{f['rows']}x{f['positions']}", suite="speculative", **meta)
     results = finish(results, meta, args.out)
-    if args.out and costs:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(c) + "\n" for c in costs)
+    if args.out:
+        with open(args.out, "a") as out:
+            out.writelines(json.dumps(c) + "\n" for c in costs + forwards)
     return results
 
 
