@@ -51,11 +51,10 @@ CPU_SIZES = {
 
 # what profiling showed behind a missed target, per benchmark (shown under the table when missed)
 CAUSES = {
-    "decode_b1": "a batch-1 decode step runs the same MLX kernels in both engines on the CPU backend (our dequantised "
-                 "path needs 16+ rows), and ours builds its graph through the engine's scheduler and sampler; with "
-                 "the bench pinned to one core the host cannot overlap the CPU stream, so decode-ahead gains "
-                 "nothing. Demo-model runs on 2026-11-27: 0.84×, 0.92×, 1.06× (this shared box varies ±15% run to "
-                 "run); the wide model's row is a single run",
+    "decode_b1": "measured before the decode step was compiled (DecoderLayer.step): both engines then ran the same "
+                 "MLX kernels op by op, and MLX's per-operation cost on the CPU sets a small model's step time. "
+                 "Compiled, the demo model measured 1.29× (2026-12-05; 0.97× with the compiled step off in the same "
+                 "run); the wide model, whose step is mostly its 248k-entry lm_head and experts, was not re-measured",
     "ttft_turn6": "each turn's ~60 new tokens meet each of the 256 experts about twice, below the 16 rows where "
                   "dequantising pays, so they run through MLX's quantised CPU kernel (~1 GMAC/s), while the cold "
                   "512-token prefill mostly runs through the BLAS (bench/cpu_qmm.py: experts at 128 tokens 1.2 s "
@@ -74,20 +73,22 @@ def met(r: dict) -> bool | None:
     return TARGETS[r["bench"]][1](r["ratio"]) and cold_met(r)
 
 
-def fmt(r: dict) -> str:
+def fmt(r: dict, date: str = "") -> str:
+    """A table row; `date`: the table's, a row measured on another day says its own."""
     a, b = describe(r)
     target, ok = TARGETS.get(r["bench"], ("", None))
     note = f"{target} {'met' if ok(r['ratio']) else 'not met'}" if ok else ""
     if "ours_vs_cold" in r:
         cold_ok = "met" if cold_met(r) else "not met"
         note = f"{r['ours_vs_cold']:.3f}× of our cold (≤ {NEXT_TURN_OF_COLD}× {cold_ok}); {note}"
-    return f"| {r['model']} | {r['bench']} | {a} | {b} | {r['ratio']:.2f}× | {note} |"
+    bench = r["bench"] if r.get("date", date) == date else f"{r['bench']} ({r['date']})"
+    return f"| {r['model']} | {bench} | {a} | {b} | {r['ratio']:.2f}× | {note} |"
 
 
-def table(results: list[dict], header: str) -> str:
+def table(results: list[dict], header: str, date: str = "") -> str:
     lines = [header, "", "| model | benchmark | deltaserve | mlx-lm | ratio (higher = deltaserve better) | target |",
              "|---|---|---|---|---|---|"]
-    lines += [fmt(r) for r in results]
+    lines += [fmt(r, date) for r in results]
     missed = [r for r in results if met(r) is False]
     if missed:
         lines += ["", "Targets not met, and why:"]
@@ -135,12 +136,13 @@ def main(argv=None):
     stamp = time.strftime("%Y-%m-%d")
     for r in results:
         r["date"] = stamp
-    if args.table_only:
-        stamp = max((r.get("date", "") for r in kept), default=stamp)
     results = kept + results
+    if args.table_only:  # the day most rows were measured; rows of other days say theirs
+        days = [r.get("date", "") for r in results]
+        stamp = max(set(days), key=days.count, default=stamp)
     header = (f"Measured {stamp} on {backend()}, {platform.processor() or platform.machine()}, "
               f"{'full' if args.full else 'CPU-sized'} run (`python -m bench.run_all{' --full' if args.full else ''}`).")
-    md = table(results, header)
+    md = table(results, header, stamp)
     if not args.table_only:  # the rows were read from the file: rewriting it would only reorder it
         out.write_text("".join(json.dumps(r) + "\n" for r in suites + results))
     print(md)
