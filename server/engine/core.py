@@ -117,6 +117,7 @@ class EngineCore:
         self.drafted = [0] * config.num_speculative_tokens
         self.accepted = [0] * config.num_speculative_tokens
         self.depth = speculative.DepthController(config.num_speculative_tokens, config.speculative_adapt)
+        self._held_depth = 0
 
     # ---- requests ----
     def new_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -221,7 +222,11 @@ class EngineCore:
         # speculative decoding: the depth the controller picks; at 0, a plain step (decode-ahead
         # allowed), which also ends a step launched ahead before drafting resumes
         drafting = self.runner.speculative and plan.decode and self.runner.rows
-        depth = self.depth.choose(len(self.runner.rows)) if drafting else 0
+        depth = (self._held_depth or self.depth.choose(len(self.runner.rows))) if drafting else 0
+        # A depth chosen while a step launched ahead is pending waits one step (this one ends the
+        # pending step without launching another): choosing again would mostly pick the best depth,
+        # and a retried depth would never run.
+        self._held_depth = depth if depth and self.runner.pending is not None else 0
         if plan.decode and depth and self.runner.pending is None:
             finished += self._decode_speculative(failed, depth)
         elif plan.decode and self.runner.rows:
@@ -338,8 +343,10 @@ class EngineCore:
             kept.append(max(n, 1))  # emitted token j came from fed position j
             req.num_computed += kept[-1]
         self.runner.commit(kept, [[t] + d for t, d in zip(last, drafts)])
-        if drafted is not None:  # a step where no row could draft yet says nothing about the depth
+        if drafted is not None:
             self.depth.record(len(reqs), depth, sum(kept), time.perf_counter() - start)
+        else:  # no row could draft yet (the head had no input: plain steps before): it can next step
+            self._held_depth = depth
         return finished
 
     def _can_decode_ahead(self, plan, reqs: list[Request]) -> bool:
