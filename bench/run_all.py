@@ -81,8 +81,9 @@ def fmt(r: dict, date: str = "") -> str:
     if "ours_vs_cold" in r:
         cold_ok = "met" if cold_met(r) else "not met"
         note = f"{r['ours_vs_cold']:.3f}× of our cold (≤ {NEXT_TURN_OF_COLD}× {cold_ok}); {note}"
-    bench = r["bench"] if r.get("date", date) == date else f"{r['bench']} ({r['date']})"
-    return f"| {r['model']} | {bench} | {a} | {b} | {r['ratio']:.2f}× | {note} |"
+    if r.get("date", date) != date:
+        note = f"measured {r['date']}; {note}" if note else f"measured {r['date']}"
+    return f"| {r['model']} | {r['bench']} | {a} | {b} | {r['ratio']:.2f}× | {note} |"
 
 
 def table(results: list[dict], header: str, date: str = "") -> str:
