@@ -19,6 +19,7 @@ when it loads, so our shards stay loadable there).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cached_property
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -58,8 +59,6 @@ class MTP(nn.Module):
         # Drafting steps (a few positions) run compiled, one trace per [B, T]; prompt chunks, whose
         # lengths vary, do not.
         compiled = T <= MAX_VERIFY
-        if compiled and self._input is None:
-            self._input = mx.compile(self._input_body)
         x = (self._input if compiled else self._input_body)(embed(next_tokens).astype(hidden.dtype), hidden)
         batch = Batch(list(cache.offsets), lengths, T)
         mask = _attention_mask(batch)
@@ -75,7 +74,9 @@ class MTP(nn.Module):
         x = self.norm(x)
         return lm_head(x), x
 
-    _input = None
+    @cached_property
+    def _input(self):  # compiled on first use (a plain attribute: not a module child)
+        return mx.compile(self._input_body)
 
     def _input_body(self, embedded, hidden):
         e, h = self.pre_fc_norm_embedding(embedded), self.pre_fc_norm_hidden(hidden)

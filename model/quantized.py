@@ -56,13 +56,13 @@ def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
-def dequantize_pays(rows: int) -> bool:
-    return rows >= DEQUANT_MIN_ROWS and on_cpu() and _blas.loaded is not None
-
-
 def experts_apart_pay(rows: int) -> bool:
     """Whether sorted experts with this many rows on average go through sorted_expert_matmul."""
     return rows >= DEQUANT_MIN_ROWS and on_cpu()
+
+
+def dequantize_pays(rows: int) -> bool:
+    return experts_apart_pay(rows) and _blas.loaded is not None
 
 
 def quantized_matmul(x, w, scales, biases, group_size: int, bits: int, mode: str = "affine"):

@@ -8,7 +8,7 @@ Norm weights are held with the +1 of the zero-centred RMSNorm already added, as 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -303,26 +303,33 @@ class DecoderLayer(nn.Module):
         use, per shape)."""
         if self.is_linear:
             if batch.keep_states:
-                if self._verify_step is None:
-                    self._verify_step = mx.compile(self._verify_body)
                 x, cache.conv, cache.state, *steps = self._verify_step(x, cache.conv, cache.state,
                                                                         batch.lengths_array())
                 cache.steps = tuple(steps)
                 return x
             if batch.ragged:
                 raise ValueError("a compiled step of a GatedDeltaNet layer takes padding only in a verify forward")
-            if self._linear_step is None:
-                self._linear_step = mx.compile(self._linear_body)
             x, cache.conv, cache.state = self._linear_step(x, cache.conv, cache.state)
             return x
-        if self._attention_in is None:
-            attn = self.self_attn
-            self._attention_in = mx.compile(lambda x, offsets: attn.project(self.input_layernorm(x), offsets))
-            self._attention_out = mx.compile(self._attention_out_body)
         q, k, v, gate = self._attention_in(x, offsets)
         return self._attention_out(x, self.self_attn.attend(q, k, v, cache, batch, mask), gate)
 
-    _linear_step = _verify_step = _attention_in = _attention_out = None
+    # the compiled forms, made on first use (a plain attribute: not a module child, not a parameter)
+    @cached_property
+    def _linear_step(self):
+        return mx.compile(self._linear_body)
+
+    @cached_property
+    def _verify_step(self):
+        return mx.compile(self._verify_body)
+
+    @cached_property
+    def _attention_in(self):
+        return mx.compile(lambda x, offsets: self.self_attn.project(self.input_layernorm(x), offsets))
+
+    @cached_property
+    def _attention_out(self):
+        return mx.compile(self._attention_out_body)
 
     def traceable(self, rows: int) -> bool:
         """Whether a forward of `rows` tokens can run as `step` (nothing read on the host)."""
@@ -478,14 +485,18 @@ class Model(nn.Module):
         offsets = mx.array(batch.offsets)
         for layer, state in zip(self.layers, cache.layers):
             x = layer.step(x, state, batch, mask, offsets)
-        if self._final is None:
-            norm = self.language_model.model.norm
-            self._final = mx.compile(lambda x: (self.logits(norm(x)), norm(x)))
         logits, hidden = self._final(x)
         cache.offsets = [o + n for o, n in zip(cache.offsets, batch.lengths)]
         return (logits, hidden) if return_hidden else logits
 
-    _final = None
+    @cached_property
+    def _final(self):
+        """Compiled: the final norm and the vocabulary projection -> (logits, normed hidden state)."""
+        def final(x):
+            hidden = self.language_model.model.norm(x)
+            return self.logits(hidden), hidden
+
+        return mx.compile(final)
 
 
 _FLOAT32_PARAMS = ("A_log", "dt_bias", "norm.weight", "layernorm.weight")
